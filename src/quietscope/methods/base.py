@@ -1,0 +1,159 @@
+"""The one protocol every method honours, and the registry that maps ``--method`` names to them.
+
+A method is a :class:`torch.nn.Module` that owns its network(s), its normalisation and any
+noise model (as buffers, so that all of it lands in the model file's tensors). It sees raw
+intensities (float32, input units) and never touches I/O or scheduling:
+
+* ``training_loss(batch, generator)`` – the self-supervised loss on a batch of raw patches
+  shaped ``(B, C, *patch)``; the method does its own masking/normalisation.
+* ``predict(x)`` – raw tile ``(B, C, *spatial)`` -> outputs ``(B, K, *spatial)`` in output units,
+  one channel per name in ``output_names``.
+* ``downsampling_factor`` – tiles must start and end on multiples of it (pooling grid).
+* ``extra_halo`` – halo beyond the network's receptive field (e.g. a PSF's support), per axis.
+
+The receptive field itself is *measured* from ``predict`` (``quietscope.nets.receptive_field``),
+never declared, so a method cannot get its halo wrong by forgetting a layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from quietscope.errors import ConfigError
+
+
+class NetConfig(BaseModel):
+    """U-Net shape shared by the blind-spot methods."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    depth: int = Field(2, ge=1, le=5, description="number of down-sampling levels")
+    filters: int = Field(32, ge=1, le=512, description="feature maps at the first level")
+    batch_norm: bool = True
+    n2v2: bool = Field(False, description="blur-pool down-sampling and no top skip (N2V2)")
+
+
+class MethodConfig(BaseModel):
+    """Base configuration of a method; each method subclasses it with its own fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    spatial_ndim: int = Field(..., ge=2, le=3)
+    in_channels: int = Field(1, ge=1)
+    net: NetConfig = Field(default_factory=NetConfig)
+
+
+class Method(torch.nn.Module):
+    """Base class of all methods. Subclasses set ``name`` and ``Config`` and implement the API."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    #: False for classic filters: nothing to train, nothing to normalise.
+    trainable: ClassVar[bool] = True
+
+    def __init__(self, config: MethodConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config.in_channels
+        # Per-channel normalisation, stored as buffers so the model file carries it.
+        self.register_buffer("norm_mean", torch.zeros(c))
+        self.register_buffer("norm_std", torch.ones(c))
+
+    # ---- normalisation -------------------------------------------------------------
+    def set_normalization(self, mean: Any, std: Any) -> None:
+        """Set per-channel mean/std (raw units) estimated from the training data."""
+        mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+        std_t = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+        if mean_t.numel() != self.config.in_channels or std_t.numel() != self.config.in_channels:
+            raise ConfigError(
+                f"normalisation has {mean_t.numel()} channels but the method expects "
+                f"{self.config.in_channels}"
+            )
+        self.norm_mean.copy_(mean_t)
+        self.norm_std.copy_(torch.clamp(std_t, min=1e-6))
+
+    def _bcast(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
+        return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self._bcast(self.norm_mean, x.ndim)) / self._bcast(self.norm_std, x.ndim)
+
+    def denormalize(self, y: torch.Tensor) -> torch.Tensor:
+        return y * self._bcast(self.norm_std, y.ndim) + self._bcast(self.norm_mean, y.ndim)
+
+    # ---- the protocol --------------------------------------------------------------
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the output channels, written into the OME-Zarr ``omero`` metadata."""
+        if self.config.in_channels == 1:
+            return ["denoised"]
+        return [f"denoised_ch{i}" for i in range(self.config.in_channels)]
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 1
+
+    @property
+    def extra_halo(self) -> tuple[int, ...]:
+        return (0,) * self.config.spatial_ndim
+
+    def training_loss(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def summary(self) -> dict[str, Any]:
+        """Extra facts for logs and ``quietscope info`` (override to add)."""
+        return {}
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method to the ``--method`` registry under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method_class(name: str) -> type[Method]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown method {name!r}; choose one of: {', '.join(available_methods())}"
+        ) from None
+
+
+def build_method(config: dict[str, Any] | MethodConfig) -> Method:
+    """Validate ``config`` against the method's own pydantic model and build the method."""
+    if isinstance(config, MethodConfig):
+        config = config.model_dump()
+    cls = get_method_class(str(config.get("method", "")))
+    try:
+        cfg = cls.Config.model_validate(config)
+    except Exception as exc:  # pydantic.ValidationError: reduce to one line
+        raise ConfigError(f"invalid configuration for method {cls.name!r}: {_one_line(exc)}") from None
+    return cls(cfg)
+
+
+def _one_line(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        parts = []
+        for e in errors():
+            loc = ".".join(str(p) for p in e.get("loc", ()))
+            parts.append(f"{loc}: {e.get('msg')}")
+        return "; ".join(parts)
+    return str(exc).splitlines()[0]
