@@ -1,0 +1,349 @@
+"""Open images lazily: OME-Zarr (NGFF 0.4 / zarr v2 and 0.5 / zarr v3), plain zarr arrays, TIFF.
+
+Everything is read-only and lazy: opening reads metadata only; pixels are read region by
+region (:meth:`Image.read`), or through the dask array :attr:`Image.data`.
+Axes are always presented in NGFF canonical order (a subset of ``tczyx``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+from quietscope.errors import InputError
+
+log = logging.getLogger(__name__)
+
+CANONICAL = "tczyx"
+SPATIAL = "zyx"
+_TIFF_AXES = {"T": "t", "C": "c", "S": "c", "Z": "z", "Y": "y", "X": "x", "Q": "z", "I": "t"}
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """What is needed to re-open an image in another process (cheap to pickle)."""
+
+    uri: str
+    level: int = 0
+    axes: str | None = None
+
+
+@dataclass
+class Image:
+    """A lazily read image with its axes and physical scale.
+
+    ``array`` is the source (zarr array or compatible) in the source's axis order; ``perm``
+    maps canonical axes to source axes.
+    """
+
+    ref: ImageRef
+    array: Any
+    axes: str
+    source_axes: str
+    scale: tuple[float, ...]
+    units: tuple[str | None, ...]
+    n_levels: int
+    kind: str
+    channel_names: list[str] | None = None
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        src = dict(zip(self.source_axes, self.array.shape))
+        return tuple(src[a] for a in self.axes)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.array.dtype)
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        ch = getattr(self.array, "chunks", None) or self.array.shape
+        src = dict(zip(self.source_axes, ch))
+        return tuple(int(src[a]) for a in self.axes)
+
+    @property
+    def spatial_axes(self) -> str:
+        return "".join(a for a in self.axes if a in SPATIAL)
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(s for s, a in zip(self.shape, self.axes) if a in SPATIAL)
+
+    @property
+    def n_channels(self) -> int:
+        return self.shape[self.axes.index("c")] if "c" in self.axes else 1
+
+    @property
+    def n_timepoints(self) -> int:
+        return self.shape[self.axes.index("t")] if "t" in self.axes else 1
+
+    @property
+    def perm(self) -> tuple[int, ...]:
+        return tuple(self.source_axes.index(a) for a in self.axes)
+
+    @property
+    def data(self) -> da.Array:
+        """Dask view in canonical axis order (chunked as stored)."""
+        arr = da.from_array(self.array, chunks=tuple(getattr(self.array, "chunks", None) or self.array.shape))
+        return arr.transpose(self.perm)
+
+    def read(self, slices: tuple[slice, ...]) -> np.ndarray:
+        """Read a region given as canonical-order slices (one per axis of :attr:`axes`)."""
+        src_slices = [slice(None)] * len(self.source_axes)
+        for a, s in zip(self.axes, slices):
+            src_slices[self.source_axes.index(a)] = s
+        out = np.asarray(self.array[tuple(src_slices)])
+        return out.transpose(self.perm)
+
+    def read_tc(self, t: int, spatial: tuple[slice, ...]) -> np.ndarray:
+        """Read ``(C, *spatial)`` at time point ``t`` (C=1 when there is no channel axis)."""
+        sl: list[slice | int] = []
+        for a in self.axes:
+            if a == "t":
+                sl.append(slice(t, t + 1))
+            elif a == "c":
+                sl.append(slice(None))
+            else:
+                sl.append(spatial[self.spatial_axes.index(a)])
+        arr = self.read(tuple(sl))  # type: ignore[arg-type]
+        if "t" in self.axes:
+            arr = arr[0]
+        if "c" not in self.axes:
+            arr = arr[None]
+        return arr
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "uri": self.ref.uri,
+            "kind": self.kind,
+            "axes": self.axes,
+            "shape": list(self.shape),
+            "chunks": list(self.chunks),
+            "dtype": str(self.dtype),
+            "scale": list(self.scale),
+            "units": list(self.units),
+            "level": self.ref.level,
+            "levels": self.n_levels,
+            "channel_names": self.channel_names,
+            "size_bytes": int(math.prod(self.shape) * self.dtype.itemsize),
+        }
+
+
+def validate_axes(axes: str, ndim: int, where: str) -> str:
+    """Check an axes string (``tczyx`` subset, each once, matching ``ndim``); return it lowercase."""
+    ax = axes.lower()
+    bad = [a for a in ax if a not in CANONICAL]
+    if bad or len(set(ax)) != len(ax):
+        raise InputError(
+            f"axes {axes!r} for {where} are invalid: use each of t, c, z, y, x at most once (e.g. --axes zyx)"
+        )
+    if len(ax) != ndim:
+        raise InputError(
+            f"axes {axes!r} name {len(ax)} axes but {where} has {ndim} dimensions; pass --axes with {ndim} letters"
+        )
+    if "y" not in ax or "x" not in ax:
+        raise InputError(f"axes {axes!r} for {where} lack y and x; images need at least yx (e.g. --axes zyx)")
+    return ax
+
+
+def _canonical(axes: str) -> str:
+    return "".join(a for a in CANONICAL if a in axes)
+
+
+def _default_axes(ndim: int, where: str) -> str:
+    if ndim == 2:
+        return "yx"
+    if ndim == 3:
+        return "zyx"
+    raise InputError(f"{where} has {ndim} dimensions and no axis metadata; pass --axes (e.g. --axes czyx)")
+
+
+def split_uri(uri: str) -> tuple[Path, str]:
+    """Split ``path.zarr/group/array`` into the store root and the path inside it."""
+    p = Path(uri)
+    parts = p.parts
+    for i, part in enumerate(parts):
+        if part.endswith(".zarr") or part.endswith(".zarr/"):
+            return Path(*parts[: i + 1]), "/".join(parts[i + 1 :])
+    return p, ""
+
+
+def open_image(uri: str | os.PathLike, level: int = 0, axes: str | None = None) -> Image:
+    """Open an image lazily.
+
+    Parameters
+    ----------
+    uri
+        OME-Zarr group, plain zarr array (``store.zarr/path/to/array``) or TIFF file.
+    level
+        Resolution level of a multiscale image (0 = full resolution).
+    axes
+        Overrides the axes from metadata (a ``tczyx`` subset in the data's dimension order).
+    """
+    uri = str(uri)
+    root, inner = split_uri(uri)
+    if not root.exists():
+        raise InputError(f"input {uri!r} does not exist; check the path")
+    ref = ImageRef(uri, level, axes)
+    suffix = root.suffix.lower()
+    if suffix in (".tif", ".tiff", ".btf") or uri.lower().endswith(".ome.tif"):
+        return _open_tiff(ref, Path(uri))
+    if root.is_dir():
+        return _open_zarr(ref, root, inner)
+    raise InputError(f"input {uri!r} is neither a zarr store nor a TIFF file; give an .ome.zarr, .zarr or .tif path")
+
+
+def _open_zarr(ref: ImageRef, root: Path, inner: str) -> Image:
+    import zarr
+
+    try:
+        node = zarr.open(store=str(root / inner) if inner else str(root), mode="r")
+    except Exception as exc:  # zarr raises several types for "not a zarr"
+        raise InputError(f"cannot open {ref.uri!r} as zarr ({type(exc).__name__}: {exc}); is it a zarr store?") from None
+    if isinstance(node, zarr.Array):
+        attrs = dict(node.attrs)
+        names = getattr(node.metadata, "dimension_names", None) or attrs.get("_ARRAY_DIMENSIONS")
+        src_axes = ref.axes or ("".join(str(n)[0] for n in names) if names and all(names) else None)
+        if src_axes is None:
+            src_axes = _default_axes(node.ndim, ref.uri)
+            log.info("no axis metadata in %s: assuming %s (override with --axes)", ref.uri, src_axes)
+        src_axes = validate_axes(src_axes, node.ndim, ref.uri)
+        if ref.level != 0:
+            raise InputError(f"{ref.uri!r} is a single array, not a multiscale image; drop --level")
+        return _make(ref, node, src_axes, None, None, 1, "zarr-array", None, attrs)
+    attrs = dict(node.attrs)
+    ome = attrs.get("ome", attrs)
+    ms = ome.get("multiscales")
+    if not ms:
+        arrays = sorted(k for k, _ in node.arrays())
+        hint = f" (it contains arrays {arrays[:5]}: give one as {ref.uri}/NAME)" if arrays else ""
+        raise InputError(f"{ref.uri!r} is a zarr group without OME-NGFF multiscales metadata{hint}")
+    ms0 = ms[0]
+    datasets = ms0["datasets"]
+    if not 0 <= ref.level < len(datasets):
+        raise InputError(f"--level {ref.level} does not exist in {ref.uri!r}: it has levels 0..{len(datasets) - 1}")
+    ds = datasets[ref.level]
+    arr = node[ds["path"]]
+    axes_meta = ms0.get("axes")
+    if axes_meta is None:  # NGFF 0.3 and earlier: axes absent
+        src_axes = ref.axes or _default_axes(arr.ndim, ref.uri)
+    else:
+        names = [a["name"] if isinstance(a, dict) else a for a in axes_meta]
+        src_axes = ref.axes or "".join(n[0].lower() for n in names)
+    src_axes = validate_axes(src_axes, arr.ndim, ref.uri)
+    scale = None
+    for t in ds.get("coordinateTransformations", []):
+        if t.get("type") == "scale":
+            scale = [float(v) for v in t["scale"]]
+    for t in ms0.get("coordinateTransformations", []):  # multiscale-wide scale multiplies
+        if t.get("type") == "scale" and scale is not None:
+            scale = [a * float(b) for a, b in zip(scale, t["scale"])]
+    units = None
+    if axes_meta is not None and all(isinstance(a, dict) for a in axes_meta):
+        units = [a.get("unit") for a in axes_meta]
+    channels = None
+    omero = ome.get("omero")
+    if omero and omero.get("channels"):
+        channels = [c.get("label", f"ch{i}") for i, c in enumerate(omero["channels"])]
+    return _make(ref, arr, src_axes, scale, units, len(datasets), "ome-zarr", channels, attrs)
+
+
+def _open_tiff(ref: ImageRef, path: Path) -> Image:
+    import tifffile
+    import zarr
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            series = tf.series[0]
+            n_levels = len(series.levels)
+            tiff_axes = series.axes
+            scale_xy = _tiff_pixel_size(tf)
+            ij = tf.imagej_metadata or {}
+    except Exception as exc:
+        raise InputError(f"cannot read TIFF {str(path)!r}: {exc}") from None
+    if not 0 <= ref.level < n_levels:
+        raise InputError(f"--level {ref.level} does not exist in {str(path)!r}: it has levels 0..{n_levels - 1}")
+    store = tifffile.imread(path, aszarr=True, level=ref.level)
+    arr = zarr.open(store, mode="r")
+    if ref.axes:
+        src_axes = validate_axes(ref.axes, arr.ndim, ref.uri)
+    else:
+        try:
+            src_axes = "".join(_TIFF_AXES[a] for a in tiff_axes)
+            src_axes = validate_axes(src_axes, arr.ndim, ref.uri)
+        except (KeyError, InputError):
+            raise InputError(
+                f"TIFF {str(path)!r} has axes {tiff_axes!r} that quietscope cannot map; pass --axes (e.g. --axes zyx)"
+            ) from None
+    scale = [1.0] * arr.ndim
+    units: list[str | None] = [None] * arr.ndim
+    if scale_xy is not None:
+        for a in "yx":
+            if a in src_axes:
+                scale[src_axes.index(a)] = scale_xy
+                units[src_axes.index(a)] = "micrometer"
+    if "z" in src_axes and ij.get("spacing"):
+        scale[src_axes.index("z")] = float(ij["spacing"])
+        units[src_axes.index("z")] = "micrometer"
+    return _make(ref, arr, src_axes, scale, units, n_levels, "tiff", None, {})
+
+
+def _tiff_pixel_size(tf: Any) -> float | None:
+    try:
+        page = tf.pages[0]
+        num, den = page.tags["XResolution"].value
+        unit = page.tags.get("ResolutionUnit")
+        if num <= 0:
+            return None
+        size = den / num
+        if tf.imagej_metadata and tf.imagej_metadata.get("unit") in ("micron", "um", "µm", "\\u00B5m"):
+            return float(size)
+        if unit is not None and int(unit.value) == 3:  # centimetre
+            return float(size * 1e4)
+        return float(size) if tf.imagej_metadata else None
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
+def _make(
+    ref: ImageRef,
+    arr: Any,
+    src_axes: str,
+    scale: list[float] | None,
+    units: list[str | None] | None,
+    n_levels: int,
+    kind: str,
+    channels: list[str] | None,
+    attrs: dict,
+) -> Image:
+    dtype = np.dtype(arr.dtype)
+    if dtype.kind not in "uif" or dtype.kind == "c":
+        raise InputError(
+            f"{ref.uri!r} has dtype {dtype}, which is not a real number type; convert it to uint/int/float first"
+        )
+    canon = _canonical(src_axes)
+    scale = scale or [1.0] * len(src_axes)
+    units = units or [None] * len(src_axes)
+    s_map = dict(zip(src_axes, scale))
+    u_map = dict(zip(src_axes, units))
+    return Image(
+        ref=ref,
+        array=arr,
+        axes=canon,
+        source_axes=src_axes,
+        scale=tuple(float(s_map[a]) for a in canon),
+        units=tuple(u_map[a] for a in canon),
+        n_levels=n_levels,
+        kind=kind,
+        channel_names=channels,
+        metadata=json.loads(json.dumps(attrs, default=str)),
+    )

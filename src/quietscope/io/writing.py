@@ -1,0 +1,224 @@
+"""Create multiscale OME-Zarr outputs up front, write regions, build the pyramid.
+
+The group, every level's array and all metadata exist before the first pixel is written, so
+a viewer (napari, neuroglancer) can open the output while a run is still filling it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from quietscope.errors import OutputError
+
+log = logging.getLogger(__name__)
+
+#: Axes that the pyramid down-samples (by 2 per level). z is left alone: lightsheet and
+#: confocal stacks are usually anisotropic, and napari/neuroglancer handle that fine.
+PYRAMID_AXES = "yx"
+
+
+@dataclass
+class OutputSpec:
+    """Everything needed to create an output image (all plain data: JSON-serialisable)."""
+
+    path: str
+    axes: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: str = "float32"
+    scale: tuple[float, ...] = ()
+    units: tuple[str | None, ...] = ()
+    ngff: str = "0.5"
+    n_levels: int | None = None
+    channel_names: list[str] | None = None
+    channel_windows: list[tuple[float, float]] | None = None
+    shards: tuple[int, ...] | None = None
+    name: str = "quietscope"
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(s) for s in self.shape)
+        self.chunks = tuple(int(min(c, s)) for c, s in zip(self.chunks, self.shape))
+        if not self.scale:
+            self.scale = (1.0,) * len(self.axes)
+        if not self.units:
+            self.units = (None,) * len(self.axes)
+        if self.n_levels is None:
+            self.n_levels = default_n_levels(self.shape, self.chunks, self.axes)
+
+    def level_shapes(self) -> list[tuple[int, ...]]:
+        shapes = [self.shape]
+        for _ in range(1, int(self.n_levels or 1)):
+            prev = shapes[-1]
+            shapes.append(tuple(-(-s // 2) if a in PYRAMID_AXES else s for s, a in zip(prev, self.axes)))
+        return shapes
+
+    def level_scales(self) -> list[list[float]]:
+        return [
+            [s * (2**k if a in PYRAMID_AXES else 1) for s, a in zip(self.scale, self.axes)]
+            for k in range(int(self.n_levels or 1))
+        ]
+
+
+def default_n_levels(shape: Sequence[int], chunks: Sequence[int], axes: str, max_levels: int = 8) -> int:
+    """Levels until the coarsest level's y and x fit in one chunk."""
+    n = 1
+    cur = list(shape)
+    while n < max_levels:
+        if all(cur[axes.index(a)] <= chunks[axes.index(a)] for a in PYRAMID_AXES if a in axes):
+            break
+        cur = [-(-s // 2) if a in PYRAMID_AXES else s for s, a in zip(cur, axes)]
+        n += 1
+    return n
+
+
+def check_output_path(output: str | Path, inputs: Sequence[str | Path], overwrite: bool) -> None:
+    """Refuse an output inside an input (or an input inside it) and existing outputs without overwrite."""
+    out = Path(output).resolve()
+    for inp in inputs:
+        i = Path(inp).resolve()
+        if out == i or i in out.parents or out in i.parents:
+            raise OutputError(f"output {str(output)!r} is inside (or is) input {str(inp)!r}; choose an output path elsewhere")
+    if out.exists() and not overwrite:
+        raise OutputError(f"output {str(output)!r} already exists; pass --overwrite to replace it (or --resume to finish it)")
+
+
+def remove_output(path: str | Path) -> None:
+    p = Path(path)
+    if p.is_dir():
+        shutil.rmtree(p)
+    elif p.exists():
+        p.unlink()
+
+
+def create_ome_zarr(spec: OutputSpec) -> None:
+    """Create the group, all level arrays and the NGFF metadata (no pixels)."""
+    import zarr
+    from ome_zarr.format import FormatV04, FormatV05
+    from ome_zarr.writer import write_multiscales_metadata
+
+    zarr_format = 3 if spec.ngff == "0.5" else 2
+    group = zarr.open_group(spec.path, mode="w", zarr_format=zarr_format)
+    datasets = []
+    for k, (shape, scale) in enumerate(zip(spec.level_shapes(), spec.level_scales())):
+        chunks = tuple(min(c, s) for c, s in zip(spec.chunks, shape))
+        kwargs: dict[str, Any] = dict(name=str(k), shape=shape, chunks=chunks, dtype=spec.dtype, fill_value=0)
+        if zarr_format == 3:
+            kwargs["dimension_names"] = list(spec.axes)
+            if spec.shards is not None:
+                kwargs["shards"] = tuple(min(s, n) if n >= c else c for s, n, c in zip(spec.shards, shape, chunks))
+        else:
+            kwargs["chunk_key_encoding"] = {"name": "v2", "separator": "/"}
+        group.create_array(**kwargs)
+        datasets.append({"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": scale}]})
+    axes = []
+    for a, u in zip(spec.axes, spec.units):
+        entry: dict[str, str] = {"name": a, "type": {"t": "time", "c": "channel"}.get(a, "space")}
+        if u and a != "c":
+            entry["unit"] = u
+        axes.append(entry)
+    fmt = FormatV05() if spec.ngff == "0.5" else FormatV04()
+    write_multiscales_metadata(group, datasets, fmt=fmt, axes=axes, name=spec.name)
+    omero = _omero(spec)
+    attrs = dict(group.attrs)
+    if spec.ngff == "0.5":
+        attrs["ome"]["omero"] = omero
+    else:
+        attrs["omero"] = omero
+    attrs["quietscope"] = json.loads(json.dumps(spec.provenance, default=str))
+    group.attrs.update(attrs)
+
+
+def _omero(spec: OutputSpec) -> dict[str, Any]:
+    n_c = spec.shape[spec.axes.index("c")] if "c" in spec.axes else 1
+    names = spec.channel_names or [f"ch{i}" for i in range(n_c)]
+    windows = spec.channel_windows or [(0.0, 1.0)] * n_c
+    colors = ["FFFFFF", "00FF00", "FF00FF", "00FFFF", "FFFF00", "FF0000"]
+    channels = []
+    for i in range(n_c):
+        lo, hi = windows[i]
+        channels.append(
+            {
+                "label": names[i],
+                "color": colors[i % len(colors)] if n_c > 1 else "FFFFFF",
+                "active": True,
+                "window": {"min": float(lo), "max": float(hi), "start": float(lo), "end": float(hi)},
+            }
+        )
+    return {"channels": channels, "rdefs": {"model": "color" if n_c > 1 else "greyscale"}}
+
+
+def cast_to(data: np.ndarray, dtype: str | np.dtype) -> np.ndarray:
+    """Cast float predictions to ``dtype``, rounding and clipping integers to their range."""
+    dt = np.dtype(dtype)
+    if dt.kind in "ui":
+        info = np.iinfo(dt)
+        return np.clip(np.rint(data), info.min, info.max).astype(dt)
+    return data.astype(dt, copy=False)
+
+
+def open_level(path: str | Path, level: int, mode: str = "r+") -> Any:
+    import zarr
+
+    return zarr.open_array(store=str(Path(path) / str(level)), mode=mode)
+
+
+def build_pyramid(spec: OutputSpec, client: Any | None = None) -> None:
+    """Fill levels 1.. from the level above, each by 2× mean down-sampling in y and x.
+
+    Memory is bounded by dask: each output chunk is computed from the few input chunks
+    it covers. Runs on ``client`` (the job's cluster) when given, so workers do the I/O.
+    """
+    import dask.array as da
+
+    shapes = spec.level_shapes()
+    for k in range(1, len(shapes)):
+        src = da.from_zarr(open_level(spec.path, k - 1, "r"))
+        dst = open_level(spec.path, k)
+        factors = {i: 2 for i, a in enumerate(spec.axes) if a in PYRAMID_AXES}
+        pad = [(0, (s % 2) if i in factors else 0) for i, s in enumerate(src.shape)]
+        if any(p[1] for p in pad):
+            src = da.pad(src, pad, mode="edge")
+        down = da.coarsen(_mean_f64, src, factors, trim_excess=False)
+        down = down.rechunk(dst.chunks if not getattr(dst, "shards", None) else dst.shards)
+        if np.dtype(spec.dtype).kind in "ui":
+            info = np.iinfo(np.dtype(spec.dtype))
+            down = da.clip(da.round(down), info.min, info.max)
+        down = down.astype(spec.dtype)
+        store = da.store(down, dst, lock=False, compute=False)
+        if client is not None:
+            client.compute(store).result()
+        else:
+            store.compute(scheduler="threads")
+
+
+def _mean_f64(a: np.ndarray, axis: Any = None, **kwargs: Any) -> np.ndarray:
+    return np.mean(a, axis=axis, dtype=np.float64)
+
+
+def write_tiff(path: str | Path, data: np.ndarray, axes: str, scale: Sequence[float]) -> None:
+    """Small outputs only: one TIFF, ImageJ-compatible, with the pixel size of y/x."""
+    import tifffile
+
+    ij_axes = axes.upper()
+    kwargs: dict[str, Any] = {}
+    if "x" in axes:
+        sx = scale[axes.index("x")]
+        kwargs["resolution"] = (1.0 / sx, 1.0 / sx)
+    meta: dict[str, Any] = {"axes": ij_axes}
+    if "z" in axes:
+        meta["spacing"] = scale[axes.index("z")]
+    imagej = data.dtype in (np.uint8, np.uint16, np.float32) and set(axes) <= set("tczyx")
+    tifffile.imwrite(str(path), data, imagej=imagej, metadata=meta if imagej else {"axes": ij_axes}, **kwargs)
+
+
+def estimate_size_bytes(shape: Sequence[int], dtype: str) -> int:
+    return int(math.prod(shape) * np.dtype(dtype).itemsize)

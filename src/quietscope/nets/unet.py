@@ -1,0 +1,118 @@
+"""A plain 2D/3D U-Net with the N2V2 options (blur-pool down-sampling, no top skip)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _conv(ndim: int):
+    return nn.Conv2d if ndim == 2 else nn.Conv3d
+
+
+def _bn(ndim: int):
+    return nn.BatchNorm2d if ndim == 2 else nn.BatchNorm3d
+
+
+class ConvBlock(nn.Module):
+    """Two 3^d convolutions, each followed by optional batch norm and ReLU."""
+
+    def __init__(self, ndim: int, cin: int, cout: int, batch_norm: bool) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for c_in in (cin, cout):
+            layers.append(_conv(ndim)(c_in, cout, 3, padding=1))
+            if batch_norm:
+                layers.append(_bn(ndim)(cout))
+            layers.append(nn.ReLU(inplace=True))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class BlurPool(nn.Module):
+    """N2V2's anti-aliased down-sampling: max-pool with stride 1, then a [1,2,1] blur with stride 2.
+
+    The stride-1 max-pool pads on the far side only, so the operation stays aligned with the
+    stride-2 grid (needed for chunked == whole prediction).
+    """
+
+    def __init__(self, ndim: int, channels: int) -> None:
+        super().__init__()
+        self.ndim = ndim
+        k1 = torch.tensor([1.0, 2.0, 1.0])
+        k = k1
+        for _ in range(ndim - 1):
+            k = k[..., None] * k1
+        k = k / k.sum()
+        self.register_buffer("kernel", k.expand((channels, 1) + (3,) * ndim).contiguous(), persistent=False)
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ndim == 2:
+            x = nn.functional.pad(x, (0, 1, 0, 1), mode="replicate")
+            x = nn.functional.max_pool2d(x, 2, stride=1)
+            x = nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+            return nn.functional.conv2d(x, self.kernel, stride=2, groups=self.channels)
+        x = nn.functional.pad(x, (0, 1, 0, 1, 0, 1), mode="replicate")
+        x = nn.functional.max_pool3d(x, 2, stride=1)
+        x = nn.functional.pad(x, (1, 1, 1, 1, 1, 1), mode="replicate")
+        return nn.functional.conv3d(x, self.kernel, stride=2, groups=self.channels)
+
+
+class UNet(nn.Module):
+    """U-Net for 2D (``ndim=2``) or 3D (``ndim=3``) inputs ``(B, C, *spatial)``.
+
+    Spatial sizes must be multiples of :attr:`downsampling_factor`.
+    """
+
+    def __init__(
+        self,
+        ndim: int,
+        in_channels: int,
+        out_channels: int,
+        depth: int = 2,
+        filters: int = 32,
+        batch_norm: bool = True,
+        n2v2: bool = False,
+    ) -> None:
+        super().__init__()
+        if ndim not in (2, 3):
+            raise ValueError("ndim must be 2 or 3")
+        self.ndim, self.depth, self.n2v2 = ndim, depth, n2v2
+        widths = [filters * 2**i for i in range(depth + 1)]
+        self.down = nn.ModuleList()
+        self.pools = nn.ModuleList()
+        cin = in_channels
+        for i in range(depth):
+            self.down.append(ConvBlock(ndim, cin, widths[i], batch_norm))
+            self.pools.append(BlurPool(ndim, widths[i]) if n2v2 else (nn.MaxPool2d(2) if ndim == 2 else nn.MaxPool3d(2)))
+            cin = widths[i]
+        self.bottom = ConvBlock(ndim, cin, widths[depth], batch_norm)
+        self.up = nn.ModuleList()
+        self.ups = nn.ModuleList()
+        for i in reversed(range(depth)):
+            self.ups.append(nn.Upsample(scale_factor=2, mode="nearest"))
+            skip = 0 if (n2v2 and i == 0) else widths[i]
+            self.up.append(ConvBlock(ndim, widths[i + 1] + skip, widths[i], batch_norm))
+        self.head = _conv(ndim)(widths[0], out_channels, 1)
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2**self.depth
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for block, pool in zip(self.down, self.pools):
+            x = block(x)
+            skips.append(x)
+            x = pool(x)
+        x = self.bottom(x)
+        for level, (upsample, block) in enumerate(zip(self.ups, self.up)):
+            i = self.depth - 1 - level
+            x = upsample(x)
+            if not (self.n2v2 and i == 0):
+                x = torch.cat([x, skips[i]], dim=1)
+            x = block(x)
+        return self.head(x)

@@ -1,0 +1,159 @@
+"""Pure shape arithmetic for chunked prediction: blocks, halos, read windows, trims.
+
+No torch, no dask, no I/O: every function takes and returns plain integers/tuples so the
+logic that decides *where* pixels come from is unit-testable in milliseconds.
+
+Why chunked prediction equals whole-image prediction
+----------------------------------------------------
+Whole-image prediction pads the image by ``halo`` voxels on every side (numpy ``reflect``),
+pads further so the tile ends on a multiple of the network's down-sampling factor ``f``,
+predicts and crops. A block reads ``[start - halo, stop + halo)`` widened outward to
+multiples of ``f`` (so its pooling grid coincides with the whole image's, which starts at
+``-halo``, itself a multiple of ``f``), fetching coordinates outside the volume by the same
+reflection. Every output voxel then sees exactly the same input over its receptive field in
+both paths, provided ``halo`` covers the receptive-field radius.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import product
+
+import numpy as np
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Block:
+    """One unit of work: the output region ``[start, stop)`` (spatial axes only)."""
+
+    index: tuple[int, ...]
+    start: Shape
+    stop: Shape
+
+    @property
+    def shape(self) -> Shape:
+        return tuple(b - a for a, b in zip(self.start, self.stop))
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def key(self) -> str:
+        """Stable name used by the resume ledger."""
+        return "_".join(str(i) for i in self.index)
+
+    def slices(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in zip(self.start, self.stop))
+
+
+def round_up(value: int, multiple: int) -> int:
+    """Smallest multiple of ``multiple`` that is >= ``value``."""
+    return -(-value // multiple) * multiple
+
+
+def halo_from_radius(radius: tuple[int, ...], factor: int) -> Shape:
+    """Halo per axis: the receptive-field radius rounded up to the down-sampling factor."""
+    return tuple(round_up(max(int(r), 0), factor) for r in radius)
+
+
+def choose_block_shape(
+    shape: Shape,
+    chunks: Shape,
+    halo: Shape,
+    max_voxels: int,
+    target_halo_factor: float = 1.2,
+) -> Shape:
+    """Choose a block shape: a multiple of ``chunks`` per axis, at most ``max_voxels`` with
+    halo, growing the axis that reduces the halo overhead most until the overhead is below
+    ``target_halo_factor`` or the block covers the volume.
+
+    Blocks spanning several chunks amortise the halo (halo factor ``prod(b + 2h) / prod(b)``);
+    memory bounds them from above.
+    """
+    ndim = len(shape)
+    n = [1] * ndim  # chunks per block along each axis
+    n_max = [max(1, -(-s // c)) for s, c in zip(shape, chunks)]
+
+    def block(nn: list[int]) -> Shape:
+        return tuple(min(k * c, s) for k, c, s in zip(nn, chunks, shape))
+
+    def cost(nn: list[int]) -> int:
+        return math.prod(b + 2 * h for b, h in zip(block(nn), halo))
+
+    while True:
+        current = block(n)
+        if halo_factor(current, halo) <= target_halo_factor:
+            break
+        best, best_factor = None, halo_factor(current, halo)
+        for ax in range(ndim):
+            if n[ax] >= n_max[ax]:
+                continue
+            trial = list(n)
+            trial[ax] += 1
+            if cost(trial) > max_voxels:
+                continue
+            f = halo_factor(block(trial), halo)
+            if f < best_factor - 1e-12:
+                best, best_factor = trial, f
+        if best is None:
+            break
+        n = best
+    return tuple(k * c for k, c in zip(n, chunks))
+
+
+def halo_factor(block: Shape, halo: Shape) -> float:
+    """Voxels computed per voxel written for one block."""
+    return math.prod(b + 2 * h for b, h in zip(block, halo)) / math.prod(block)
+
+
+def plan_blocks(shape: Shape, block: Shape) -> list[Block]:
+    """Tile ``shape`` with blocks of shape ``block`` (the last ones clipped to the volume)."""
+    if len(shape) != len(block):
+        raise ValueError(f"shape {shape} and block {block} differ in length")
+    counts = [-(-s // b) for s, b in zip(shape, block)]
+    blocks = []
+    for idx in product(*(range(c) for c in counts)):
+        start = tuple(i * b for i, b in zip(idx, block))
+        stop = tuple(min(a + b, s) for a, b, s in zip(start, block, shape))
+        blocks.append(Block(tuple(idx), start, stop))
+    return blocks
+
+
+def read_window(start: Shape, stop: Shape, halo: Shape, factor: int) -> tuple[Shape, Shape]:
+    """Region to read (may extend beyond the volume) for the output region ``[start, stop)``.
+
+    The window starts on a multiple of ``factor`` and has a length that is a multiple of it, so
+    the network's pooling grid is the same as in whole-image prediction.
+    """
+    rstart = tuple(((a - h) // factor) * factor for a, h in zip(start, halo))
+    rstop = tuple(round_up(b + h, factor) for b, h in zip(stop, halo))
+    return rstart, rstop
+
+
+def whole_window(shape: Shape, halo: Shape, factor: int) -> tuple[Shape, Shape]:
+    """The read window of whole-image prediction (the reference the blocks must reproduce)."""
+    return read_window((0,) * len(shape), shape, halo, factor)
+
+
+def reflect_indices(start: int, stop: int, n: int) -> np.ndarray:
+    """Source indices for coordinates ``start..stop-1`` of an axis of length ``n``.
+
+    Matches ``numpy.pad(mode="reflect")`` for any pad width (repeated reflection, edge
+    voxel not repeated), so a block near the border reads exactly what whole-image
+    padding would have produced.
+    """
+    idx = np.arange(start, stop)
+    if n == 1:
+        return np.zeros_like(idx)
+    period = 2 * (n - 1)
+    idx = np.mod(idx, period)
+    return np.where(idx >= n, period - idx, idx)
+
+
+def trim_slices(start: Shape, stop: Shape, rstart: Shape) -> tuple[slice, ...]:
+    """Slices that cut the output region out of a prediction of the read window."""
+    return tuple(slice(a - r, b - r) for a, b, r in zip(start, stop, rstart))

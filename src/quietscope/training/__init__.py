@@ -1,0 +1,1 @@
+"""Patch sampling, masking, normalisation and the training loop."""

@@ -1,0 +1,92 @@
+"""``quietscope train``: open data, build the method, train on sampled patches, write the model file."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from quietscope import __version__
+from quietscope.errors import ConfigError, OutputError
+from quietscope.io.reading import open_image
+from quietscope.io.validation import check_finite_sample
+from quietscope.methods import build_method
+from quietscope.modelfile import save_model
+from quietscope.training.loop import TrainConfig, TrainResult, train
+
+log = logging.getLogger(__name__)
+
+
+def expand_patch(patch: tuple[int, ...], spatial_ndim: int) -> tuple[int, ...]:
+    """``(64,)`` -> ``(64, 64)`` or ``(64, 64, 64)``; longer tuples must match the data."""
+    if len(patch) == 1:
+        return patch * spatial_ndim
+    if len(patch) != spatial_ndim:
+        raise ConfigError(f"--patch has {len(patch)} values but the data has {spatial_ndim} spatial axes; give 1 or {spatial_ndim}")
+    return patch
+
+
+def checkpoint_path(model_path: str | Path) -> Path:
+    p = Path(model_path)
+    return p.with_name(p.name + ".ckpt")
+
+
+def train_model(
+    input_uri: str | Path,
+    model_path: str | Path,
+    method_options: dict[str, Any],
+    train_options: dict[str, Any],
+    axes: str | None = None,
+    level: int = 0,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a model on ``input_uri`` and save it to ``model_path`` (one self-describing file)."""
+    model_path = Path(model_path)
+    if model_path.exists() and not (overwrite or resume):
+        raise OutputError(f"model file {str(model_path)!r} already exists; pass --overwrite to replace it")
+    image = open_image(input_uri, level=level, axes=axes)
+    check_finite_sample(image)
+    nd = len(image.spatial_axes)
+    train_options = dict(train_options)
+    train_options["patch"] = expand_patch(tuple(train_options.get("patch", (64,))), nd)
+    try:
+        tcfg = TrainConfig.model_validate(train_options)
+    except Exception as exc:
+        from quietscope.methods.base import _one_line
+
+        raise ConfigError(f"invalid training options: {_one_line(exc)}") from None
+    factor_needed = 2 ** int(method_options.get("net", {}).get("depth", 2))
+    if any(p % factor_needed for p in tcfg.patch):
+        raise ConfigError(f"--patch {tcfg.patch} must be a multiple of {factor_needed} (2**depth) on every axis")
+    config = {"spatial_ndim": nd, "in_channels": image.n_channels, **method_options}
+    method = build_method(config)
+    log.info(
+        "training %s on %s: axes %s, shape %s, patch %s, batch %d, %d steps",
+        method.name, input_uri, image.axes, image.shape, tcfg.patch, tcfg.batch, tcfg.steps,
+    )
+    result = train(image, method, tcfg, checkpoint=checkpoint_path(model_path), resume=resume, progress=progress)
+    info = {
+        "train": tcfg.model_dump(mode="json"),
+        "axes": image.axes,
+        "spatial_axes": image.spatial_axes,
+        "scale": list(image.scale),
+        "data_stats": result.stats,
+        "training_data": {"uri": str(input_uri), "level": level, "shape": list(image.shape), "dtype": str(image.dtype)},
+        "history": result.history,
+        "best_val_loss": result.best_val,
+        "best_step": result.best_step,
+        "train_seconds": result.seconds,
+        "created_by": f"quietscope {__version__}",
+    }
+    save_model(model_path, result.method, info)
+    checkpoint_path(model_path).unlink(missing_ok=True)
+    try:
+        from quietscope.training.curves import plot_learning_curve
+
+        plot_learning_curve(result.history, model_path.with_suffix(".learning_curve.png"))
+    except Exception as exc:  # a plot must never lose a trained model
+        log.warning("could not write the learning-curve plot: %s", exc)
+    log.info("model written to %s (%.1f s)", model_path, result.seconds)
+    return result
