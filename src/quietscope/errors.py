@@ -24,3 +24,15 @@ class ModelError(QuietscopeError):
 
 class ConfigError(QuietscopeError):
     """An option or configuration value is invalid."""
+
+
+def validation_message(exc: Exception) -> str:
+    """A pydantic ValidationError (or any exception) reduced to one line."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        parts = []
+        for e in errors():
+            loc = ".".join(str(p) for p in e.get("loc", ()))
+            parts.append(f"{loc}: {e.get('msg')}")
+        return "; ".join(parts)
+    return str(exc).splitlines()[0]

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from quietscope.errors import ConfigError
+from quietscope.errors import ConfigError, validation_message
 
 
 class NetConfig(BaseModel):
@@ -144,16 +144,5 @@ def build_method(config: dict[str, Any] | MethodConfig) -> Method:
     try:
         cfg = cls.Config.model_validate(config)
     except Exception as exc:  # pydantic.ValidationError: reduce to one line
-        raise ConfigError(f"invalid configuration for method {cls.name!r}: {_one_line(exc)}") from None
+        raise ConfigError(f"invalid configuration for method {cls.name!r}: {validation_message(exc)}") from None
     return cls(cfg)
-
-
-def _one_line(exc: Exception) -> str:
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        parts = []
-        for e in errors():
-            loc = ".".join(str(p) for p in e.get("loc", ()))
-            parts.append(f"{loc}: {e.get('msg')}")
-        return "; ".join(parts)
-    return str(exc).splitlines()[0]

@@ -24,8 +24,8 @@ def dask_client(scheduler: str | None = None, threads: int | None = None) -> Ite
     """Yield a ``distributed.Client``.
 
     Without ``scheduler``: an in-process ``LocalCluster`` (one worker, ``threads`` threads,
-    default 2 so reading/writing one block overlaps computing another), no network listener
-    and no dashboard. With ``scheduler`` (``tcp://host:8786`` or ``tls://...``): connect to a
+    default 2 so reading/writing one block overlaps computing another), in-process comms
+    HTTP endpoints on loopback only. With ``scheduler`` (``tcp://host:8786`` or ``tls://...``): connect to a
     running ``distributed`` scheduler.
     """
     from distributed import Client, LocalCluster
@@ -46,11 +46,14 @@ def dask_client(scheduler: str | None = None, threads: int | None = None) -> Ite
         n_workers=1,
         threads_per_worker=n_threads,
         processes=False,
-        dashboard_address=None,
+        # Loopback only: an in-process cluster needs no listener, but distributed always
+        # starts HTTP servers; never expose them on a public interface.
+        dashboard_address="127.0.0.1:0",
+        worker_dashboard_address="127.0.0.1:0",
         silence_logs=logging.WARNING,
     )
     client = Client(cluster)
-    log.info("local in-process dask cluster: 1 worker, %d threads (no network listener)", n_threads)
+    log.info("local in-process dask cluster: 1 worker, %d threads (in-process; HTTP on 127.0.0.1 only)", n_threads)
     try:
         yield client
     finally:

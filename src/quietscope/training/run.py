@@ -54,9 +54,9 @@ def train_model(
     try:
         tcfg = TrainConfig.model_validate(train_options)
     except Exception as exc:
-        from quietscope.methods.base import _one_line
+        from quietscope.errors import validation_message
 
-        raise ConfigError(f"invalid training options: {_one_line(exc)}") from None
+        raise ConfigError(f"invalid training options: {validation_message(exc)}") from None
     factor_needed = 2 ** int(method_options.get("net", {}).get("depth", 2))
     if any(p % factor_needed for p in tcfg.patch):
         raise ConfigError(f"--patch {tcfg.patch} must be a multiple of {factor_needed} (2**depth) on every axis")

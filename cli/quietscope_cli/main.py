@@ -1,0 +1,232 @@
+"""The ``quietscope`` command: parse options, call the library, turn its errors into one line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from quietscope_cli.options import (
+    axes_option,
+    level_option,
+    parse_ints,
+    predict_options,
+    predict_options_from,
+)
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    # distributed configures its loggers from dask config when first imported (after this).
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if verbose >= 2 else "warning")
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 0 else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    for noisy in ("distributed", "tornado", "asyncio", "matplotlib", "PIL", "fsspec", "numcodecs"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.INFO)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Library errors -> one ``error:`` line and exit 2; unexpected errors -> one line and exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from quietscope.errors import QuietscopeError
+
+        ctx = click.get_current_context()
+        debug = bool(ctx.find_root().params.get("debug"))
+        try:
+            return fn(*args, **kwargs)
+        except QuietscopeError as exc:
+            if debug:
+                raise
+            click.echo(f"quietscope: error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("quietscope: interrupted; finished blocks are kept, rerun with --resume to continue", err=True)
+            sys.exit(130)
+        except (click.ClickException, click.exceptions.Exit, SystemExit):
+            raise
+        except Exception as exc:  # a bug: still one line, traceback on request
+            if debug:
+                raise
+            click.echo(f"quietscope: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv includes dask's).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="quietscope")
+def cli(verbose: int, quiet: bool, debug: bool) -> None:
+    """Self-supervised denoising and splitting of microscopy volumes larger than memory."""
+    _setup_logging(verbose, quiet)
+
+
+@cli.command()
+@click.argument("input_uri", metavar="INPUT")
+@axes_option
+@level_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@handle_errors
+def info(input_uri: str, axes: str | None, level: int, as_json: bool) -> None:
+    """Describe INPUT (OME-Zarr, zarr array or TIFF), or a model file (.qs)."""
+    if input_uri.endswith(".qs"):
+        from quietscope.modelfile import read_manifest
+
+        m = read_manifest(input_uri)
+        desc = {k: m.get(k) for k in ("quietscope_version", "torch_version", "method", "train", "axes", "data_stats", "best_val_loss", "best_step", "noise_models", "calibration") if m.get(k) is not None}
+    else:
+        from quietscope.io import open_image
+
+        desc = open_image(input_uri, level=level, axes=axes).describe()
+    if as_json:
+        click.echo(json.dumps(desc, indent=2, default=str))
+        return
+    for k, v in desc.items():
+        click.echo(f"{k:>14}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
+
+
+@cli.command()
+@click.argument("input_uri", metavar="INPUT")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write (.qs).")
+@click.option("--method", default="n2v", show_default=True, help="Method name (see 'quietscope methods').")
+@click.option("--patch", default="64", show_default=True, help="Patch size: one number or one per spatial axis (16,64,64).")
+@click.option("--batch", default=16, show_default=True, type=int)
+@click.option("--steps", default=2000, show_default=True, type=int)
+@click.option("--lr", default=4e-4, show_default=True, type=float, help="Adam learning rate (cosine schedule).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--depth", default=2, show_default=True, type=int, help="U-Net levels.")
+@click.option("--filters", default=32, show_default=True, type=int, help="U-Net feature maps at the first level.")
+@click.option("--n2v2", is_flag=True, help="N2V2: median replacement, blur-pool, no top skip.")
+@click.option("--masked-percent", default=0.2, show_default=True, type=float, help="Blind-spot pixels per patch (%).")
+@click.option("--struct-mask", default=None, help="structN2V: AXIS:LENGTH (e.g. x:5) or a mask file (.npy/.tif).")
+@click.option("--val-fraction", default=0.1, show_default=True, type=float, help="Held-apart slab for validation.")
+@click.option("--foreground", default=0.0, show_default=True, type=float, help="Fraction of patches biased to bright regions.")
+@click.option("--checkpoint-every", default=200, show_default=True, type=int)
+@click.option("--early-stop", default=None, type=int, help="Stop after N validations without improvement.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--param", "params", multiple=True, help="Method option KEY=VALUE (JSON value), repeatable.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing model file.")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint next to the output.")
+@axes_option
+@level_option
+@handle_errors
+def train(input_uri: str, output: str, method: str, patch: str, batch: int, steps: int, lr: float, seed: int,
+          depth: int, filters: int, n2v2: bool, masked_percent: float, struct_mask: str | None,
+          val_fraction: float, foreground: float, checkpoint_every: int, early_stop: int | None,
+          device: str, params: tuple[str, ...], overwrite: bool, resume: bool, axes: str | None, level: int) -> None:
+    """Train a self-supervised model on INPUT (patches are sampled; the volume is never loaded)."""
+    from quietscope.training.run import train_model
+
+    method_options: dict[str, Any] = {"method": method, "net": {"depth": depth, "filters": filters, "n2v2": n2v2}}
+    if method in ("n2v", "n2v2"):
+        method_options["masked_pixel_percentage"] = masked_percent
+    if struct_mask:
+        method_options["struct_mask"] = _struct_mask(struct_mask, input_uri, axes, level)
+    for p in params:
+        if "=" not in p:
+            raise click.BadParameter(f"{p!r}: expected KEY=VALUE", param_hint="--param")
+        k, v = p.split("=", 1)
+        try:
+            method_options[k] = json.loads(v)
+        except json.JSONDecodeError:
+            method_options[k] = v
+    train_options = {
+        "patch": parse_ints(patch, "--patch"), "batch": batch, "steps": steps, "lr": lr, "seed": seed,
+        "val_fraction": val_fraction, "foreground": foreground, "checkpoint_every": checkpoint_every,
+        "early_stop": early_stop, "device": device,
+    }
+    res = train_model(input_uri, output, method_options, train_options, axes=axes, level=level,
+                      overwrite=overwrite, resume=resume)
+    best = f", best validation loss {res.best_val:.5g} at step {res.best_step}" if res.best_val is not None else ""
+    click.echo(f"model: {output} ({res.seconds:.0f} s{best})")
+
+
+def _struct_mask(text: str, input_uri: str, axes: str | None, level: int) -> list:
+    from quietscope.io import open_image
+    from quietscope.training import struct_mask as sm
+
+    if Path(text).suffix.lower() in (".npy", ".tif", ".tiff"):
+        return sm.load_struct_mask(text).astype(int).tolist()
+    image = open_image(input_uri, level=level, axes=axes)
+    axis, length = sm.parse_struct_mask(text, image.spatial_axes)
+    return sm.struct_mask(len(image.spatial_axes), axis, length).astype(int).tolist()
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("input_uri", metavar="INPUT")
+@click.option("-o", "--output", required=True, help="Output .ome.zarr (or .tif for small data).")
+@predict_options
+@axes_option
+@level_option
+@handle_errors
+def predict(model: str, input_uri: str, output: str, axes: str | None, level: int, **kw: Any) -> None:
+    """Denoise INPUT with MODEL, block by block, into a multiscale OME-Zarr."""
+    from quietscope.predict import predict as run
+
+    res = run(model, input_uri, output, predict_options_from(kw), axes=axes, level=level)
+    click.echo(f"output: {res.output} ({res.n_blocks} blocks, halo {list(res.halo)}, {res.voxels_per_s:.3g} voxel/s)")
+
+
+@cli.command()
+@click.option("-o", "--output", default="demo_output", show_default=True, type=click.Path(file_okay=False))
+@click.option("--steps", default=400, show_default=True, type=int, help="Training steps (about a minute on 2 CPU cores).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--overwrite", is_flag=True, help="Replace an existing demo output folder.")
+@handle_errors
+def demo(output: str, steps: int, seed: int, overwrite: bool) -> None:
+    """Build a noisy sample, train N2V, predict chunked, report PSNR before/after."""
+    from quietscope.demo import run_demo
+
+    s = run_demo(output, steps=steps, seed=seed, overwrite=overwrite)
+    click.echo("")
+    click.echo(f"sample:   {s['sample']} {tuple(s['shape'])}")
+    click.echo(f"PSNR:     noisy {s['psnr_noisy_db']:.2f} dB -> denoised {s['psnr_denoised_db']:.2f} dB "
+               f"({s['psnr_denoised_db'] - s['psnr_noisy_db']:+.2f} dB)")
+    click.echo(f"result:   {s['output']}   (open it in napari: napari --plugin napari-ome-zarr {s['output']})")
+    click.echo(f"model:    {s['model']}")
+
+
+@cli.command()
+def methods() -> None:
+    """List the available methods."""
+    from quietscope.methods import available_methods, get_method_class
+
+    for name in available_methods():
+        doc = (get_method_class(name).__doc__ or "").strip().splitlines()
+        click.echo(f"{name:<14} {doc[0] if doc else ''}")
+
+
+def _register_optional_commands() -> None:
+    """Commands that live in their own modules (one per feature area)."""
+    import importlib
+
+    for mod in ("filter_cmd", "evaluate_cmd", "noise_model_cmd", "inspect_cmd", "calibrate_cmd"):
+        try:
+            module = importlib.import_module(f"quietscope_cli.{mod}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"quietscope_cli.{mod}":
+                continue
+            raise
+        for command in getattr(module, "COMMANDS", []):
+            cli.add_command(command)
+
+
+_register_optional_commands()
+
+
+def main() -> None:
+    cli(prog_name="quietscope")
+
+
+if __name__ == "__main__":
+    main()

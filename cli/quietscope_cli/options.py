@@ -1,0 +1,80 @@
+"""Shared click options (public interface: scripts in facility pipelines call these names)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import click
+
+
+def parse_ints(text: str | None, name: str) -> tuple[int, ...] | None:
+    """``"256,256"`` -> ``(256, 256)``; a clear usage error otherwise."""
+    if text is None or text == "":
+        return None
+    try:
+        values = tuple(int(v) for v in str(text).replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=name) from None
+    if not values or any(v <= 0 for v in values):
+        raise click.BadParameter(f"{text!r}: values must be positive integers", param_hint=name)
+    return values
+
+
+def axes_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--axes", default=None, help="Axes of the input when metadata lacks them, e.g. zyx or tczyx.")(fn)
+
+
+def level_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--level", default=0, show_default=True, type=int, help="Resolution level of a multiscale input.")(fn)
+
+
+_PREDICT_OPTIONS = [
+    click.option("--chunks", default=None, help="Output chunk shape over the spatial axes, e.g. 256,256 (default: the input's)."),
+    click.option("--block", default=None, help="Block shape (a multiple of --chunks); default chosen from the halo and memory."),
+    click.option("--max-tile-voxels", default=1_500_000, show_default=True, type=int, help="Memory bound: voxels of one block plus halo."),
+    click.option("--dtype", default="float32", show_default=True, help="Output dtype (integers are rounded and clipped)."),
+    click.option("--ngff", default="0.5", show_default=True, type=click.Choice(["0.4", "0.5"]), help="OME-NGFF version (0.5: zarr v3)."),
+    click.option("--levels", "n_levels", default=None, type=int, help="Pyramid levels (default: until y,x fit one chunk)."),
+    click.option("--shards", default=None, help="zarr v3 shard shape over the spatial axes (a multiple of --chunks)."),
+    click.option("--overwrite", is_flag=True, help="Replace an existing output."),
+    click.option("--resume", is_flag=True, help="Finish an interrupted run into the same output."),
+    click.option("--scheduler", default=None, help="Address of a running dask scheduler (tcp://host:8786)."),
+    click.option("--threads", default=None, type=int, help="Threads of the local worker (default 2)."),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+    click.option("--max-in-flight", default=None, type=int, help="Blocks submitted at once (default 2 x worker threads)."),
+    click.option("--no-progress", is_flag=True, help="Hide the progress bar."),
+]
+
+
+def predict_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed(_PREDICT_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
+def predict_options_from(kw: dict[str, Any]) -> Any:
+    """Build validated ``PredictOptions`` from the parsed click options (consumes them from ``kw``)."""
+    from quietscope.errors import ConfigError
+    from quietscope.errors import validation_message
+    from quietscope.predict import PredictOptions
+
+    values = {
+        "chunks": parse_ints(kw.pop("chunks"), "--chunks"),
+        "block": parse_ints(kw.pop("block"), "--block"),
+        "max_tile_voxels": kw.pop("max_tile_voxels"),
+        "dtype": kw.pop("dtype"),
+        "ngff": kw.pop("ngff"),
+        "n_levels": kw.pop("n_levels"),
+        "shards": parse_ints(kw.pop("shards"), "--shards"),
+        "overwrite": kw.pop("overwrite"),
+        "resume": kw.pop("resume"),
+        "scheduler": kw.pop("scheduler"),
+        "threads": kw.pop("threads"),
+        "device": kw.pop("device"),
+        "max_in_flight": kw.pop("max_in_flight"),
+        "progress": not kw.pop("no_progress"),
+    }
+    try:
+        return PredictOptions(**values)
+    except Exception as exc:
+        raise ConfigError(f"invalid option: {validation_message(exc)}") from None
