@@ -113,6 +113,14 @@ def info(input_uri: str, axes: str | None, level: int, as_json: bool) -> None:
 @click.option("--checkpoint-every", default=200, show_default=True, type=int)
 @click.option("--early-stop", default=None, type=int, help="Stop after N validations without improvement.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--noise-model", default=None, type=click.Path(dir_okay=False), help="pn2v/denoisplit: noise model file (JSON) from 'quietscope noise-model'.")
+@click.option("--samples", "n_samples", default=None, type=int, help="pn2v: prior samples predicted per pixel.")
+@click.option("--psf-sigma", default=None, help="n2v-deconv: Gaussian PSF sigma, one value or one per spatial axis.")
+@click.option("--psf", default=None, type=click.Path(dir_okay=False), help="n2v-deconv: PSF image (TIFF), normalised to sum 1.")
+@click.option("--positivity-lambda", default=None, type=float, help="n2v-deconv: weight of the positivity term.")
+@click.option("--gain", default=None, type=float, help="bayes-poisson: ADU per photon (default: data already in photons).")
+@click.option("--offset", default=None, type=float, help="bayes-poisson: camera offset in ADU.")
+@click.option("--noise-sigma", default=None, type=float, help="bayes-gauss: known noise sigma (default: learned).")
 @click.option("--param", "params", multiple=True, help="Method option KEY=VALUE (JSON value), repeatable.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model file.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint next to the output.")
@@ -122,11 +130,17 @@ def info(input_uri: str, axes: str | None, level: int, as_json: bool) -> None:
 def train(input_uri: str, output: str, method: str, patch: str, batch: int, steps: int, lr: float, seed: int,
           depth: int, filters: int, n2v2: bool, masked_percent: float, struct_mask: str | None,
           val_fraction: float, foreground: float, checkpoint_every: int, early_stop: int | None,
-          device: str, params: tuple[str, ...], overwrite: bool, resume: bool, axes: str | None, level: int) -> None:
+          device: str, noise_model: str | None, n_samples: int | None, psf_sigma: str | None, psf: str | None,
+          positivity_lambda: float | None, gain: float | None, offset: float | None, noise_sigma: float | None,
+          params: tuple[str, ...], overwrite: bool, resume: bool, axes: str | None, level: int) -> None:
     """Train a self-supervised model on INPUT (patches are sampled; the volume is never loaded)."""
-    from quietscope.training.run import train_model
+    from quietscope.training.run import method_extras, train_model
 
     method_options: dict[str, Any] = {"method": method, "net": {"depth": depth, "filters": filters, "n2v2": n2v2}}
+    method_options.update(method_extras(
+        noise_model=noise_model, n_samples=n_samples, psf_sigma=psf_sigma, psf=psf,
+        positivity_lambda=positivity_lambda, gain=gain, offset=offset, noise_sigma=noise_sigma,
+    ))
     if method in ("n2v", "n2v2"):
         method_options["masked_pixel_percentage"] = masked_percent
     if struct_mask:
@@ -165,15 +179,19 @@ def _struct_mask(text: str, input_uri: str, axes: str | None, level: int) -> lis
 @click.argument("model")
 @click.argument("input_uri", metavar="INPUT")
 @click.option("-o", "--output", required=True, help="Output .ome.zarr (or .tif for small data).")
+@click.option("--estimate", default=None, type=click.Choice(["mmse", "prior"]), help="pn2v: which estimate is written (default mmse).")
+@click.option("--samples", "n_samples", default=None, type=int, help="Sampling methods: posterior samples per pixel.")
 @predict_options
 @axes_option
 @level_option
 @handle_errors
-def predict(model: str, input_uri: str, output: str, axes: str | None, level: int, **kw: Any) -> None:
+def predict(model: str, input_uri: str, output: str, estimate: str | None, n_samples: int | None,
+            axes: str | None, level: int, **kw: Any) -> None:
     """Denoise INPUT with MODEL, block by block, into a multiscale OME-Zarr."""
     from quietscope.predict import predict as run
 
-    res = run(model, input_uri, output, predict_options_from(kw), axes=axes, level=level)
+    inference = {"estimate": estimate, "n_samples": n_samples}
+    res = run(model, input_uri, output, predict_options_from(kw), axes=axes, level=level, inference=inference)
     click.echo(f"output: {res.output} ({res.n_blocks} blocks, halo {list(res.halo)}, {res.voxels_per_s:.3g} voxel/s)")
 
 

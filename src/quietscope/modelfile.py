@@ -13,7 +13,6 @@ layout, is refused with a clear error.
 
 from __future__ import annotations
 
-import io
 import json
 import zipfile
 from pathlib import Path
@@ -109,7 +108,9 @@ def _open(path: str | Path, tensors: bool) -> tuple[dict[str, Any], dict[str, to
     return manifest, tens
 
 
-def check_matches(manifest: dict[str, Any], spatial_axes: str, n_channels: int, where: str) -> None:
+def check_matches(
+    manifest: dict[str, Any], spatial_axes: str, n_channels: int, where: str, expected_channels: int | None = None
+) -> None:
     """Check a model fits the data (spatial dimensionality and channels); one-line error if not."""
     cfg = manifest["method"]
     nd = int(cfg["spatial_ndim"])
@@ -122,15 +123,8 @@ def check_matches(manifest: dict[str, Any], spatial_axes: str, n_channels: int, 
         raise ModelError(
             f"the model is {nd}D but {where} has {len(spatial_axes)} spatial axes ({spatial_axes}); {hint}"
         )
-    cin = int(cfg.get("in_channels", 1))
+    cin = int(expected_channels if expected_channels is not None else cfg.get("in_channels", 1))
     if cin != n_channels:
         raise ModelError(
             f"the model expects {cin} channel(s) but {where} has {n_channels}; use a model trained on data with {n_channels} channel(s)"
         )
-
-
-def state_bytes(method: torch.nn.Module) -> int:
-    buf = io.BytesIO()
-    for v in method.state_dict().values():
-        buf.write(v.detach().cpu().numpy().tobytes())
-    return buf.tell()

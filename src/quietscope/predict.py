@@ -122,6 +122,7 @@ class ModelProcessor:
     model_path: str
     device: str = "auto"
     token: str = ""
+    inference: tuple[tuple[str, Any], ...] = ()
 
     def build(self) -> Callable[[np.ndarray], np.ndarray]:
         from quietscope.modelfile import load_model
@@ -129,6 +130,7 @@ class ModelProcessor:
 
         dev = resolve_device(self.device)
         method, _ = load_model(self.model_path, dev)
+        method.set_inference(**dict(self.inference))
         return lambda tile: predict_tile(method, tile, dev)
 
 
@@ -315,15 +317,21 @@ def predict(
     options: PredictOptions | None = None,
     axes: str | None = None,
     level: int = 0,
+    inference: dict[str, Any] | None = None,
 ) -> PredictResult:
-    """``quietscope predict``: apply a trained model to an image, chunked, into OME-Zarr (or TIFF)."""
+    """``quietscope predict``: apply a trained model to an image, chunked, into OME-Zarr (or TIFF).
+
+    ``inference`` holds prediction-time method options (e.g. ``{"estimate": "prior"}``).
+    """
     from quietscope.modelfile import check_matches, load_model
     from quietscope.training.loop import resolve_device
 
     options = options or PredictOptions()
     image = open_image(input_uri, level=level, axes=axes)
     method, manifest = load_model(model_path, "cpu")
-    check_matches(manifest, image.spatial_axes, image.n_channels, f"input {str(input_uri)!r}")
+    inference = {k: v for k, v in (inference or {}).items() if v is not None}
+    method.set_inference(**inference)
+    check_matches(manifest, image.spatial_axes, image.n_channels, f"input {str(input_uri)!r}", method.predict_in_channels)
     if not options.resume or not Path(output).exists():
         check_output_path(output, [image.ref.uri], options.overwrite)
     check_finite_sample(image)
@@ -334,13 +342,17 @@ def predict(
     if stats:
         lo, hi = float(stats.get("min", 0.0)), float(stats.get("max", 1.0))
         windows = [(lo, hi)] * len(method.output_names)
-    factory = ModelProcessor(str(Path(model_path).resolve()), str(device), file_token(model_path, str(device)))
+    inference_items = tuple(sorted(inference.items()))
+    factory = ModelProcessor(
+        str(Path(model_path).resolve()), str(device), file_token(model_path, str(device) + repr(inference_items)), inference_items
+    )
     provenance = {
         "quietscope_version": __version__,
         "model": str(model_path),
         "method": manifest["method"]["method"],
         "input": str(input_uri),
         "input_level": level,
+        "inference": inference,
     }
     log.info("method %s, device %s, normalisation mean %s std %s", manifest["method"]["method"], device,
              [round(v, 4) for v in method.norm_mean.tolist()], [round(v, 4) for v in method.norm_std.tolist()])

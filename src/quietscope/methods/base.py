@@ -107,6 +107,27 @@ class Method(torch.nn.Module):
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    #: Prediction-time options a method accepts (``quietscope predict --estimate/--samples``).
+    inference_options: ClassVar[tuple[str, ...]] = ()
+
+    def set_inference(self, **options: Any) -> None:
+        """Apply prediction-time options; options the method does not know are an error."""
+        for key, value in options.items():
+            if value is None:
+                continue
+            if key not in self.inference_options:
+                raise ConfigError(
+                    f"method {self.name!r} has no prediction option {key!r}"
+                    + (f" (it accepts: {', '.join(self.inference_options)})" if self.inference_options else "")
+                )
+            setattr(self, key, value)
+
+    @property
+    def predict_in_channels(self) -> int:
+        """Channels of the image given to :meth:`predict` (differs from the training data's
+        channels for splitting methods, which train on the separate structures)."""
+        return self.config.in_channels
+
     def summary(self) -> dict[str, Any]:
         """Extra facts for logs and ``quietscope info`` (override to add)."""
         return {}

@@ -26,6 +26,46 @@ def expand_patch(patch: tuple[int, ...], spatial_ndim: int) -> tuple[int, ...]:
     return patch
 
 
+def method_extras(
+    noise_model: str | None = None,
+    n_samples: int | None = None,
+    psf_sigma: str | None = None,
+    psf: str | None = None,
+    positivity_lambda: float | None = None,
+    gain: float | None = None,
+    offset: float | None = None,
+    noise_sigma: float | None = None,
+) -> dict[str, Any]:
+    """Method-specific options given on the command line, as config fields (only those set).
+
+    Files are read here so the method's config (and thus the model file) holds their content.
+    """
+    out: dict[str, Any] = {}
+    if noise_model is not None:
+        from quietscope.noise_models import load_noise_model
+
+        out["noise_model"] = load_noise_model(noise_model).to_dict()
+    if n_samples is not None:
+        out["n_samples"] = n_samples
+    if psf_sigma is not None:
+        try:
+            out["psf_sigma"] = [float(v) for v in str(psf_sigma).split(",")]
+        except ValueError:
+            raise ConfigError(f"--psf-sigma {psf_sigma!r} must be a number or comma-separated numbers") from None
+    if psf is not None:
+        import numpy as np
+
+        from quietscope.sample_data import read_tiff
+
+        if not Path(psf).exists():
+            raise ConfigError(f"--psf {psf!r} does not exist; give a TIFF of the point-spread function")
+        out["psf"] = np.asarray(read_tiff(Path(psf)), dtype=float).tolist()
+    for key, value in (("positivity_lambda", positivity_lambda), ("gain", gain), ("offset", offset), ("noise_sigma", noise_sigma)):
+        if value is not None:
+            out[key] = value
+    return out
+
+
 def checkpoint_path(model_path: str | Path) -> Path:
     p = Path(model_path)
     return p.with_name(p.name + ".ckpt")
