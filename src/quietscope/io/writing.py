@@ -114,7 +114,7 @@ def create_ome_zarr(spec: OutputSpec) -> None:
         if zarr_format == 3:
             kwargs["dimension_names"] = list(spec.axes)
             if spec.shards is not None:
-                kwargs["shards"] = tuple(min(s, n) if n >= c else c for s, n, c in zip(spec.shards, shape, chunks))
+                kwargs["shards"] = level_shards(spec.shards, shape, chunks)
         else:
             kwargs["chunk_key_encoding"] = {"name": "v2", "separator": "/"}
         group.create_array(**kwargs)
@@ -140,7 +140,8 @@ def create_ome_zarr(spec: OutputSpec) -> None:
 def _omero(spec: OutputSpec) -> dict[str, Any]:
     n_c = spec.shape[spec.axes.index("c")] if "c" in spec.axes else 1
     names = spec.channel_names or [f"ch{i}" for i in range(n_c)]
-    windows = spec.channel_windows or [(0.0, 1.0)] * n_c
+    windows = list(spec.channel_windows or [(0.0, 1.0)])
+    windows = (windows * n_c)[:n_c]  # one window given for several channels applies to all
     colors = ["FFFFFF", "00FF00", "FF00FF", "00FFFF", "FFFF00", "FF0000"]
     channels = []
     for i in range(n_c):
@@ -154,6 +155,72 @@ def _omero(spec: OutputSpec) -> dict[str, Any]:
             }
         )
     return {"channels": channels, "rdefs": {"model": "color" if n_c > 1 else "greyscale"}}
+
+
+def level_shards(shards: Sequence[int], shape: Sequence[int], chunks: Sequence[int]) -> tuple[int, ...]:
+    """Shard shape of one level: the requested shards, clipped to the level rounded up to whole
+    chunks (zarr requires shards to be multiples of the chunks)."""
+    return tuple(min(s, -(-n // c) * c) for s, n, c in zip(shards, shape, chunks))
+
+
+def level_write_units(spec: OutputSpec) -> list[tuple[int, ...]]:
+    """Per level, the smallest region two writers must never share: the shard (sharded) or chunk."""
+    units = []
+    for shape in spec.level_shapes():
+        chunks = tuple(min(c, s) for c, s in zip(spec.chunks, shape))
+        sharded = spec.shards is not None and spec.ngff == "0.5"
+        units.append(level_shards(spec.shards, shape, chunks) if sharded else chunks)  # type: ignore[arg-type]
+    return units
+
+
+def block_local_levels(spec: OutputSpec, block: Sequence[int]) -> int:
+    """How many coarse levels (1..K) each block task can write from its own output alone.
+
+    ``block`` is the level-0 block shape in ``spec.axes`` (t: 1, c: all). Level k qualifies
+    when, along y and x, every block boundary falls on a multiple of ``2**k`` and on a write
+    unit (chunk or shard) boundary of level k, i.e. the block is aligned to ``2**k x unit_k``:
+    each task then owns whole chunks/shards at level k and computes exactly what
+    :func:`build_pyramid` computes there. Levels past K are built after level 0.
+    """
+    units = level_write_units(spec)
+    k_ok = 0
+    for k in range(1, int(spec.n_levels or 1)):
+        ok = True
+        for i, a in enumerate(spec.axes):
+            if a not in PYRAMID_AXES or block[i] >= spec.shape[i]:
+                continue  # one block spans the axis: it owns all of it
+            if block[i] % (2**k) or (block[i] // 2**k) % units[k][i]:
+                ok = False
+        if not ok:
+            break
+        k_ok = k
+    return k_ok
+
+
+def downsample2(data: np.ndarray, axes: set[int] | Sequence[int], prev_shape: Sequence[int],
+                region: Sequence[slice], dtype: str) -> np.ndarray:
+    """One pyramid step of a region, exactly as :func:`build_pyramid` computes it.
+
+    ``data`` is the region ``region`` of a level of shape ``prev_shape``; along ``axes`` it is
+    mean-reduced by 2 (float64), padding by edge value only where the region ends at an odd
+    level edge, then rounded/clipped/cast to ``dtype``.
+    """
+    pad = [(0, 0)] * data.ndim
+    for i in axes:
+        if region[i].stop == prev_shape[i] and prev_shape[i] % 2:
+            pad[i] = (0, 1)
+    if any(p[1] for p in pad):
+        data = np.pad(data, pad, mode="edge")
+    factors = {i: (2 if i in axes else 1) for i in range(data.ndim)}
+    newshape: list[int] = []
+    for i in range(data.ndim):
+        newshape += [data.shape[i] // factors[i], factors[i]]
+    down = _mean_f64(data.reshape(newshape), axis=tuple(range(1, data.ndim * 2, 2)))
+    dt = np.dtype(dtype)
+    if dt.kind in "ui":
+        info = np.iinfo(dt)
+        down = np.clip(np.round(down), info.min, info.max)
+    return down.astype(dt)
 
 
 def cast_to(data: np.ndarray, dtype: str | np.dtype) -> np.ndarray:
@@ -171,8 +238,8 @@ def open_level(path: str | Path, level: int, mode: str = "r+") -> Any:
     return zarr.open_array(store=str(Path(path) / str(level)), mode=mode)
 
 
-def build_pyramid(spec: OutputSpec, client: Any | None = None) -> None:
-    """Fill levels 1.. from the level above, each by 2× mean down-sampling in y and x.
+def build_pyramid(spec: OutputSpec, client: Any | None = None, start_level: int = 1) -> None:
+    """Fill levels ``start_level``.. from the level above, each by 2× mean down-sampling in y and x.
 
     Memory is bounded by dask: each output chunk is computed from the few input chunks
     it covers. Runs on ``client`` (the job's cluster) when given, so workers do the I/O.
@@ -180,7 +247,7 @@ def build_pyramid(spec: OutputSpec, client: Any | None = None) -> None:
     import dask.array as da
 
     shapes = spec.level_shapes()
-    for k in range(1, len(shapes)):
+    for k in range(max(1, start_level), len(shapes)):
         src = da.from_zarr(open_level(spec.path, k - 1, "r"))
         dst = open_level(spec.path, k)
         factors = {i: 2 for i, a in enumerate(spec.axes) if a in PYRAMID_AXES}

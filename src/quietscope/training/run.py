@@ -72,7 +72,7 @@ def checkpoint_path(model_path: str | Path) -> Path:
 
 
 def train_model(
-    input_uri: str | Path,
+    input_uri: str | Path | list[str | Path],
     model_path: str | Path,
     method_options: dict[str, Any],
     train_options: dict[str, Any],
@@ -82,11 +82,16 @@ def train_model(
     resume: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Train a model on ``input_uri`` and save it to ``model_path`` (one self-describing file)."""
+    """Train a model on ``input_uri`` and save it to ``model_path`` (one self-describing file).
+
+    Several inputs (a list) are stacked as the channels of one image (splitting methods).
+    """
     model_path = Path(model_path)
     if model_path.exists() and not (overwrite or resume):
         raise OutputError(f"model file {str(model_path)!r} already exists; pass --overwrite to replace it")
-    image = open_image(input_uri, level=level, axes=axes)
+    from quietscope.io.stacking import open_stacked
+
+    image = open_stacked(input_uri, level=level, axes=axes)
     check_finite_sample(image)
     nd = len(image.spatial_axes)
     train_options = dict(train_options)
@@ -101,6 +106,10 @@ def train_model(
     if any(p % factor_needed for p in tcfg.patch):
         raise ConfigError(f"--patch {tcfg.patch} must be a multiple of {factor_needed} (2**depth) on every axis")
     config = {"spatial_ndim": nd, "in_channels": image.n_channels, **method_options}
+    # Seed before building: the initial weights are part of what --seed makes reproducible.
+    import torch
+
+    torch.manual_seed(tcfg.seed)
     method = build_method(config)
     log.info(
         "training %s on %s: axes %s, shape %s, patch %s, batch %d, %d steps",

@@ -101,9 +101,10 @@ class PatchSampler:
         for a, b, c, p in zip(self.region.start, self.region.stop, self.chunks, self.patch):
             first, last = a // c, (b - 1) // c
             ci = int(rng.integers(first, last + 1))
-            lo = max(a, ci * c - p // 2)
-            hi = min(b - p, ci * c + c - p // 2)
-            hi = max(lo, hi)
+            # Clamp to the region: a last chunk within half a patch of the end must not
+            # push the patch past it.
+            lo = min(max(a, ci * c - p // 2), b - p)
+            hi = max(lo, min(b - p, ci * c + c - p // 2))
             origin.append(int(rng.integers(lo, hi + 1)))
         return tuple(origin)
 

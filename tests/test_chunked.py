@@ -1,0 +1,129 @@
+"""The heart of the tool: stitched block predictions equal whole-image prediction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from helpers import random_model, write_ome, write_zarr_array
+from quietscope.io import open_image
+from quietscope.modelfile import load_model
+from quietscope.predict import PredictOptions, method_halo, predict, predict_tile, predict_whole
+
+TOL = 1e-4  # in normalised units (std 20 below)
+
+
+def _whole(model_path, data):
+    method, _ = load_model(model_path)
+    halo = method_halo(method)
+    arr = data[None] if data.ndim == len(halo) else data
+    return predict_whole(lambda t: predict_tile(method, t), arr, halo, method.downsampling_factor), halo
+
+
+@pytest.mark.parametrize(
+    "shape,chunks,block,method",
+    [
+        ((75, 93), (16, 32), (32, 32), "n2v"),
+        ((75, 93), (25, 31), (25, 62), "n2v"),  # chunks not a multiple of the pooling factor
+        ((64, 64), (64, 64), None, "n2v"),  # one block
+        ((61, 47), (20, 16), (20, 16), "n2v2"),
+    ],
+)
+def test_chunked_equals_whole_2d(tmp_path, shape, chunks, block, method):
+    rng = np.random.default_rng(1)
+    data = (100 + 20 * rng.standard_normal(shape)).astype(np.float32)
+    src = write_zarr_array(tmp_path / "in.zarr", data, (32, 32))
+    model = random_model(tmp_path / "m.qs", 2, method=method)
+    out = tmp_path / "out.ome.zarr"
+    res = predict(model, src, out, PredictOptions(chunks=chunks, block=block, progress=False))
+    got = zarr.open_array(store=str(out / "0"), mode="r")[...]
+    ref, halo = _whole(model, data)
+    assert got.shape == shape
+    assert res.halo == halo and all(h > 0 for h in halo)
+    assert res.n_blocks > 1 or block is None
+    assert np.abs(got - ref[0]).max() / 20 <= TOL
+
+
+@pytest.mark.parametrize("shape,chunks,block", [((13, 37, 29), (8, 16, 16), (8, 16, 16)), ((9, 20, 24), (5, 10, 12), (5, 20, 12))])
+def test_chunked_equals_whole_3d(tmp_path, shape, chunks, block):
+    rng = np.random.default_rng(2)
+    data = (100 + 20 * rng.standard_normal(shape)).astype(np.float32)
+    src = write_ome(tmp_path / "in.ome.zarr", data, "zyx", (8, 16, 16))
+    model = random_model(tmp_path / "m.qs", 3, depth=1, filters=4)
+    out = tmp_path / "out.ome.zarr"
+    res = predict(model, src, out, PredictOptions(chunks=chunks, block=block, progress=False))
+    got = zarr.open_array(store=str(out / "0"), mode="r")[...]
+    ref, _ = _whole(model, data)
+    assert got.shape == shape and res.n_blocks > 1
+    assert np.abs(got - ref[0]).max() / 20 <= TOL
+
+
+def test_chunked_equals_whole_with_time_and_channels(tmp_path):
+    rng = np.random.default_rng(3)
+    data = (100 + 20 * rng.standard_normal((2, 2, 40, 36))).astype(np.float32)  # t c y x
+    src = write_ome(tmp_path / "in.ome.zarr", data, "tcyx", (1, 2, 16, 16))
+    model = random_model(tmp_path / "m.qs", 2, in_channels=2, depth=1)
+    out = tmp_path / "out.ome.zarr"
+    predict(model, src, out, PredictOptions(chunks=(16, 16), block=(16, 16), progress=False))
+    got = zarr.open_array(store=str(out / "0"), mode="r")[...]
+    assert got.shape == data.shape
+    for t in range(2):
+        ref, _ = _whole(model, data[t])
+        assert np.abs(got[t] - ref).max() / 20 <= TOL
+
+
+def test_integer_output_dtype_is_rounded_and_clipped(tmp_path):
+    rng = np.random.default_rng(4)
+    data = (100 + 20 * rng.standard_normal((40, 40))).astype(np.float32)
+    src = write_zarr_array(tmp_path / "in.zarr", data, (20, 20))
+    model = random_model(tmp_path / "m.qs", 2, depth=1)
+    out = tmp_path / "out.ome.zarr"
+    predict(model, src, out, PredictOptions(chunks=(20, 20), dtype="uint8", progress=False))
+    got = zarr.open_array(store=str(out / "0"), mode="r")[...]
+    ref, _ = _whole(model, data)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, np.clip(np.rint(ref[0]), 0, 255).astype(np.uint8))
+
+
+def test_resume_finishes_missing_blocks_identically(tmp_path):
+    rng = np.random.default_rng(5)
+    data = (100 + 20 * rng.standard_normal((64, 80))).astype(np.float32)
+    src = write_zarr_array(tmp_path / "in.zarr", data, (16, 16))
+    model = random_model(tmp_path / "m.qs", 2, depth=1)
+    out = tmp_path / "out.ome.zarr"
+    opts = PredictOptions(chunks=(16, 16), block=(16, 16), progress=False)
+    predict(model, src, out, opts)
+    full = {k: zarr.open_array(store=str(out / k), mode="r")[...] for k in ("0", "1")}
+    # Simulate a crash: some blocks were never written (no ledger marker, no pixels).
+    done = sorted((out / ".quietscope" / "done").iterdir())
+    lost = done[::3]
+    z0 = zarr.open_array(store=str(out / "0"), mode="r+")
+    for marker in lost:
+        t, i, j = marker.name[1:].split("_")
+        z0[int(i) * 16 : int(i) * 16 + 16, int(j) * 16 : int(j) * 16 + 16] = 0
+        marker.unlink()
+    res = predict(model, src, out, opts.model_copy(update={"resume": True}))
+    assert res.n_done_before == len(done) - len(lost)
+    for k, ref in full.items():
+        np.testing.assert_array_equal(zarr.open_array(store=str(out / k), mode="r")[...], ref)
+
+
+def test_resume_of_a_finished_job_predicts_nothing(tmp_path):
+    data = np.full((32, 32), 100, np.float32)
+    src = write_zarr_array(tmp_path / "in.zarr", data, (16, 16))
+    model = random_model(tmp_path / "m.qs", 2, depth=1)
+    out = tmp_path / "out.ome.zarr"
+    opts = PredictOptions(chunks=(16, 16), block=(16, 16), progress=False)
+    predict(model, src, out, opts)
+    res = predict(model, src, out, opts.model_copy(update={"resume": True}))
+    assert res.n_done_before == res.n_blocks == 4 and res.voxels_per_s == 0.0
+
+
+def test_halo_is_measured_not_declared(tmp_path):
+    shallow = random_model(tmp_path / "a.qs", 2, depth=1)
+    deep = random_model(tmp_path / "b.qs", 2, depth=3)
+    h1 = method_halo(load_model(shallow)[0])
+    h3 = method_halo(load_model(deep)[0])
+    assert h1[0] % 2 == 0 and h3[0] % 8 == 0
+    assert h3[0] > 2 * h1[0]

@@ -1,0 +1,101 @@
+"""N2V learns to denoise within the test budget; training resumes exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from helpers import write_ome
+from quietscope.metrics import psnr
+from quietscope.modelfile import load_model, read_manifest
+from quietscope.predict import PredictOptions, predict
+from quietscope.sample_data import real_clean_2d
+from quietscope.simulate import poisson_gaussian
+from quietscope.training.run import train_model
+
+N2V = {"method": "n2v", "net": {"depth": 2, "filters": 16}, "masked_pixel_percentage": 2.0}
+
+
+@pytest.mark.slow
+def test_n2v_on_real_image_gains_3db(tmp_path):
+    real = real_clean_2d(160)
+    if real is None:
+        pytest.skip("shared/data not found (../shared/data/bpae): the real-image quality test needs it")
+    clean, _ = real
+    noisy = poisson_gaussian(clean, 0.25 * 100 / float(clean.mean()), 0.1, float(clean.std()), seed=0)
+    src = write_ome(tmp_path / "noisy.ome.zarr", noisy, "yx", (64, 64))
+    train_model(src, tmp_path / "m.qs", N2V,
+                {"patch": (64,), "batch": 16, "steps": 150, "lr": 1e-3, "val_every": 50, "pool_size": 128}, progress=False)
+    predict(tmp_path / "m.qs", src, tmp_path / "d.ome.zarr", PredictOptions(chunks=(64, 64), block=(64, 64), progress=False))
+    denoised = zarr.open_array(store=str(tmp_path / "d.ome.zarr" / "0"), mode="r")[...]
+    before, after = psnr(noisy, clean), psnr(denoised, clean)
+    assert after >= before + 3.0, (before, after)
+    m = read_manifest(tmp_path / "m.qs")
+    assert m["best_val_loss"] is not None and m["data_stats"]["mean"][0] == pytest.approx(noisy.mean(), rel=0.2)
+    assert (tmp_path / "m.learning_curve.png").stat().st_size > 1000
+
+
+def test_interrupted_training_resumes_to_identical_weights(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    src = write_ome(tmp_path / "in.ome.zarr", (100 + 10 * rng.standard_normal((48, 48))).astype(np.float32), "yx", (16, 16))
+    cfg = {"method": "n2v", "net": {"depth": 1, "filters": 4}}
+    opts = {"patch": (16,), "batch": 2, "steps": 12, "checkpoint_every": 4, "val_every": 3, "pool_size": 8}
+    train_model(src, tmp_path / "straight.qs", cfg, opts, progress=False)
+
+    calls = {"n": 0}
+    from quietscope.methods.n2v import N2V
+
+    original = N2V.training_loss
+
+    def dying(self, batch, gen):
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 7:  # killed after a checkpoint at step 4, mid-way to the next
+                raise KeyboardInterrupt
+        return original(self, batch, gen)
+
+    monkeypatch.setattr(N2V, "training_loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(src, tmp_path / "resumed.qs", cfg, opts, progress=False)
+    monkeypatch.setattr(N2V, "training_loss", original)
+    assert (tmp_path / "resumed.qs.ckpt").exists() and not (tmp_path / "resumed.qs").exists()
+    train_model(src, tmp_path / "resumed.qs", cfg, opts, resume=True, progress=False)
+    a, _ = load_model(tmp_path / "straight.qs")
+    b, _ = load_model(tmp_path / "resumed.qs")
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), k
+    assert read_manifest(tmp_path / "resumed.qs")["history"] == read_manifest(tmp_path / "straight.qs")["history"]
+
+
+def test_validation_patches_are_held_apart():
+    from quietscope.training.sampler import split_train_val
+
+    train, val = split_train_val((100, 300), (32, 32), 0.1)
+    assert train.stop[1] == val.start[1] and val.stop == (100, 300)
+    assert val.shape[1] >= 32 and train.shape[1] >= 32
+
+
+def test_3d_patches_and_foreground_bias(tmp_path):
+    from quietscope.io import open_image
+    from quietscope.training.sampler import PatchSampler
+
+    vol = np.zeros((16, 64, 64), np.float32)
+    vol[:, 40:, 40:] = 100.0  # one bright corner
+    src = write_ome(tmp_path / "v.ome.zarr", vol, "zyx", (8, 32, 32))
+    img = open_image(src)
+    rng = np.random.default_rng(0)
+    plain = PatchSampler(img, (8, 16, 16), augment=False).sample(64, rng)
+    biased = PatchSampler(img, (8, 16, 16), foreground=1.0, threshold=1.0, augment=False).sample(64, rng)
+    assert plain.shape == (64, 1, 8, 16, 16)
+    assert (biased.mean(axis=(1, 2, 3, 4)) > 1.0).mean() > 0.9 > (plain.mean(axis=(1, 2, 3, 4)) > 1.0).mean()
+
+
+def test_patches_near_the_end_of_an_unaligned_volume_are_full_size(tmp_path):
+    from quietscope.io import open_image
+    from quietscope.training.sampler import PatchSampler
+
+    src = write_ome(tmp_path / "u.ome.zarr", np.ones((77, 91), np.float32), "yx", (32, 32))
+    patches = PatchSampler(open_image(src), (32, 32)).sample(200, np.random.default_rng(0))
+    assert patches.shape == (200, 1, 32, 32)

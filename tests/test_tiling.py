@@ -1,0 +1,87 @@
+"""Pure shape arithmetic of chunked prediction (no torch, no dask)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from quietscope.tiling import (
+    choose_block_shape,
+    halo_factor,
+    halo_from_radius,
+    plan_blocks,
+    read_window,
+    reflect_indices,
+    trim_slices,
+    whole_window,
+)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 10])
+@pytest.mark.parametrize("pad", [0, 1, 5, 23])
+def test_reflect_indices_match_numpy_pad(n, pad):
+    a = np.arange(n) * 10
+    expected = np.pad(a, (pad, pad + 3), mode="reflect") if n > 1 else np.pad(a, (pad, pad + 3), mode="edge")
+    got = a[reflect_indices(-pad, n + pad + 3, n)]
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("shape,block", [((100,), (32,)), ((37, 50), (16, 24)), ((5, 33, 17), (2, 16, 16))])
+def test_blocks_cover_volume_exactly_once(shape, block):
+    cover = np.zeros(shape, int)
+    for b in plan_blocks(shape, block):
+        cover[b.slices()] += 1
+        assert all(s <= bs for s, bs in zip(b.shape, block))
+    assert (cover == 1).all()
+
+
+@pytest.mark.parametrize("start,stop,halo,factor", [((0,), (32,), (8,), 4), ((40, 3), (64, 29), (12, 6), 8), ((5,), (6,), (0,), 2)])
+def test_read_window_is_aligned_and_covers_halo(start, stop, halo, factor):
+    rstart, rstop = read_window(start, stop, halo, factor)
+    for a, b, h, ra, rb in zip(start, stop, halo, rstart, rstop):
+        assert ra % factor == 0 and rb % factor == 0
+        assert ra <= a - h and rb >= b + h
+        assert (a - h) - ra < factor and rb - (b + h) < factor
+
+
+def test_trim_slices_cut_block_out_of_window():
+    start, stop = (40, 3), (64, 29)
+    rstart, rstop = read_window(start, stop, (12, 6), 8)
+    window = np.arange(np.prod([b - a for a, b in zip(rstart, rstop)])).reshape([b - a for a, b in zip(rstart, rstop)])
+    cut = window[trim_slices(start, stop, rstart)]
+    assert cut.shape == (24, 26)
+    assert cut[0, 0] == window[start[0] - rstart[0], start[1] - rstart[1]]
+
+
+def test_whole_window_starts_at_minus_halo():
+    wstart, wstop = whole_window((37, 50), (8, 8), 4)
+    assert wstart == (-8, -8)
+    assert wstop[0] >= 37 + 8 and wstop[0] % 4 == 0
+
+
+def test_halo_rounded_up_to_factor():
+    assert halo_from_radius((21, 0, 8), 4) == (24, 0, 8)
+
+
+def test_block_choice_reaches_halo_target_in_2d_within_memory():
+    shape, chunks, halo = (4096, 4096), (256, 256), (24, 24)
+    block = choose_block_shape(shape, chunks, halo, max_voxels=1_500_000)
+    assert all(b % c == 0 for b, c in zip(block, chunks))
+    assert np.prod([b + 2 * h for b, h in zip(block, halo)]) <= 1_500_000
+    assert halo_factor(block, halo) <= 1.25
+
+
+def test_block_choice_respects_volume_and_memory_in_3d():
+    shape, chunks, halo = (64, 1024, 1024), (32, 128, 128), (24, 24, 24)
+    block = choose_block_shape(shape, chunks, halo, max_voxels=3_000_000)
+    assert np.prod([b + 2 * h for b, h in zip(block, halo)]) <= 3_000_000
+    assert block[0] <= 64
+    # The search stops only when no one-chunk growth fits in memory (or the volume) and helps.
+    for ax in range(3):
+        bigger = list(block)
+        bigger[ax] += chunks[ax]
+        over_memory = np.prod([b + 2 * h for b, h in zip(bigger, halo)]) > 3_000_000
+        beyond_volume = block[ax] >= shape[ax]
+        assert over_memory or beyond_volume
