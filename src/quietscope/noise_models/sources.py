@@ -1,0 +1,481 @@
+"""Fit a noise model from images on disk: a calibration stack, noisy/clean pairs, or a trained
+denoiser's prediction of the data itself ("bootstrapping", Prakash et al. 2020).
+
+The images are opened lazily (:func:`quietscope.io.open_image`) and at most ``max_pairs``
+``(signal, observation)`` pixels are sampled from them, so that an image of any size gives a
+noise model in bounded memory and time. The only full passes over the data are the ones the
+source needs: the pixel-wise mean of a calibration stack, and the chunked prediction of the
+data for bootstrapping.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from quietscope.errors import ConfigError, InputError
+from quietscope.io.reading import Image, open_image
+from quietscope.noise_models.base import NoiseModel
+from quietscope.noise_models.gmm import fit_gmm
+from quietscope.noise_models.histogram import fit_histogram
+from quietscope.noise_models.pairs import pairs_from_paired, pairs_from_prediction
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_MAX_PAIRS",
+    "bootstrap",
+    "bootstrap_pairs",
+    "calibration_pairs",
+    "data_range",
+    "fit_from_calibration",
+    "fit_from_pairs",
+    "fit_noise_model",
+    "paired_pairs",
+    "sample_pairs",
+]
+
+#: Pairs sampled from big data by default: enough for a 256-bin histogram or a 3-component
+#: GMM (PPN2V fits on ~10^6 pixels), a few MB of memory.
+DEFAULT_MAX_PAIRS = 1_000_000
+
+#: Region read at a time when sampling: whole chunks are cheap to read, single pixels are not.
+_TILE_2D = (256, 256)
+_TILE_3D = (16, 128, 128)
+
+Kind = Literal["gmm", "histogram"]
+
+
+# ---- fitting -----------------------------------------------------------------------------
+def fit_noise_model(
+    signal: np.ndarray,
+    observation: np.ndarray,
+    kind: Kind = "gmm",
+    *,
+    n_gaussian: int = 3,
+    n_coeff: int = 2,
+    bins: int = 256,
+    n_iterations: int = 2000,
+    seed: int = 0,
+) -> NoiseModel:
+    """Fit a noise model of ``kind`` to ``(signal, observation)`` pairs.
+
+    Parameters
+    ----------
+    signal, observation : np.ndarray
+        Flat arrays of equal length, raw units.
+    kind : {"gmm", "histogram"}
+        Gaussian mixture (PPN2V, smooth, few parameters) or 2D histogram (PN2V, needs many
+        pairs but assumes no shape).
+    n_gaussian, n_coeff, n_iterations : int
+        GMM components, polynomial coefficients per parameter, optimisation steps.
+    bins : int
+        Histogram bins per axis.
+    seed : int
+        Seeds the GMM fit.
+
+    Returns
+    -------
+    NoiseModel
+    """
+    if kind == "gmm":
+        return fit_gmm(signal, observation, n_gaussian, n_coeff, n_iterations=n_iterations, seed=seed)
+    if kind == "histogram":
+        return fit_histogram(signal, observation, bins=bins)
+    raise ConfigError(f"noise model kind {kind!r} is unknown; use gmm or histogram")
+
+
+def _finish(
+    s: np.ndarray, x: np.ndarray, kind: Kind, plot_path: str | Path | None, fit: dict[str, Any]
+) -> NoiseModel:
+    log.info("fitting a %s noise model on %d pairs (signal %.6g..%.6g)", kind, s.size, s.min(), s.max())
+    model = fit_noise_model(s, x, kind, **fit)
+    if plot_path is not None:
+        from quietscope.noise_models.plot import plot_noise_model
+
+        plot_noise_model(model, s, x, path=plot_path)
+    return model
+
+
+# ---- lazy sampling -----------------------------------------------------------------------
+def _channel(image: Image, channel: int | None, where: str) -> int:
+    n = image.n_channels
+    if channel is None:
+        if n > 1:
+            raise ConfigError(
+                f"{where} has {n} channels; choose the one to fit with --channel (0..{n - 1})"
+            )
+        return 0
+    if not 0 <= channel < n:
+        raise ConfigError(f"--channel {channel} does not exist in {where}: it has channels 0..{n - 1}")
+    return channel
+
+
+def _stack(image: Image, channel: int) -> Any:
+    """Dask view ``(T, *spatial)`` of one channel (``T = 1`` without a time axis)."""
+    arr = image.data[tuple(channel if a == "c" else slice(None) for a in image.axes)]
+    return arr if "t" in image.axes else arr[None]
+
+
+def _regions(
+    shape: tuple[int, ...], budget: int, rng: np.random.Generator
+) -> list[tuple[slice, ...]]:
+    """Regions ``(t, *spatial)`` of a ``(T, *spatial)`` array covering about ``budget`` voxels.
+
+    All of it when it holds no more; else whole tiles of a regular grid drawn at random
+    without replacement (reading tiles, not scattered pixels, keeps I/O chunk-sized).
+    """
+    if math.prod(shape) <= budget:
+        return [tuple(slice(0, s) for s in shape)]
+    spatial = shape[1:]
+    base = _TILE_2D if len(spatial) == 2 else _TILE_3D
+    tile = tuple(min(b, s) for b, s in zip(base, spatial))
+    grid = (shape[0],) + tuple(-(-s // t) for s, t in zip(spatial, tile))
+    n_tiles = math.prod(grid)
+    want = min(n_tiles, max(1, -(-budget // math.prod(tile))))
+    picks = rng.choice(n_tiles, size=want, replace=False)
+    out = []
+    for flat in np.sort(picks):
+        idx = np.unravel_index(int(flat), grid)
+        sl = [slice(int(idx[0]), int(idx[0]) + 1)]
+        for i, t, s in zip(idx[1:], tile, spatial):
+            sl.append(slice(int(i) * t, min(int(i) * t + t, s)))
+        out.append(tuple(sl))
+    return out
+
+
+def _subsample(
+    s: np.ndarray, x: np.ndarray, max_pairs: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    if s.size <= max_pairs:
+        return s, x
+    keep = rng.choice(s.size, size=int(max_pairs), replace=False)
+    return s[keep], x[keep]
+
+
+def _check_max_pairs(max_pairs: int) -> None:
+    if int(max_pairs) != max_pairs or max_pairs < 100:
+        raise ConfigError(f"max_pairs={max_pairs} is invalid; use an integer >= 100 (default 10^6)")
+
+
+def sample_pairs(
+    signal_uri: str | Path,
+    noisy_uri: str | Path,
+    *,
+    max_pairs: int = DEFAULT_MAX_PAIRS,
+    channel: int | None = None,
+    signal_channel: int | None = None,
+    axes: str | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read matching ``(signal, observation)`` pixels from two images of the same shape.
+
+    ``signal_uri`` may also hold one time point for a noisy time series (a clean image of a
+    static sample recorded many times). At most about ``max_pairs`` pixels are read.
+
+    Parameters
+    ----------
+    signal_uri, noisy_uri : str or Path
+        Clean (or pseudo-clean) image and its noisy counterpart.
+    max_pairs : int
+        Upper bound on the pairs returned.
+    channel : int, optional
+        Channel of the noisy image (required when it has several).
+    signal_channel : int, optional
+        Channel of the signal image; default ``channel``, or 0 when the signal has one.
+    axes : str, optional
+        Axes of both images when their metadata lacks them.
+    seed : int
+        Seeds the choice of regions.
+
+    Returns
+    -------
+    s, x : np.ndarray
+        Flat float32 arrays.
+    """
+    _check_max_pairs(max_pairs)
+    return _pairs_from_images(
+        open_image(signal_uri, axes=axes), open_image(noisy_uri, axes=axes),
+        max_pairs, channel, signal_channel, seed,
+    )
+
+
+def _pairs_from_images(
+    clean: Image,
+    noisy: Image,
+    max_pairs: int,
+    channel: int | None,
+    signal_channel: int | None,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    c_noisy = _channel(noisy, channel, f"noisy image {noisy.ref.uri!r}")
+    if signal_channel is None:
+        signal_channel = 0 if clean.n_channels == 1 else c_noisy
+    c_clean = _channel(clean, signal_channel, f"clean image {clean.ref.uri!r}")
+    xs, ss = _stack(noisy, c_noisy), _stack(clean, c_clean)
+    if ss.shape[1:] != xs.shape[1:] or ss.shape[0] not in (1, xs.shape[0]):
+        raise InputError(
+            f"noisy image {noisy.ref.uri!r} has shape {noisy.shape} ({noisy.axes}) but clean "
+            f"image {clean.ref.uri!r} has shape {clean.shape} ({clean.axes}); pass images of the "
+            "same shape (or one clean image for a noisy time series)"
+        )
+    rng = np.random.default_rng(seed)
+    s_parts, x_parts = [], []
+    for region in _regions(tuple(xs.shape), 2 * max_pairs, rng):
+        x = np.asarray(xs[region].compute())
+        s_region = region if ss.shape[0] > 1 else (slice(0, 1),) + region[1:]
+        s = np.asarray(ss[s_region].compute())
+        s, x = pairs_from_paired(x, np.broadcast_to(s, x.shape))
+        s_parts.append(s)
+        x_parts.append(x)
+    return _subsample(np.concatenate(s_parts), np.concatenate(x_parts), max_pairs, rng)
+
+
+def data_range(
+    uri: str | Path,
+    *,
+    max_pairs: int = DEFAULT_MAX_PAIRS,
+    channel: int | None = None,
+    axes: str | None = None,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Smallest and largest value of one channel of an image, from about ``max_pairs``
+    sampled pixels (exact when the image holds no more), for
+    :meth:`~quietscope.noise_models.base.NoiseModel.check_range`."""
+    _check_max_pairs(max_pairs)
+    image = open_image(uri, axes=axes)
+    arr = _stack(image, _channel(image, channel, f"image {str(uri)!r}"))
+    lo, hi = math.inf, -math.inf
+    for region in _regions(tuple(arr.shape), max_pairs, np.random.default_rng(seed)):
+        block = np.asarray(arr[region].compute())
+        lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+    return lo, hi
+
+
+# ---- the three sources -------------------------------------------------------------------
+def calibration_pairs(
+    stack_uri: str | Path,
+    *,
+    stack_axis: Literal["t", "z"] | None = None,
+    max_pairs: int = DEFAULT_MAX_PAIRS,
+    channel: int | None = None,
+    axes: str | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs from a calibration stack: many noisy images of one static sample.
+
+    The signal of a pixel is its mean over the stack (one lazy pass over the data); the
+    observations are a random subset of the stack's images.
+
+    Parameters
+    ----------
+    stack_uri : str or Path
+        The stack (TIFF, zarr or OME-Zarr).
+    stack_axis : {"t", "z"}, optional
+        Axis along which the images are stacked; default ``t`` when the data has a time
+        axis, else ``z`` (a ``zyx`` TIFF of 2D frames).
+    max_pairs, channel, axes, seed
+        As in :func:`sample_pairs`.
+
+    Returns
+    -------
+    s, x : np.ndarray
+        Flat float32 arrays.
+    """
+    _check_max_pairs(max_pairs)
+    image = open_image(stack_uri, axes=axes)
+    where = f"calibration stack {str(stack_uri)!r}"
+    c = _channel(image, channel, where)
+    if stack_axis is None:
+        stack_axis = "t" if "t" in image.axes else "z"
+        if stack_axis not in image.axes:
+            raise InputError(
+                f"{where} is a single {image.axes} image; a calibration stack needs ≥2 (ideally "
+                "≥50) noisy images of a static sample, stacked along t or z"
+            )
+    if stack_axis not in image.axes:
+        raise InputError(
+            f"{where} has axes {image.axes!r}, without the stack axis {stack_axis!r}; stack the "
+            "noisy images along t or z (or pass --axes, e.g. --axes tyx)"
+        )
+    arr = image.data[tuple(c if a == "c" else slice(None) for a in image.axes)]
+    kept = [a for a in image.axes if a != "c"]
+    arr = arr.transpose([kept.index(stack_axis)] + [i for i, a in enumerate(kept) if a != stack_axis])
+    n = int(arr.shape[0])
+    if n < 2:
+        raise InputError(
+            f"{where} holds {n} image along {stack_axis}; a calibration stack needs ≥2 (ideally "
+            "≥50) noisy images of a static sample"
+        )
+    log.info("calibration stack %s: %d images of %s along %s", stack_uri, n, arr.shape[1:], stack_axis)
+    signal = np.asarray(arr.astype(np.float64).mean(axis=0).compute(), dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    per_image = signal.size
+    n_images = min(n, max(2, -(-2 * max_pairs // per_image)))
+    picks = np.sort(rng.choice(n, size=n_images, replace=False))
+    frames = np.asarray(arr[picks].compute())
+    # Paired with the mean of the *whole* stack (pairs_from_calibration would average only
+    # the frames read here), as PN2V's calibration protocol does.
+    s, x = pairs_from_paired(frames, signal)
+    return _subsample(s, x, max_pairs, rng)
+
+
+def paired_pairs(
+    noisy_uri: str | Path,
+    clean_uri: str | Path,
+    *,
+    max_pairs: int = DEFAULT_MAX_PAIRS,
+    channel: int | None = None,
+    axes: str | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs from noisy images and their clean (ground-truth) counterpart; see :func:`sample_pairs`."""
+    return sample_pairs(clean_uri, noisy_uri, max_pairs=max_pairs, channel=channel, axes=axes, seed=seed)
+
+
+def bootstrap_pairs(
+    model_path: str | Path,
+    data_uri: str | Path,
+    *,
+    max_pairs: int = DEFAULT_MAX_PAIRS,
+    channel: int | None = None,
+    axes: str | None = None,
+    clip_percentile: float = 0.5,
+    work_dir: str | Path | None = None,
+    predict_options: Any = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrapped pairs: a trained denoiser's prediction of DATA as pseudo-signal.
+
+    DATA is predicted through the chunked pipeline (:func:`quietscope.predict.predict`) into a
+    temporary OME-Zarr, so data of any size works; pairs are then sampled from prediction and
+    data, and those whose pseudo-signal lies in the lowest or highest ``clip_percentile``
+    percent are dropped (:func:`~quietscope.noise_models.pairs_from_prediction`).
+
+    Parameters
+    ----------
+    model_path : str or Path
+        A model file (``quietscope train``, e.g. ``--method n2v``).
+    data_uri : str or Path
+        The noisy data the noise model is for.
+    max_pairs, channel, axes, seed
+        As in :func:`sample_pairs`.
+    clip_percentile : float
+        Percent of pairs dropped at each end of the pseudo-signal range.
+    work_dir : str or Path, optional
+        Where the temporary prediction is written (default: the system's temporary folder);
+        it needs room for one float32 copy of DATA and is removed afterwards.
+    predict_options : quietscope.predict.PredictOptions, optional
+        Options of the prediction (device, tile size, threads, ...).
+
+    Returns
+    -------
+    s, x : np.ndarray
+        Flat float32 arrays.
+    """
+    from quietscope.predict import PredictOptions, predict
+
+    _check_max_pairs(max_pairs)
+    opts = predict_options or PredictOptions()
+    opts = opts.model_copy(update={"n_levels": 1, "overwrite": True, "resume": False, "dtype": "float32"})
+    tmp = Path(tempfile.mkdtemp(prefix="quietscope-bootstrap-", dir=None if work_dir is None else str(work_dir)))
+    try:
+        out = tmp / "prediction.ome.zarr"
+        log.info("bootstrapping: predicting %s with %s into %s", data_uri, model_path, out)
+        predict(model_path, data_uri, out, opts, axes=axes)
+        # The prediction's OME-Zarr carries its own axes; only the data may need --axes.
+        s, x = _pairs_from_images(open_image(out), open_image(data_uri, axes=axes), max_pairs, channel, None, seed)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return pairs_from_prediction(s, x, clip_percentile)
+
+
+def fit_from_calibration(
+    stack_uri: str | Path,
+    kind: Kind = "gmm",
+    *,
+    stack_axis: Literal["t", "z"] | None = None,
+    max_pairs: int = DEFAULT_MAX_PAIRS,
+    channel: int | None = None,
+    axes: str | None = None,
+    plot_path: str | Path | None = None,
+    seed: int = 0,
+    **fit: Any,
+) -> NoiseModel:
+    """Fit a noise model on a calibration stack (signal = pixel-wise mean of the stack).
+
+    Parameters
+    ----------
+    stack_uri : str or Path
+        Noisy images of a static sample stacked along t (or z).
+    kind : {"gmm", "histogram"}
+        Model kind (default GMM with 3 components, linear in the signal).
+    stack_axis, max_pairs, channel, axes, seed
+        See :func:`calibration_pairs`.
+    plot_path : str or Path, optional
+        Also write :func:`~quietscope.noise_models.plot_noise_model`'s PNG with the pairs.
+    **fit
+        ``n_gaussian``, ``n_coeff``, ``bins``, ``n_iterations`` of :func:`fit_noise_model`.
+
+    Returns
+    -------
+    NoiseModel
+    """
+    s, x = calibration_pairs(
+        stack_uri, stack_axis=stack_axis, max_pairs=max_pairs, channel=channel, axes=axes, seed=seed
+    )
+    return _finish(s, x, kind, plot_path, {"seed": seed, **fit})
+
+
+def fit_from_pairs(
+    noisy_uri: str | Path,
+    clean_uri: str | Path,
+    kind: Kind = "gmm",
+    *,
+    max_pairs: int = DEFAULT_MAX_PAIRS,
+    channel: int | None = None,
+    axes: str | None = None,
+    plot_path: str | Path | None = None,
+    seed: int = 0,
+    **fit: Any,
+) -> NoiseModel:
+    """Fit a noise model on noisy images and their clean counterpart (same shape).
+
+    Parameters are as in :func:`fit_from_calibration`; see :func:`paired_pairs`.
+    """
+    s, x = paired_pairs(noisy_uri, clean_uri, max_pairs=max_pairs, channel=channel, axes=axes, seed=seed)
+    return _finish(s, x, kind, plot_path, {"seed": seed, **fit})
+
+
+def bootstrap(
+    model_path: str | Path,
+    data_uri: str | Path,
+    kind: Kind = "gmm",
+    *,
+    max_pairs: int = DEFAULT_MAX_PAIRS,
+    channel: int | None = None,
+    axes: str | None = None,
+    clip_percentile: float = 0.5,
+    work_dir: str | Path | None = None,
+    predict_options: Any = None,
+    plot_path: str | Path | None = None,
+    seed: int = 0,
+    **fit: Any,
+) -> NoiseModel:
+    """Fit a noise model on DATA with a trained denoiser's prediction as pseudo-signal.
+
+    For data without a calibration stack or clean images: train N2V on DATA
+    (``quietscope train DATA --method n2v``), then bootstrap a noise model for PN2V from it.
+    Parameters are as in :func:`bootstrap_pairs` and :func:`fit_from_calibration`.
+    """
+    s, x = bootstrap_pairs(
+        model_path, data_uri, max_pairs=max_pairs, channel=channel, axes=axes,
+        clip_percentile=clip_percentile, work_dir=work_dir, predict_options=predict_options, seed=seed,
+    )
+    return _finish(s, x, kind, plot_path, {"seed": seed, **fit})
