@@ -28,6 +28,7 @@ from quietscope.io.reading import Image, open_image
 from quietscope.io.validation import check_finite_sample
 from quietscope.io.writing import (
     OutputSpec,
+    block_local_levels,
     build_pyramid,
     check_output_path,
     create_ome_zarr,
@@ -36,13 +37,12 @@ from quietscope.io.writing import (
     write_tiff,
 )
 from quietscope.runner.cluster import cpu_count, dask_client
-from quietscope.runner.executor import JobSpec, ProcessorFactory, run_blocks, tasks_for
+from quietscope.runner.executor import JobSpec, ProcessorFactory, count_blocks, iter_tasks, run_blocks
 from quietscope.runner.ledger import Ledger
 from quietscope.tiling import (
     choose_block_shape,
     halo_factor,
     halo_from_radius,
-    plan_blocks,
     round_up,
     whole_window,
 )
@@ -69,6 +69,13 @@ class PredictOptions(BaseModel):
     n_levels: int | None = Field(None, ge=1, le=12)
     shards: tuple[int, ...] | None = None
     progress: bool = True
+    cluster: str = Field("local", pattern="^(local|slurm)$", description="local (this machine) or slurm (dask-jobqueue)")
+    workers: int | None = Field(None, ge=1, description="local: worker processes; slurm: jobs (one GPU each)")
+    cluster_profile: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    stream_pyramid: bool = True
 
     @field_validator("dtype")
     @classmethod
@@ -170,6 +177,29 @@ def default_chunks(image: Image) -> tuple[int, ...]:
     return tuple(min(b, s) for b, s in zip(base, spatial))
 
 
+def input_windows(image: Image, n_out: int, n_regions: int = 8, seed: int = 0) -> list[tuple[float, float]]:
+    """Display windows (0.1 and 99.9 percentiles) from a few chunk-sized regions of the input,
+    written to ``omero`` before the first block so viewers do not auto-scale on empty data."""
+    rng = np.random.default_rng(seed)
+    spatial = image.spatial_shape
+    ch = default_chunks(image)
+    samples = []
+    for _ in range(n_regions):
+        origin = [int(rng.integers(0, max(1, s - c + 1))) for s, c in zip(spatial, ch)]
+        t = int(rng.integers(image.n_timepoints))
+        region = image.read_tc(t, tuple(slice(o, o + c) for o, c in zip(origin, ch)))
+        samples.append(region.reshape(region.shape[0], -1).astype(np.float64))
+    data = np.concatenate(samples, axis=1)
+    data = data[:, np.isfinite(data).all(axis=0)]
+    if data.size == 0:
+        return [(0.0, 1.0)] * n_out
+    per_c = [(float(np.percentile(c, 0.1)), float(np.percentile(c, 99.9))) for c in data]
+    if n_out == len(per_c):
+        return per_c
+    lo, hi = min(w[0] for w in per_c), max(w[1] for w in per_c)
+    return [(lo, hi)] * n_out
+
+
 def run_prediction(
     image: Image,
     output: str | Path,
@@ -195,6 +225,8 @@ def run_prediction(
         raise ConfigError("--chunks values must be positive")
     chunks = tuple(min(c, s) for c, s in zip(chunks, spatial))
     if options.shards:
+        if options.ngff != "0.5" or as_tiff:
+            raise ConfigError("--shards needs zarr v3: use --ngff 0.5 and an .ome.zarr output")
         if len(options.shards) != len(spatial) or any(s % c for s, c in zip(options.shards, chunks)):
             raise ConfigError(f"--shards {options.shards} must have one value per spatial axis, each a multiple of --chunks {chunks}")
     align = tuple(options.shards) if options.shards else chunks
@@ -204,7 +236,7 @@ def run_prediction(
             raise ConfigError(f"--block {block} must have one value per spatial axis, each a multiple of {align} (chunks/shards)")
     else:
         block = choose_block_shape(spatial, align, halo, options.max_tile_voxels)
-    blocks = plan_blocks(spatial, block)
+    n_blocks = count_blocks(spatial, block)  # the plan itself stays lazy (iter_tasks)
     n_t = image.n_timepoints
     hf = halo_factor(tuple(min(b, s) for b, s in zip(block, spatial)), halo)
 
@@ -220,6 +252,8 @@ def run_prediction(
     scale_map = dict(zip(image.axes, image.scale))
     unit_map = dict(zip(image.axes, image.units))
 
+    if channel_windows is None:
+        channel_windows = input_windows(image, n_out)
     target = output
     tmpdir = None
     if as_tiff:
@@ -258,7 +292,7 @@ def run_prediction(
     if not as_tiff and options.resume and Path(target).exists():
         ledger.check_same_job(job_record)
         done = ledger.done()
-        log.info("resuming %s: %d of %d blocks already done", target, len(done), len(blocks) * n_t)
+        log.info("resuming %s: %d of %d blocks already done", target, len(done), n_blocks * n_t)
     else:
         if not as_tiff:
             check_output_path(output, [image.ref.uri], options.overwrite)
@@ -272,31 +306,46 @@ def run_prediction(
         "%d blocks x %d time points; halo factor %.3f; output %s %s NGFF %s, %d levels",
         dict(zip(sp_axes, halo)), factor, dict(zip(sp_axes, block)),
         "x".join(str(-(-b // c)) for b, c in zip(block, chunks)), chunks,
-        len(blocks), n_t, hf, options.dtype, out_axes, options.ngff, spec.n_levels,
+        n_blocks, n_t, hf, options.dtype, out_axes, options.ngff, spec.n_levels,
     )
+    block_out = tuple(1 if a == "t" else n_out if a == "c" else block[sp_axes.index(a)] for a in out_axes)
+    local_levels = block_local_levels(spec, block_out) if options.stream_pyramid else 0
+    if spec.n_levels and spec.n_levels > 1:
+        log.info("pyramid: levels 1..%d written by each block as it finishes%s", local_levels,
+                 f"; levels {local_levels + 1}..{spec.n_levels - 1} built after level 0 (blocks not aligned to 2^k x chunks there)"
+                 if local_levels < spec.n_levels - 1 else "")
     job = JobSpec(
         input=image.ref, output=target, out_axes=out_axes, out_dtype=options.dtype,
         halo=halo, factor=factor, processor=factory.token,
+        local_levels=local_levels, level_shapes=tuple(spec.level_shapes()),
     )
-    n_tasks = len(blocks) * n_t - len(done)
+    n_tasks = n_blocks * n_t - len(done)
     result = PredictResult(
-        output=output, halo=halo, block=block, chunks=chunks, n_blocks=len(blocks) * n_t,
+        output=output, halo=halo, block=block, chunks=chunks, n_blocks=n_blocks * n_t,
         n_done_before=len(done), halo_factor=hf,
     )
-    with dask_client(options.scheduler, options.threads) as client:
+    result.extra["local_levels"] = local_levels
+    need_pyramid = bool(spec.n_levels and spec.n_levels - 1 > local_levels)
+    if n_tasks == 0 and ledger.job().get("complete"):
+        log.info("all %d blocks already done and the pyramid is complete; nothing to do", n_blocks * n_t)
+        return result
+    with dask_client(
+        options.scheduler, options.threads, cluster=options.cluster, workers=options.workers,
+        profile=options.cluster_profile, tls_ca=options.tls_ca, tls_cert=options.tls_cert, tls_key=options.tls_key,
+    ) as client:
         if n_tasks > 0:
             stats = run_blocks(
-                client, job, factory, tasks_for(blocks, n_t, done), n_tasks,
+                client, job, factory, iter_tasks(spatial, block, n_t, done), n_tasks,
                 max_in_flight=options.max_in_flight, progress=options.progress,
             )
             result.seconds_level0 = stats["seconds"]
             result.voxels_per_s = stats["voxels_per_s"]
             log.info("level 0: %d blocks in %.1f s (%.3g voxel/s)", n_tasks, stats["seconds"], stats["voxels_per_s"])
         else:
-            log.info("all %d blocks already done; nothing to predict", len(blocks) * n_t)
+            log.info("all %d blocks already done; nothing to predict", n_blocks * n_t)
         t0 = time.perf_counter()
-        if spec.n_levels and spec.n_levels > 1 and (n_tasks > 0 or not ledger.job().get("complete")):
-            build_pyramid(spec, client)
+        if need_pyramid:
+            build_pyramid(spec, client, start_level=local_levels + 1)
         result.seconds_pyramid = time.perf_counter() - t0
     ledger.set_complete(True)
     if as_tiff:

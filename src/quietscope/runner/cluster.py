@@ -1,15 +1,33 @@
-"""Getting a dask ``Client``: an in-process local cluster by default, or an existing scheduler."""
+"""Getting a dask ``Client``: in-process (default), local worker processes, SLURM, or an address.
+
+* ``cluster="local"``, ``workers=None``: one in-process worker (threads), as cheap as it gets.
+* ``cluster="local"``, ``workers=N``: a ``LocalCluster`` of N worker *processes* on this machine,
+  listening on 127.0.0.1 only, each with ``threads`` task threads (default ``cores // N``) and
+  torch/BLAS intra-op threads set so that the workers together use ``cores`` threads.
+* ``cluster="slurm"``: a dask-jobqueue ``SLURMCluster`` from a YAML profile (one worker per GPU job,
+  ``--gres=gpu:1`` and worker resource ``GPU=1``), optionally TLS-secured.
+* ``scheduler="tcp://..."`` or ``"tls://..."``: connect to a running scheduler (TLS files for tls://).
+
+Nothing listens on a public interface unless a profile names one explicitly.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from contextlib import contextmanager
-from typing import Iterator
+from pathlib import Path
+from typing import Any, Iterator
+
+from distributed import WorkerPlugin
+from pydantic import BaseModel, ConfigDict, Field
 
 from quietscope.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
 
 
 def cpu_count() -> int:
@@ -19,43 +37,268 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-@contextmanager
-def dask_client(scheduler: str | None = None, threads: int | None = None) -> Iterator["object"]:
-    """Yield a ``distributed.Client``.
+# ---- thread budget -------------------------------------------------------------------------
+def thread_budget(n_workers: int, threads: int | None = None, cores: int | None = None) -> tuple[int, int]:
+    """``(task threads per worker, torch/BLAS threads per task)`` so N workers use ``cores`` cores.
 
-    Without ``scheduler``: an in-process ``LocalCluster`` (one worker, ``threads`` threads,
-    default 2 so reading/writing one block overlaps computing another), in-process comms
-    HTTP endpoints on loopback only. With ``scheduler`` (``tcp://host:8786`` or ``tls://...``): connect to a
-    running ``distributed`` scheduler.
+    Each worker gets ``cores // N`` cores (at least 1). By default they all go to task threads
+    (blocks in flight: reading/writing one block overlaps computing another) with one intra-op
+    thread each; ``threads`` fewer task threads leave ``(cores // N) // threads`` intra-op threads
+    to each task instead.
     """
+    cores = cores or cpu_count()
+    per_worker = max(1, cores // max(1, n_workers))
+    task_threads = threads or per_worker
+    return task_threads, max(1, per_worker // task_threads)
+
+
+class TorchThreadsPlugin(WorkerPlugin):
+    """Worker plugin: set torch's intra-op threads in each worker process (and for its restarts)."""
+
+    name = "quietscope-torch-threads"
+
+    def __init__(self, n_threads: int) -> None:
+        self.n_threads = int(n_threads)
+
+    def setup(self, worker: Any) -> None:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[var] = str(self.n_threads)
+        # torch reads OMP_NUM_THREADS when first imported; set it directly only if already loaded
+        # (importing torch here would slow down the start of filter-only workers).
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_num_threads(self.n_threads)
+
+    def teardown(self, worker: Any) -> None:
+        pass
+
+
+def _torch_plugin(n_threads: int) -> TorchThreadsPlugin:
+    return TorchThreadsPlugin(n_threads)
+
+
+# ---- TLS -----------------------------------------------------------------------------------
+def make_security(tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> Any | None:
+    """A ``distributed.Security`` requiring TLS from CA/certificate/key files (all three or none)."""
+    given = [v for v in (tls_ca, tls_cert, tls_key) if v]
+    if not given:
+        return None
+    if len(given) != 3:
+        raise ConfigError("TLS needs all of --tls-ca, --tls-cert and --tls-key (or tls_ca/tls_cert/tls_key in the profile)")
+    for name, p in (("--tls-ca", tls_ca), ("--tls-cert", tls_cert), ("--tls-key", tls_key)):
+        if not Path(str(p)).is_file():
+            raise ConfigError(f"{name} {p!r} is not a file; give the PEM file's path")
+    from distributed.security import Security
+
+    return Security(
+        tls_ca_file=str(tls_ca),
+        tls_client_cert=str(tls_cert),
+        tls_client_key=str(tls_key),
+        tls_scheduler_cert=str(tls_cert),
+        tls_scheduler_key=str(tls_key),
+        tls_worker_cert=str(tls_cert),
+        tls_worker_key=str(tls_key),
+        require_encryption=True,
+    )
+
+
+# ---- SLURM profile -------------------------------------------------------------------------
+class ClusterProfile(BaseModel):
+    """``--cluster-profile FILE`` (YAML): a SLURM GPU cluster, one dask worker per GPU job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    queue: str | None = None
+    account: str | None = None
+    walltime: str = "04:00:00"
+    cores: int = Field(8, ge=1, description="CPU cores per job (= per GPU worker)")
+    memory: str = "32GB"
+    gpus: int = Field(1, ge=0, le=1, description="GPUs per job: 1 (one worker per GPU) or 0 (CPU workers)")
+    jobs: int = Field(1, ge=1, description="jobs (= workers) to start")
+    interface: str | None = Field(None, description="network interface for scheduler and workers, e.g. ib0")
+    scheduler_host: str | None = Field(None, description="address the scheduler binds (instead of interface)")
+    scheduler_port: int = Field(0, ge=0)
+    dashboard_address: str = f"{LOOPBACK}:0"
+    local_directory: str | None = None
+    python: str | None = None
+    job_extra_directives: list[str] = Field(default_factory=list)
+    job_script_prologue: list[str] = Field(default_factory=list)
+    worker_extra_args: list[str] = Field(default_factory=list)
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+def load_profile(path: str | Path) -> ClusterProfile:
+    """Parse and validate a YAML cluster profile."""
+    import yaml
+
+    from quietscope.errors import validation_message
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--cluster-profile {str(path)!r} does not exist; give a YAML file (see docs/cluster.md)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--cluster-profile {str(path)!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--cluster-profile {str(path)!r} must be a YAML mapping of options (see docs/cluster.md)")
+    data = data.get("slurm", data)
+    base = p.parent
+    for k in ("tls_ca", "tls_cert", "tls_key"):  # relative paths are relative to the profile
+        if data.get(k) and not Path(data[k]).is_absolute():
+            data[k] = str(base / data[k])
+    try:
+        return ClusterProfile(**data)
+    except Exception as exc:
+        raise ConfigError(f"--cluster-profile {str(path)!r}: {validation_message(exc)}") from None
+
+
+def slurm_cluster(profile: ClusterProfile, security: Any | None = None) -> Any:
+    """A (not yet scaled) ``dask_jobqueue.SLURMCluster`` for ``profile``; ``.job_script()`` shows the job."""
+    from dask_jobqueue import SLURMCluster
+
+    if not (profile.interface or profile.scheduler_host):
+        raise ConfigError(
+            "the SLURM profile must say where the scheduler listens: 'interface: ib0' (a cluster-internal "
+            "network) or 'scheduler_host: <address>'; quietscope never picks a public interface by itself"
+        )
+    security = security or make_security(profile.tls_ca, profile.tls_cert, profile.tls_key)
+    n_threads, torch_threads = profile.cores, 1 if profile.gpus else profile.cores
+    directives = list(profile.job_extra_directives)
+    worker_args = list(profile.worker_extra_args)
+    if profile.gpus:
+        directives.append(f"--gres=gpu:{profile.gpus}")
+        worker_args += ["--resources", "GPU=1"]
+    prologue = [f"export OMP_NUM_THREADS={torch_threads}", *profile.job_script_prologue]
+    sched: dict[str, Any] = {"dashboard_address": profile.dashboard_address, "port": profile.scheduler_port}
+    if profile.scheduler_host:
+        sched["host"] = profile.scheduler_host
+    kwargs: dict[str, Any] = dict(
+        queue=profile.queue,
+        account=profile.account,
+        walltime=profile.walltime,
+        cores=n_threads,
+        processes=1,
+        memory=profile.memory,
+        job_extra_directives=directives,
+        job_script_prologue=prologue,
+        worker_extra_args=worker_args,
+        scheduler_options=sched,
+        silence_logs="error",
+    )
+    if profile.interface:
+        kwargs["interface"] = profile.interface
+    if profile.local_directory:
+        kwargs["local_directory"] = profile.local_directory
+    if profile.python:
+        kwargs["python"] = profile.python
+    if security is not None:
+        kwargs["security"] = security
+        kwargs["protocol"] = "tls://"
+    return SLURMCluster(**kwargs)
+
+
+# ---- the client ----------------------------------------------------------------------------
+@contextmanager
+def dask_client(
+    scheduler: str | None = None,
+    threads: int | None = None,
+    *,
+    cluster: str = "local",
+    workers: int | None = None,
+    profile: str | Path | None = None,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> Iterator[Any]:
+    """Yield a ``distributed.Client`` (see the module docstring for the kinds of cluster)."""
     from distributed import Client, LocalCluster
 
+    if cluster not in ("local", "slurm"):
+        raise ConfigError(f"--cluster {cluster!r} is unknown; use local or slurm")
+    prof = load_profile(profile) if profile else None
+    security = make_security(
+        tls_ca or (prof.tls_ca if prof else None),
+        tls_cert or (prof.tls_cert if prof else None),
+        tls_key or (prof.tls_key if prof else None),
+    )
     if scheduler:
+        if scheduler.startswith("tls://") and security is None:
+            raise ConfigError(f"--scheduler {scheduler} uses TLS: give --tls-ca, --tls-cert and --tls-key")
         try:
-            client = Client(scheduler, timeout="20s")
+            client = Client(scheduler, timeout="20s", security=security)
         except (OSError, TimeoutError) as exc:
-            raise ConfigError(f"cannot reach the dask scheduler at {scheduler!r} ({exc}); check the address") from None
+            raise ConfigError(f"cannot reach the dask scheduler at {scheduler!r} ({exc}); check the address (and TLS files)") from None
         log.info("connected to scheduler %s (%d workers)", scheduler, len(client.scheduler_info()["workers"]))
         try:
             yield client
         finally:
             client.close()
         return
-    n_threads = threads or 2
-    cluster = LocalCluster(
-        n_workers=1,
-        threads_per_worker=n_threads,
-        processes=False,
-        # Loopback only: an in-process cluster needs no listener, but distributed always
-        # starts HTTP servers; never expose them on a public interface.
-        dashboard_address="127.0.0.1:0",
-        worker_dashboard_address="127.0.0.1:0",
-        silence_logs=logging.WARNING,
-    )
-    client = Client(cluster)
-    log.info("local in-process dask cluster: 1 worker, %d threads (in-process; HTTP on 127.0.0.1 only)", n_threads)
+    if cluster == "slurm":
+        if prof is None:
+            raise ConfigError("--cluster slurm needs --cluster-profile FILE (YAML; see docs/cluster.md)")
+        jobs = workers or prof.jobs
+        slurm = slurm_cluster(prof, security)
+        client = Client(slurm, security=security)
+        client.register_plugin(_torch_plugin(1 if prof.gpus else prof.cores))
+        slurm.scale(jobs=jobs)
+        log.info("SLURM cluster: %d job(s) of %d cores%s; dashboard %s", jobs, prof.cores,
+                 ", 1 GPU each" if prof.gpus else "", slurm.dashboard_link)
+        try:
+            client.wait_for_workers(1, timeout=None)
+            yield client
+        finally:
+            client.close()
+            slurm.close()
+        return
+    if workers:
+        task_threads, torch_threads = thread_budget(workers, threads)
+        env = {v: str(torch_threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+        local = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=task_threads,
+            processes=True,
+            host=LOOPBACK,
+            dashboard_address=f"{LOOPBACK}:0",
+            worker_dashboard_address=f"{LOOPBACK}:0",
+            env=env,
+            silence_logs=logging.WARNING,
+        )
+        client = Client(local)
+        client.register_plugin(_torch_plugin(torch_threads))
+        log.info("local cluster: %d worker processes x %d threads, %d torch thread(s) each; on %s only; dashboard %s",
+                 workers, task_threads, torch_threads, LOOPBACK, local.dashboard_link)
+    else:
+        n_threads = threads or 2
+        local = LocalCluster(
+            n_workers=1,
+            threads_per_worker=n_threads,
+            processes=False,
+            # distributed always starts HTTP servers; never expose them on a public interface.
+            dashboard_address=f"{LOOPBACK}:0",
+            worker_dashboard_address=f"{LOOPBACK}:0",
+            silence_logs=logging.WARNING,
+        )
+        client = Client(local)
+        log.info("local in-process dask cluster: 1 worker, %d threads (HTTP on %s only)", n_threads, LOOPBACK)
     try:
         yield client
     finally:
         client.close()
-        cluster.close()
+        local.close()
+
+
+def gpu_resources(client: Any) -> bool:
+    """Whether any worker of ``client`` declares a ``GPU`` resource (tasks then request GPU=1)."""
+    return any((w.get("resources") or {}).get("GPU", 0) >= 1 for w in worker_info(client).values())
+
+
+def worker_info(client: Any) -> dict[str, Any]:
+    """All workers' info (recent distributed lists only the first few by default)."""
+    try:
+        return client.scheduler_info(n_workers=-1)["workers"]
+    except TypeError:  # older distributed
+        return client.scheduler_info()["workers"]

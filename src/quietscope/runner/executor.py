@@ -7,17 +7,21 @@ through a worker plugin. Tasks carry only block coordinates, never pixels or wei
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import islice, product
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
+from distributed import WorkerPlugin
 
 from quietscope.io.reading import ImageRef, open_image
 from quietscope.io.validation import check_finite
-from quietscope.io.writing import cast_to, open_level
+from quietscope.io.writing import PYRAMID_AXES, cast_to, downsample2, open_level
 from quietscope.runner.ledger import Ledger
 from quietscope.tiling import Block, read_window, reflect_indices, trim_slices
 
@@ -36,7 +40,12 @@ class ProcessorFactory(Protocol):
 
 @dataclass(frozen=True)
 class JobSpec:
-    """Everything a block task needs besides its block (plain data, pickled once per task)."""
+    """Everything a block task needs besides its block (plain data, pickled once per task).
+
+    ``local_levels`` pyramid levels (1..local_levels) are written by each block task from its own
+    output (its blocks are aligned so that it owns whole chunks/shards there); ``level_shapes``
+    are the output's level shapes (in ``out_axes``).
+    """
 
     input: ImageRef
     output: str
@@ -45,6 +54,13 @@ class JobSpec:
     halo: tuple[int, ...]
     factor: int
     processor: str  # the factory's token
+    local_levels: int = 0
+    level_shapes: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def id(self) -> str:
+        """Short id of this job (task keys differ between jobs sharing one scheduler)."""
+        return hashlib.sha256(f"{self.output}|{self.processor}".encode()).hexdigest()[:10]
 
 
 @dataclass(frozen=True)
@@ -55,6 +71,30 @@ class BlockTask:
     @property
     def key(self) -> str:
         return f"t{self.t}_{self.block.key}"
+
+
+# ---- the plan, lazily ----------------------------------------------------------------------
+def count_blocks(shape: tuple[int, ...], block: tuple[int, ...]) -> int:
+    """Number of blocks of :func:`iter_blocks` (without generating them)."""
+    return math.prod(-(-s // b) for s, b in zip(shape, block))
+
+
+def iter_blocks(shape: tuple[int, ...], block: tuple[int, ...]) -> Iterator[Block]:
+    """The blocks of ``tiling.plan_blocks`` in the same order, generated one at a time."""
+    counts = [-(-s // b) for s, b in zip(shape, block)]
+    for idx in product(*(range(c) for c in counts)):
+        start = tuple(i * b for i, b in zip(idx, block))
+        stop = tuple(min(a + b, s) for a, b, s in zip(start, block, shape))
+        yield Block(tuple(idx), start, stop)
+
+
+def iter_tasks(shape: tuple[int, ...], block: tuple[int, ...], n_t: int, done: set[str] | frozenset[str] = frozenset()) -> Iterator[BlockTask]:
+    """Tasks not yet in the ledger, generated lazily (a 10^6-block plan never sits in a list)."""
+    for t in range(n_t):
+        for b in iter_blocks(shape, block):
+            task = BlockTask(t, b)
+            if task.key not in done:
+                yield task
 
 
 @lru_cache(maxsize=8)
@@ -75,8 +115,23 @@ def read_padded(image: Any, t: int, rstart: tuple[int, ...], rstop: tuple[int, .
     return raw[np.ix_(range(raw.shape[0]), *[i - a for i, a in zip(idx, lo)])]
 
 
+def _out_region(job: JobSpec, task: BlockTask, start: tuple[int, ...], stop: tuple[int, ...]) -> tuple[slice, ...]:
+    sp = [a for a in job.out_axes if a in "zyx"]
+    sl: list[slice] = []
+    for a in job.out_axes:
+        if a == "t":
+            sl.append(slice(task.t, task.t + 1))
+        elif a == "c":
+            sl.append(slice(None))
+        else:
+            i = sp.index(a)
+            sl.append(slice(start[i], stop[i]))
+    return tuple(sl)
+
+
 def process_block(job: JobSpec, task: BlockTask, tile_fn: TileFunction) -> int:
-    """Read block + halo, predict, trim, write exactly the block, mark it done. Returns voxels written."""
+    """Read block + halo, predict, trim, write exactly the block (and the coarse regions it
+    owns), mark it done. Returns voxels written at level 0."""
     image = _open_cached(job.input)
     b = task.block
     rstart, rstop = read_window(b.start, b.stop, job.halo, job.factor)
@@ -85,25 +140,28 @@ def process_block(job: JobSpec, task: BlockTask, tile_fn: TileFunction) -> int:
     pred = tile_fn(tile)
     out = pred[(slice(None),) + trim_slices(b.start, b.stop, rstart)]
     out = cast_to(out, job.out_dtype)
-    dst = open_level(job.output, 0)
-    sl: list[Any] = []
-    for a in job.out_axes:
-        if a == "t":
-            sl.append(slice(task.t, task.t + 1))
-        elif a == "c":
-            sl.append(slice(None))
-        else:
-            sl.append(b.slices()[[x for x in job.out_axes if x in "zyx"].index(a)])
     data = out if "c" in job.out_axes else out[0]
     if "t" in job.out_axes:
         data = data[None]
-    dst[tuple(sl)] = data
+    open_level(job.output, 0)[_out_region(job, task, b.start, b.stop)] = data
+    sp_axes = [a for a in job.out_axes if a in "zyx"]
+    pyr = {job.out_axes.index(a) for a in PYRAMID_AXES if a in job.out_axes}
+    start, stop = b.start, b.stop
+    for k in range(1, job.local_levels + 1):
+        # Same arithmetic as io.writing.build_pyramid on the same (already cast) values.
+        data = downsample2(data, pyr, job.level_shapes[k - 1], _out_region(job, task, start, stop), job.out_dtype)
+        start = tuple(-(-a // 2) if a_ in PYRAMID_AXES else a for a, a_ in zip(start, sp_axes))
+        stop = tuple(-(-a // 2) if a_ in PYRAMID_AXES else a for a, a_ in zip(stop, sp_axes))
+        open_level(job.output, k)[_out_region(job, task, start, stop)] = data
     Ledger(job.output).mark_done(task.key)
     return b.size
 
 
-class ProcessorPlugin:
-    """Worker plugin building the tile function once per worker (model loaded once)."""
+class ProcessorPlugin(WorkerPlugin):
+    """Worker plugin building the tile function once per worker (model loaded once).
+
+    distributed re-runs it on every worker that joins later (e.g. one restarted after a crash).
+    """
 
     def __init__(self, factory: ProcessorFactory) -> None:
         self.factory = factory
@@ -126,6 +184,58 @@ def _run_task(job: JobSpec, task: BlockTask) -> int:
     return process_block(job, task, plugin.fn)
 
 
+def stream_tasks(
+    client: Any,
+    fn: Callable[..., Any],
+    args: Iterable[tuple[Any, ...]],
+    n_tasks: int,
+    key: Callable[[tuple[Any, ...]], str],
+    max_in_flight: int,
+    resources: dict[str, float] | None = None,
+    retries: int = 2,
+    on_result: Callable[[Any], None] | None = None,
+    progress: bool = False,
+    desc: str = "tasks",
+) -> tuple[int, float]:
+    """Run ``fn(*a)`` for each ``a`` of the (lazy) iterable, at most ``max_in_flight`` at once.
+
+    The client holds only the futures in flight (small results, never pixels); each
+    completion releases its future and submits the next task. Returns ``(tasks, seconds)``.
+    """
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    it = iter(args)
+    ac = as_completed(with_results=False)
+    submitted = 0
+
+    def submit(n: int) -> None:
+        # One client.map call per refill: a batch is one message to the scheduler, not n.
+        nonlocal submitted
+        batch = list(islice(it, n))
+        if not batch:
+            return
+        cols = list(zip(*batch))
+        futs = client.map(fn, *cols, key=[key(a) for a in batch], retries=retries, pure=False, resources=resources)
+        ac.update(futs)
+        submitted += len(futs)
+
+    t0 = time.perf_counter()
+    submit(max_in_flight)
+    bar = tqdm(total=n_tasks, disable=not progress, desc=desc, unit="block")
+    for batch in ac.batches():
+        results = client.gather(batch)  # small numbers, never pixels
+        for f in batch:
+            f.release()
+        if on_result is not None:
+            for res in results:
+                on_result(res)
+        bar.update(len(batch))
+        submit(len(batch))
+    bar.close()
+    return submitted, time.perf_counter() - t0
+
+
 def run_blocks(
     client: Any,
     job: JobSpec,
@@ -135,51 +245,44 @@ def run_blocks(
     max_in_flight: int | None = None,
     progress: bool = True,
     retries: int = 2,
+    resources: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """Submit tasks in a bounded stream and wait for all; returns throughput figures."""
-    from distributed import WorkerPlugin, as_completed
-    from tqdm.auto import tqdm
+    """Submit tasks in a bounded stream and wait for all; returns throughput figures.
 
-    # Subclassing at call time keeps the plugin importable without distributed installed.
-    plugin_cls = type("QuietscopeProcessorPlugin", (ProcessorPlugin, WorkerPlugin), {})
-    client.register_plugin(plugin_cls(factory), name=factory.token)
-    n_workers = max(1, len(client.scheduler_info()["workers"]))
-    nthreads = sum(client.nthreads().values()) or n_workers
+    When the cluster's workers declare a ``GPU`` resource, each task requests ``GPU=1`` so two
+    tasks never share a device (pass ``resources`` to override).
+    """
+    from quietscope.runner.cluster import gpu_resources, worker_info
+
+    client.register_plugin(ProcessorPlugin(factory), name=factory.token)
+    if resources is None and gpu_resources(client):
+        resources = {"GPU": 1}
+    workers = worker_info(client)
+    nthreads = sum(w.get("nthreads", 1) for w in workers.values()) or 1
+    if resources and "GPU" in resources:
+        nthreads = max(1, sum(int((w.get("resources") or {}).get("GPU", 0)) for w in workers.values()))
     limit = max_in_flight or max(4, 2 * nthreads)
-    it = iter(tasks)
-    ac = as_completed()
-    submitted = 0
-
-    def submit_next() -> bool:
-        nonlocal submitted
-        task = next(it, None)
-        if task is None:
-            return False
-        ac.add(client.submit(_run_task, job, task, key=f"block-{job.processor[:8]}-{task.key}", retries=retries, pure=False))
-        submitted += 1
-        return True
-
-    for _ in range(limit):
-        if not submit_next():
-            break
-    t0 = time.perf_counter()
     voxels = 0
-    bar = tqdm(total=n_tasks, disable=not progress, desc="predict", unit="block")
-    for fut in ac:
-        voxels += fut.result()
-        fut.release()
-        elapsed = time.perf_counter() - t0
-        bar.set_postfix_str(f"{voxels / max(elapsed, 1e-9):.3g} voxel/s")
-        bar.update(1)
-        submit_next()
-    bar.close()
-    elapsed = time.perf_counter() - t0
+    t_start = time.perf_counter()
+    bar_state = {"voxels": 0}
+
+    def on_result(v: int) -> None:
+        bar_state["voxels"] += v
+
+    n, elapsed = stream_tasks(
+        client, _run_task, ((job, t) for t in tasks), n_tasks,
+        key=lambda a: f"block-{job.id}-{a[1].key}", max_in_flight=limit, resources=resources,
+        retries=retries, on_result=on_result, progress=progress, desc="predict",
+    )
+    voxels = bar_state["voxels"]
     client.unregister_worker_plugin(factory.token)
-    return {"seconds": elapsed, "voxels": float(voxels), "voxels_per_s": voxels / max(elapsed, 1e-9), "blocks": submitted}
+    log.debug("%d blocks streamed with at most %d in flight in %.2f s", n, limit, time.perf_counter() - t_start)
+    return {"seconds": elapsed, "voxels": float(voxels), "voxels_per_s": voxels / max(elapsed, 1e-9), "blocks": n}
 
 
-def tasks_for(blocks: list[Block], n_t: int, done: set[str]) -> Iterator[BlockTask]:
-    """Tasks not yet in the ledger, generated lazily (a huge plan never sits in a list)."""
+def tasks_for(blocks: Iterable[Block], n_t: int, done: set[str]) -> Iterator[BlockTask]:
+    """Tasks not yet in the ledger for an explicit block list (see :func:`iter_tasks` for a lazy plan)."""
+    blocks = list(blocks) if n_t > 1 else blocks
     for t in range(n_t):
         for b in blocks:
             task = BlockTask(t, b)

@@ -1,0 +1,153 @@
+"""Tiny deterministic processor factories for tests and benchmarks of the runner.
+
+They are picklable and importable by worker processes (unlike classes in a test module), need
+no model file and no torch (except :class:`UNetProcessor`), and can record what they did:
+
+* ``log_dir``: one ``load-<pid>-<uuid>`` file per :meth:`build` (model loads) and one
+  ``call-<pid>-<uuid>`` file per tile holding ``start end`` times (tasks that ran, overlaps).
+* ``crash_dir``: the first tile call of the whole run (whichever worker gets it) creates
+  ``crash_dir/crashed`` and kills its worker process with ``os._exit``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+def _box3(tile: np.ndarray) -> np.ndarray:
+    """3x3 mean over the last two axes (reflect border); needs a halo of 1.
+
+    A fixed-order sum of shifted views, so each output voxel's arithmetic does not depend on
+    the tile's extent (unlike running-sum filters): block and whole-image results are bit-equal.
+    """
+    x = tile.astype(np.float32)
+    pad = [(0, 0)] * (x.ndim - 2) + [(1, 1), (1, 1)]
+    p = np.pad(x, pad, mode="reflect")
+    h, w = x.shape[-2:]
+    acc = np.zeros_like(x)
+    for dy in range(3):
+        for dx in range(3):
+            acc += p[..., dy : dy + h, dx : dx + w]
+    return acc / np.float32(9)
+
+
+@dataclass(frozen=True)
+class BoxProcessor:
+    """``tile -> scale * box3(tile) + offset`` (float32), halo 1 voxel, factor 1."""
+
+    scale: float = 2.0
+    offset: float = 1.0
+    sleep: float = 0.0
+    log_dir: str | None = None
+    crash_dir: str | None = None
+    label: str = ""
+
+    @property
+    def token(self) -> str:
+        return "box-" + hashlib.sha256(f"{self.scale}|{self.offset}|{self.label}".encode()).hexdigest()[:12]
+
+    def apply(self, tile: np.ndarray) -> np.ndarray:
+        return (np.float32(self.scale) * _box3(tile) + np.float32(self.offset)).astype(np.float32)
+
+    def build(self) -> Callable[[np.ndarray], np.ndarray]:
+        log_dir = Path(self.log_dir) if self.log_dir else None
+        if log_dir is not None:
+            (log_dir / f"load-{os.getpid()}-{uuid.uuid4().hex[:8]}").write_text("")
+        crash = Path(self.crash_dir) / "crashed" if self.crash_dir else None
+
+        def fn(tile: np.ndarray) -> np.ndarray:
+            t0 = time.time()
+            if crash is not None:
+                try:
+                    fd = os.open(crash, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    pass
+                else:
+                    os.write(fd, str(os.getpid()).encode())
+                    os.close(fd)
+                    os._exit(17)  # a worker dying mid-task (OOM killer, node failure, ...)
+            if self.sleep:
+                time.sleep(self.sleep)
+            out = self.apply(tile)
+            if log_dir is not None:
+                (log_dir / f"call-{os.getpid()}-{uuid.uuid4().hex[:8]}").write_text(f"{t0} {time.time()}")
+            return out
+
+        return fn
+
+
+@dataclass(frozen=True)
+class UNetProcessor:
+    """A randomly initialised (seeded) quietscope U-Net: real convolution work for benchmarks."""
+
+    ndim: int = 2
+    depth: int = 2
+    filters: int = 16
+    seed: int = 0
+
+    @property
+    def token(self) -> str:
+        return f"unet-{self.ndim}-{self.depth}-{self.filters}-{self.seed}"
+
+    @property
+    def factor(self) -> int:
+        return 2**self.depth
+
+    def build(self) -> Callable[[np.ndarray], np.ndarray]:
+        import torch
+
+        from quietscope.nets.unet import UNet
+
+        torch.manual_seed(self.seed)
+        net = UNet(self.ndim, 1, 1, depth=self.depth, filters=self.filters).eval()
+
+        def fn(tile: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                x = torch.from_numpy(np.ascontiguousarray(tile, dtype=np.float32))[None]
+                return net(x)[0].numpy()
+
+        return fn
+
+
+def noop(*args: object) -> int:
+    """A task that does nothing (scheduling-overhead benchmark)."""
+    return 0
+
+
+def worker_peak_rss() -> int:
+    """Peak resident memory of the calling process in bytes (Linux ``ru_maxrss`` is KiB)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
+
+
+def run_box_job(input_uri: str, output: str, options: dict, processor: dict | None = None):
+    """Predict ``input_uri`` with a :class:`BoxProcessor` through the real prediction path."""
+    from quietscope.io.reading import open_image
+    from quietscope.predict import PredictOptions, run_prediction
+
+    image = open_image(input_uri)
+    proc = BoxProcessor(**(processor or {}))
+    return run_prediction(image, output, proc, ["box"], (1,) * len(image.spatial_axes), 1,
+                          PredictOptions(**options), {"test": "box"})
+
+
+if __name__ == "__main__":  # python -m quietscope.runner.testing '{"input_uri": ..., "output": ..., "options": {...}}'
+    import json
+    import sys
+
+    run_box_job(**json.loads(sys.argv[1]))
