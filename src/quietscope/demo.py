@@ -34,7 +34,7 @@ def write_ome_zarr_image(path: str | Path, data: np.ndarray, axes: str, chunks: 
 
 def run_demo(
     output_dir: str | Path = "demo_output",
-    steps: int = 400,
+    steps: int = 150,
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from itertools import product
+from typing import Iterator
 
 import numpy as np
 
@@ -110,17 +111,26 @@ def halo_factor(block: Shape, halo: Shape) -> float:
     return math.prod(b + 2 * h for b, h in zip(block, halo)) / math.prod(block)
 
 
-def plan_blocks(shape: Shape, block: Shape) -> list[Block]:
-    """Tile ``shape`` with blocks of shape ``block`` (the last ones clipped to the volume)."""
+def count_blocks(shape: Shape, block: Shape) -> int:
+    """Number of blocks :func:`iter_blocks` yields (without generating them)."""
+    return math.prod(-(-s // b) for s, b in zip(shape, block))
+
+
+def iter_blocks(shape: Shape, block: Shape) -> Iterator[Block]:
+    """Tile ``shape`` with blocks of shape ``block`` (the last ones clipped to the volume),
+    one at a time in C order: a 10^6-block plan never sits in a list."""
     if len(shape) != len(block):
         raise ValueError(f"shape {shape} and block {block} differ in length")
     counts = [-(-s // b) for s, b in zip(shape, block)]
-    blocks = []
     for idx in product(*(range(c) for c in counts)):
         start = tuple(i * b for i, b in zip(idx, block))
         stop = tuple(min(a + b, s) for a, b, s in zip(start, block, shape))
-        blocks.append(Block(tuple(idx), start, stop))
-    return blocks
+        yield Block(tuple(idx), start, stop)
+
+
+def plan_blocks(shape: Shape, block: Shape) -> list[Block]:
+    """All blocks of :func:`iter_blocks` as a list (for small plans and tests)."""
+    return list(iter_blocks(shape, block))
 
 
 def read_window(start: Shape, stop: Shape, halo: Shape, factor: int) -> tuple[Shape, Shape]:

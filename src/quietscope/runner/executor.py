@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import islice, product
+from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
@@ -23,7 +23,7 @@ from quietscope.io.reading import ImageRef, open_image
 from quietscope.io.validation import check_finite
 from quietscope.io.writing import PYRAMID_AXES, cast_to, downsample2, open_level
 from quietscope.runner.ledger import Ledger
-from quietscope.tiling import Block, read_window, reflect_indices, trim_slices
+from quietscope.tiling import Block, count_blocks, iter_blocks, read_window, reflect_indices, trim_slices  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -74,20 +74,6 @@ class BlockTask:
 
 
 # ---- the plan, lazily ----------------------------------------------------------------------
-def count_blocks(shape: tuple[int, ...], block: tuple[int, ...]) -> int:
-    """Number of blocks of :func:`iter_blocks` (without generating them)."""
-    return math.prod(-(-s // b) for s, b in zip(shape, block))
-
-
-def iter_blocks(shape: tuple[int, ...], block: tuple[int, ...]) -> Iterator[Block]:
-    """The blocks of ``tiling.plan_blocks`` in the same order, generated one at a time."""
-    counts = [-(-s // b) for s, b in zip(shape, block)]
-    for idx in product(*(range(c) for c in counts)):
-        start = tuple(i * b for i, b in zip(idx, block))
-        stop = tuple(min(a + b, s) for a, b, s in zip(start, block, shape))
-        yield Block(tuple(idx), start, stop)
-
-
 def iter_tasks(shape: tuple[int, ...], block: tuple[int, ...], n_t: int, done: set[str] | frozenset[str] = frozenset()) -> Iterator[BlockTask]:
     """Tasks not yet in the ledger, generated lazily (a 10^6-block plan never sits in a list)."""
     for t in range(n_t):
@@ -278,13 +264,3 @@ def run_blocks(
     client.unregister_worker_plugin(factory.token)
     log.debug("%d blocks streamed with at most %d in flight in %.2f s", n, limit, time.perf_counter() - t_start)
     return {"seconds": elapsed, "voxels": float(voxels), "voxels_per_s": voxels / max(elapsed, 1e-9), "blocks": n}
-
-
-def tasks_for(blocks: Iterable[Block], n_t: int, done: set[str]) -> Iterator[BlockTask]:
-    """Tasks not yet in the ledger for an explicit block list (see :func:`iter_tasks` for a lazy plan)."""
-    blocks = list(blocks) if n_t > 1 else blocks
-    for t in range(n_t):
-        for b in blocks:
-            task = BlockTask(t, b)
-            if task.key not in done:
-                yield task
