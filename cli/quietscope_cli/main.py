@@ -119,9 +119,10 @@ def info(input_uri: str, axes: str | None, level: int, as_json: bool) -> None:
 @click.option("--psf", default=None, type=click.Path(dir_okay=False), help="n2v-deconv: PSF image (TIFF), normalised to sum 1.")
 @click.option("--positivity-lambda", default=None, type=float, help="n2v-deconv: weight of the positivity term.")
 @click.option("--gain", default=None, type=float, help="bayes-poisson: ADU per photon (default: data already in photons).")
-@click.option("--offset", default=None, type=float, help="bayes-poisson: camera offset in ADU.")
+@click.option("--offset", default=None, type=float, help="bayes-poisson, n2v-deconv: camera offset (no-light level) in ADU.")
 @click.option("--noise-sigma", default=None, type=float, help="bayes-gauss: known noise sigma (default: learned).")
 @click.option("--param", "params", multiple=True, help="Method option KEY=VALUE (JSON value), repeatable.")
+@click.option("--channels", "channels", multiple=True, type=click.Path(), help="denoisplit/musplit: image of a further structure, stacked after INPUT as a channel; repeatable.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model file.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint next to the output.")
 @axes_option
@@ -132,7 +133,7 @@ def train(input_uri: str, output: str, method: str, patch: str, batch: int, step
           val_fraction: float, foreground: float, checkpoint_every: int, early_stop: int | None,
           device: str, noise_model: str | None, n_samples: int | None, psf_sigma: str | None, psf: str | None,
           positivity_lambda: float | None, gain: float | None, offset: float | None, noise_sigma: float | None,
-          params: tuple[str, ...], overwrite: bool, resume: bool, axes: str | None, level: int) -> None:
+          params: tuple[str, ...], channels: tuple[str, ...], overwrite: bool, resume: bool, axes: str | None, level: int) -> None:
     """Train a self-supervised model on INPUT (patches are sampled; the volume is never loaded)."""
     from quietscope.training.run import method_extras, train_model
 
@@ -141,7 +142,9 @@ def train(input_uri: str, output: str, method: str, patch: str, batch: int, step
         noise_model=noise_model, n_samples=n_samples, psf_sigma=psf_sigma, psf=psf,
         positivity_lambda=positivity_lambda, gain=gain, offset=offset, noise_sigma=noise_sigma,
     ))
-    if method in ("n2v", "n2v2"):
+    from quietscope.methods import get_method_class
+
+    if "masked_pixel_percentage" in get_method_class(method).Config.model_fields:
         method_options["masked_pixel_percentage"] = masked_percent
     if struct_mask:
         method_options["struct_mask"] = _struct_mask(struct_mask, input_uri, axes, level)
@@ -158,7 +161,7 @@ def train(input_uri: str, output: str, method: str, patch: str, batch: int, step
         "val_fraction": val_fraction, "foreground": foreground, "checkpoint_every": checkpoint_every,
         "early_stop": early_stop, "device": device,
     }
-    res = train_model(input_uri, output, method_options, train_options, axes=axes, level=level,
+    res = train_model([input_uri, *channels] if channels else input_uri, output, method_options, train_options, axes=axes, level=level,
                       overwrite=overwrite, resume=resume)
     best = f", best validation loss {res.best_val:.5g} at step {res.best_step}" if res.best_val is not None else ""
     click.echo(f"model: {output} ({res.seconds:.0f} s{best})")
@@ -197,7 +200,7 @@ def predict(model: str, input_uri: str, output: str, estimate: str | None, n_sam
 
 @cli.command()
 @click.option("-o", "--output", default="demo_output", show_default=True, type=click.Path(file_okay=False))
-@click.option("--steps", default=400, show_default=True, type=int, help="Training steps (about a minute on 2 CPU cores).")
+@click.option("--steps", default=150, show_default=True, type=int, help="Training steps (about a minute on 2 CPU cores).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--overwrite", is_flag=True, help="Replace an existing demo output folder.")
 @handle_errors

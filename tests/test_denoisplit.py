@@ -1,0 +1,251 @@
+"""denoiSplit / μSplit: KL formulations, seeded sampling, chunked prediction, calibration, stacking."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from quietscope.calibration import calibrate_arrays
+from quietscope.errors import ConfigError
+from quietscope.io.reading import open_image
+from quietscope.io.stacking import open_stacked
+from quietscope.methods import build_method
+from quietscope.methods.denoisplit import kl_loss
+from quietscope.noise_models import fit_gmm
+
+tifffile = pytest.importorskip("tifffile")
+
+TINY = {"net": {"depth": 2, "filters": 8}, "latent_channels": 4}
+
+
+def _noise_model(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    s = rng.uniform(0, 200, 50_000).astype(np.float32)
+    x = (s + rng.normal(0, 3 + 0.1 * s)).astype(np.float32)
+    return fit_gmm(s, x, n_iterations=100, batch_size=5000, seed=seed).to_dict()
+
+
+def _tiny(method: str = "denoisplit", **kw) -> torch.nn.Module:
+    cfg = {"method": method, "spatial_ndim": 2, "in_channels": 2, **TINY, **kw}
+    if method == "denoisplit" and "noise_models" not in kw:
+        nm = _noise_model()
+        cfg["noise_models"] = [nm, nm]
+    m = build_method(cfg)
+    m.set_normalization([60.0, 40.0], [30.0, 20.0])
+    return m
+
+
+def _structures(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """Two clean structures: blobs and stripes, 0..~150."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]].astype(np.float32)
+    blobs = np.zeros(shape, np.float32)
+    for _ in range(12):
+        cy, cx = rng.uniform(0, shape[0]), rng.uniform(0, shape[1])
+        blobs += 120 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 4.0**2))
+    stripes = 60 + 60 * np.sin(xx / 3.0 + yy / 7.0)
+    return np.stack([blobs + 10, stripes]).astype(np.float32)
+
+
+def test_kl_summed_and_averaged_differ_by_latent_pixels():
+    m = _tiny().train()
+    batch = torch.rand(3, 2, 32, 32) * 100
+    with torch.no_grad():
+        _, stats = m.forward_train(batch, torch.Generator().manual_seed(0))
+    assert len(stats) == 2
+    for level, st in enumerate(stats):
+        n = (32 // 2 ** (level + 1)) ** 2
+        assert st.n_pixels == n
+        summed = kl_loss([st], "sum", 0.0, 1)
+        averaged = kl_loss([st], "mean", 0.0, 1)
+        assert float(summed) > 0
+        assert float(summed / averaged) == pytest.approx(n, rel=1e-5)
+    # denoiSplit scales the summed KL per image pixel; free bits clamp each level and sample.
+    assert float(kl_loss(stats, "sum", 0.0, 1024)) == pytest.approx(sum(float(s.summed().mean()) for s in stats) / 1024, rel=1e-5)
+    assert float(kl_loss(stats, "sum", 1e9, 1024)) == pytest.approx(2 * 1e9 / 1024, rel=1e-6)
+    assert float(kl_loss(stats, "mean", 1e9, 1024)) == pytest.approx(2 * 1e9, rel=1e-6)
+
+
+def test_training_loss_is_finite_and_differentiable_for_both_methods():
+    for name in ("denoisplit", "musplit"):
+        m = _tiny(name).train()
+        loss = m.training_loss(torch.from_numpy(_structures((32, 32), 0))[None].repeat(2, 1, 1, 1), torch.Generator().manual_seed(1))
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(p.grad is not None for p in m.net.head.parameters())
+
+
+def test_denoisplit_requires_one_noise_model_per_channel():
+    with pytest.raises(ConfigError, match="noise model per channel"):
+        build_method({"method": "denoisplit", "spatial_ndim": 2, "in_channels": 2, **TINY})
+    with pytest.raises(ConfigError, match="noise_models has 1 entries"):
+        build_method({"method": "denoisplit", "spatial_ndim": 2, "in_channels": 2, "noise_models": [_noise_model()], **TINY})
+
+
+def test_sampling_random_without_seed_identical_with_seed():
+    m = _tiny().eval()
+    x = torch.from_numpy(_structures((32, 32), 1).sum(0))[None, None]
+    with torch.no_grad():
+        a = m.predict_samples(x, 2, seed=None)
+        b = m.predict_samples(x, 2, seed=None)
+        c = m.predict_samples(x, 2, seed=7)
+        d = m.predict_samples(x, 2, seed=7)
+    assert not torch.equal(a, b)
+    assert not torch.equal(c[0], c[1])  # two samples of one call differ
+    assert torch.equal(c, d)
+    m.set_inference(n_samples=4, seed=3)
+    with torch.no_grad():
+        p1, p2 = m.predict(x), m.predict(x)
+    assert p1.shape == (1, 4, 32, 32)
+    assert torch.equal(p1, p2)  # seeded per call: predict is a function of its input
+    assert float(p1[:, 2:].min()) >= 0 and float(p1[:, 2:].mean()) > 0
+    assert m.output_names == ["ch0", "ch1", "ch0_std", "ch1_std"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """A denoisplit model trained a few steps through train_model on two stacked TIFFs."""
+    from quietscope.training.run import train_model
+
+    d = tmp_path_factory.mktemp("dsplit")
+    clean = _structures((96, 96), 2)
+    rng = np.random.default_rng(0)
+    noisy = clean + rng.normal(0, 5, clean.shape).astype(np.float32)
+    files = []
+    for i in range(2):
+        tifffile.imwrite(d / f"ch{i}.tif", noisy[i])
+        files.append(str(d / f"ch{i}.tif"))
+    nm_files = []
+    for i in range(2):
+        p = d / f"nm{i}.json"
+        p.write_text(json.dumps(_noise_model(i)))
+        nm_files.append(str(p))
+    model = d / "m.qs"
+    res = train_model(
+        files, model, {"method": "denoisplit", "noise_models": nm_files, **TINY},
+        {"patch": (32,), "batch": 4, "steps": 6, "val_fraction": 0.0, "device": "cpu"}, progress=False,
+    )
+    test = _structures((75, 90), 3)
+    test_noisy = (test + rng.normal(0, 5, test.shape)).astype(np.float32)
+    tifffile.imwrite(d / "test_sum.tif", test_noisy.sum(0))
+    for i in range(2):
+        tifffile.imwrite(d / f"test_clean{i}.tif", test[i])
+    return {"dir": d, "model": model, "history": res.history, "test": str(d / "test_sum.tif"), "sum": test_noisy.sum(0)}
+
+
+def test_trained_model_stores_noise_models_and_stacked_data(trained):
+    from quietscope.modelfile import read_manifest
+
+    man = read_manifest(trained["model"])
+    assert man["method"]["in_channels"] == 2
+    assert man["axes"] == "cyx"
+    assert len(man["method"]["noise_models"]) == 2 and man["method"]["noise_models"][0]["kind"] == "gmm"
+    assert all(math.isfinite(h["loss"]) for h in trained["history"])
+
+
+def test_chunked_prediction_shape_no_nan_and_matches_whole_on_mean_path(trained, tmp_path):
+    from quietscope.modelfile import load_model
+    from quietscope.predict import PredictOptions, method_halo, predict, predict_tile, predict_whole
+
+    out = tmp_path / "p.ome.zarr"
+    res = predict(trained["model"], trained["test"], out, PredictOptions(chunks=(16, 16), block=(32, 32), progress=False),
+                  inference={"n_samples": 0})
+    img = open_image(out)
+    assert img.shape == (4, 75, 90) and img.channel_names == ["ch0", "ch1", "ch0_std", "ch1_std"]
+    tiled = img.read((slice(None),) * 3).astype(np.float32)
+    assert np.isfinite(tiled).all()
+    assert res.n_blocks == 9
+    method, _ = load_model(trained["model"])
+    method.set_inference(n_samples=0)
+    halo = method_halo(method)
+    assert res.halo == halo and all(h > 0 and h % method.downsampling_factor == 0 for h in halo)
+    whole = predict_whole(lambda t: predict_tile(method, t), trained["sum"][None], halo, method.downsampling_factor)
+    # The posterior-mean path is deterministic: stitched blocks equal one whole-image pass.
+    assert np.abs(tiled - whole).max() <= 1e-4 * np.abs(whole).max()
+    assert np.all(tiled[2:] == 0)
+
+    # Sampling: same seed in every tile, different noise per tile -> equal only in distribution.
+    out8 = tmp_path / "s.ome.zarr"
+    predict(trained["model"], trained["test"], out8, PredictOptions(chunks=(16, 16), block=(32, 32), progress=False),
+            inference={"n_samples": 4})
+    sampled = open_image(out8).read((slice(None),) * 3)
+    assert np.isfinite(sampled).all() and sampled[2:].mean() > 0
+
+
+def test_calibration_recovers_known_scale_on_gaussian_errors():
+    rng = np.random.default_rng(0)
+    std = rng.uniform(0.5, 3.0, (2, 400, 400))
+    clean = rng.normal(100, 10, std.shape)
+    true_scale = np.array([1.7, 0.6])[:, None, None]
+    pred = clean + rng.normal(size=std.shape) * std * true_scale
+    res = calibrate_arrays(pred, std, clean, n_bins=30)
+    for ch, k in zip(res.channels, (1.7, 0.6)):
+        assert ch.scale == pytest.approx(k, rel=0.05)
+        assert abs(ch.offset) < 0.05 * k * 3.0
+        assert ch.ence_before > 0.3 and ch.ence_after < 0.05
+
+
+def test_calibrate_cli_writes_model_that_scales_std(trained, tmp_path):
+    from click.testing import CliRunner
+
+    from quietscope.modelfile import load_model, read_manifest
+    from quietscope_cli.main import cli
+
+    out_model, report = tmp_path / "cal.qs", tmp_path / "calib.json"
+    d = trained["dir"]
+    r = CliRunner().invoke(cli, ["calibrate", str(trained["model"]), trained["test"], "--clean", str(d / "test_clean0.tif"),
+                                 "--clean", str(d / "test_clean1.tif"), "-o", str(report), "--model-out", str(out_model),
+                                 "--bins", "10", "--samples", "4"])
+    assert r.exit_code == 0, r.output
+    cal = read_manifest(out_model)["method"]["calibration"]
+    assert len(cal) == 2 and all(c["scale"] > 0 for c in cal)
+    assert json.loads(report.read_text())["channels"][0]["scale"] == pytest.approx(cal[0]["scale"])
+    assert (tmp_path / "calib.png").stat().st_size > 1000
+    raw, _ = load_model(trained["model"])
+    calibrated, _ = load_model(out_model)
+    x = torch.from_numpy(trained["sum"][:64, :64].copy())[None, None]
+    with torch.no_grad():
+        a, b = raw.predict(x), calibrated.predict(x)
+    assert torch.equal(a[:, :2], b[:, :2])
+    for c in range(2):
+        expect = (a[:, 2 + c] * cal[c]["scale"] + cal[c]["offset"]).clamp(min=0)
+        assert torch.allclose(b[:, 2 + c], expect, atol=1e-5)
+
+
+def test_stacked_view_reads_like_the_parts(tmp_path):
+    a = np.arange(40 * 50, dtype=np.uint16).reshape(40, 50)
+    b = (a * 2).astype(np.float32)
+    tifffile.imwrite(tmp_path / "a.tif", a)
+    tifffile.imwrite(tmp_path / "b.tif", b)
+    s = open_stacked([tmp_path / "a.tif", tmp_path / "b.tif"])
+    assert s.axes == "cyx" and s.shape == (2, 40, 50) and s.n_channels == 2 and s.spatial_shape == (40, 50)
+    assert s.dtype == np.float32 and s.n_timepoints == 1
+    sp = (slice(3, 9), slice(10, 30))
+    np.testing.assert_array_equal(s.read_tc(0, sp), np.stack([a[sp], b[sp]]))
+    np.testing.assert_array_equal(s.read((slice(1, 2),) + sp), b[sp][None])
+    tifffile.imwrite(tmp_path / "c.tif", a[:30])
+    with pytest.raises(Exception, match="channel images differ"):
+        open_stacked([tmp_path / "a.tif", tmp_path / "c.tif"])
+
+
+def test_cli_train_stacks_channels(trained, tmp_path):
+    from click.testing import CliRunner
+
+    from quietscope.modelfile import read_manifest
+    from quietscope_cli.main import cli
+
+    d = trained["dir"]
+    out = tmp_path / "cli.qs"
+    r = CliRunner().invoke(cli, [
+        "train", str(d / "ch0.tif"), "--channels", str(d / "ch1.tif"), "--method", "musplit", "-o", str(out),
+        "--depth", "2", "--filters", "8", "--patch", "32", "--batch", "2", "--steps", "2", "--val-fraction", "0",
+        "--device", "cpu", "--param", "latent_channels=4",
+    ])
+    assert r.exit_code == 0, r.output
+    man = read_manifest(out)
+    assert man["method"]["method"] == "musplit" and man["method"]["in_channels"] == 2 and man["axes"] == "cyx"
