@@ -32,7 +32,7 @@ import psutil
 import zarr
 
 from quietscope.runner.cluster import cpu_count, dask_client
-from quietscope.runner.executor import BlockTask, JobSpec, count_blocks, iter_tasks, stream_tasks
+from quietscope.runner.executor import JobSpec, count_blocks, iter_tasks, stream_tasks
 from quietscope.runner.testing import BoxProcessor, UNetProcessor, noop, worker_peak_rss
 
 logging.basicConfig(level=logging.WARNING)

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import zarr
 from click.testing import CliRunner
 
 from helpers import random_model, tree_bytes, write_ome, write_zarr_array

@@ -7,7 +7,6 @@ import pytest
 import zarr
 
 from helpers import random_model, write_ome, write_zarr_array
-from quietscope.io import open_image
 from quietscope.modelfile import load_model
 from quietscope.predict import PredictOptions, method_halo, predict, predict_tile, predict_whole
 

@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from quietscope import __version__
-from quietscope.errors import ConfigError, InputError, OutputError
+from quietscope.errors import ConfigError
 from quietscope.io.reading import Image, open_image
 from quietscope.io.validation import check_finite_sample
 from quietscope.io.writing import (
@@ -32,18 +32,16 @@ from quietscope.io.writing import (
     build_pyramid,
     check_output_path,
     create_ome_zarr,
-    open_level,
     remove_output,
     write_tiff,
 )
-from quietscope.runner.cluster import cpu_count, dask_client
+from quietscope.runner.cluster import dask_client
 from quietscope.runner.executor import JobSpec, ProcessorFactory, count_blocks, iter_tasks, run_blocks
 from quietscope.runner.ledger import Ledger
 from quietscope.tiling import (
     choose_block_shape,
     halo_factor,
     halo_from_radius,
-    round_up,
     whole_window,
 )
 

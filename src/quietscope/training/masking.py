@@ -18,6 +18,8 @@ import math
 import numpy as np
 import torch
 
+from quietscope.training.struct_mask import apply_struct_mask
+
 
 def stratified_coordinates(
     patch_shape: tuple[int, ...], percentage: float, generator: torch.Generator
@@ -50,6 +52,39 @@ def _reflect(idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(idx >= n, period - idx, idx)
 
 
+def _source(coords: torch.Tensor, offsets: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """Reflected positions ``coords + offsets`` that never land on the blind spot itself.
+
+    Reflection at a border can map a neighbour back onto the masked pixel (offset +2 at the
+    second-last pixel); that would feed the network the very value it must predict, so such
+    positions take the opposite offset instead.
+    """
+    ndim = coords.shape[1]
+
+    def reflect(pos: torch.Tensor) -> torch.Tensor:
+        return torch.stack([_reflect(pos[:, a], spatial[a]) for a in range(ndim)], dim=1)
+
+    src = reflect(coords + offsets)
+    self_hit = (src == coords).all(dim=1, keepdim=True)
+    return torch.where(self_hit, reflect(coords - offsets), src)
+
+
+def _struct_free_offsets(offsets: torch.Tensor, struct_mask: np.ndarray | None) -> torch.Tensor:
+    """Drop replacement neighbours that the structN2V kernel hides.
+
+    Their noise is correlated with the blind spot's (that is why they are hidden), so
+    copying one of them into the blind spot would hand the network the noise it must not
+    see. Falls back to all offsets if the kernel covers the whole window.
+    """
+    if struct_mask is None:
+        return offsets
+    kern = np.asarray(struct_mask, dtype=bool)
+    centre = np.array(kern.shape) // 2
+    hidden = {tuple(int(v) for v in o) for o in np.argwhere(kern) - centre}
+    keep = torch.tensor([tuple(int(v) for v in o) not in hidden for o in offsets], dtype=torch.bool)
+    return offsets[keep] if keep.any() else offsets
+
+
 def n2v_mask(
     batch: torch.Tensor,
     percentage: float = 0.2,
@@ -63,8 +98,10 @@ def n2v_mask(
     ``mask`` is a boolean tensor of the batch's shape, True where the loss is computed.
     Every channel is masked at the same positions with its own replacement values.
     ``struct_mask`` (structN2V) additionally replaces the pixels under a centred boolean
-    kernel around each masked pixel with random values, so that noise correlated along
-    the kernel cannot be predicted from the neighbours.
+    kernel around each masked pixel with random values
+    (:func:`quietscope.training.struct_mask.apply_struct_mask`), so that noise correlated
+    along the kernel cannot be predicted from the neighbours; the blind spot's own
+    replacement is then drawn only from neighbours outside the kernel.
     """
     if generator is None:
         generator = torch.Generator().manual_seed(0)
@@ -73,47 +110,29 @@ def n2v_mask(
     ndim = len(spatial)
     out = batch.clone()
     mask = torch.zeros_like(batch, dtype=torch.bool)
-    offsets = _neighbour_offsets(ndim, roi)
+    offsets = _struct_free_offsets(_neighbour_offsets(ndim, roi), struct_mask)
     for b in range(B):
         coords = stratified_coordinates(spatial, percentage, generator)  # (N, ndim)
         n = coords.shape[0]
         if strategy == "uniform":
             pick = torch.randint(0, offsets.shape[0], (n,), generator=generator)
-            src = coords + offsets[pick]
-            src = torch.stack([_reflect(src[:, a], spatial[a]) for a in range(ndim)], dim=1)
+            src = _source(coords, offsets[pick], spatial)
             idx = (slice(None),) + tuple(src[:, a] for a in range(ndim))
             values = batch[b][idx]  # (C, N)
         elif strategy == "median":
-            neigh = coords[:, None, :] + offsets[None, :, :]  # (N, K, ndim)
-            neigh = torch.stack([_reflect(neigh[..., a], spatial[a]) for a in range(ndim)], dim=-1)
+            k = offsets.shape[0]
+            neigh = _source(
+                coords.repeat_interleave(k, dim=0), offsets.repeat(n, 1), spatial
+            ).reshape(n, k, ndim)
             idx = (slice(None),) + tuple(neigh[..., a] for a in range(ndim))
             values = batch[b][idx].median(dim=-1).values  # (C, N)
         else:
             raise ValueError(f"unknown masking strategy {strategy!r}")
         if struct_mask is not None:
-            _apply_struct(out[b], coords, struct_mask, batch[b], generator)
+            # out[b] still equals batch[b] here, so the random values span the original range.
+            spots = torch.cat([torch.zeros((n, 1), dtype=torch.long), coords], dim=1)
+            out[b : b + 1] = apply_struct_mask(out[b : b + 1], spots, struct_mask, generator)
         tidx = (slice(None),) + tuple(coords[:, a] for a in range(ndim))
         out[b][tidx] = values
         mask[b][tidx] = True
     return out, mask
-
-
-def _apply_struct(
-    out: torch.Tensor, coords: torch.Tensor, kernel: np.ndarray, original: torch.Tensor, generator: torch.Generator
-) -> None:
-    """Replace the pixels under ``kernel`` centred at each coordinate by random values
-    drawn uniformly from the patch's value range (structN2V)."""
-    spatial = out.shape[1:]
-    kern = torch.as_tensor(np.asarray(kernel, dtype=bool))
-    offs = torch.nonzero(kern) - torch.tensor(kern.shape) // 2  # (K, ndim)
-    pos = coords[:, None, :] + offs[None, :, :]
-    pos = pos.reshape(-1, len(spatial))
-    inside = torch.ones(pos.shape[0], dtype=torch.bool)
-    for a, s in enumerate(spatial):
-        inside &= (pos[:, a] >= 0) & (pos[:, a] < s)
-    pos = pos[inside]
-    lo = original.amin(dim=tuple(range(1, original.ndim)))
-    hi = original.amax(dim=tuple(range(1, original.ndim)))
-    r = torch.rand((out.shape[0], pos.shape[0]), generator=generator, dtype=out.dtype)
-    vals = lo[:, None] + r * (hi - lo)[:, None]
-    out[(slice(None),) + tuple(pos[:, a] for a in range(len(spatial)))] = vals

@@ -8,7 +8,6 @@ from typing import Any
 
 from quietscope import __version__
 from quietscope.errors import ConfigError, OutputError
-from quietscope.io.reading import open_image
 from quietscope.io.validation import check_finite_sample
 from quietscope.methods import build_method
 from quietscope.modelfile import save_model
