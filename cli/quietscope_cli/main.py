@@ -111,6 +111,7 @@ def info(input_uri: str, axes: str | None, level: int, as_json: bool) -> None:
 @click.option("--val-fraction", default=0.1, show_default=True, type=float, help="Held-apart slab for validation.")
 @click.option("--foreground", default=0.0, show_default=True, type=float, help="Fraction of patches biased to bright regions.")
 @click.option("--checkpoint-every", default=200, show_default=True, type=int)
+@click.option("--val-every", default=100, show_default=True, type=int, help="Validation loss every N steps.")
 @click.option("--early-stop", default=None, type=int, help="Stop after N validations without improvement.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--noise-model", default=None, type=click.Path(dir_okay=False), help="pn2v/denoisplit: noise model file (JSON) from 'quietscope noise-model'.")
@@ -130,7 +131,7 @@ def info(input_uri: str, axes: str | None, level: int, as_json: bool) -> None:
 @handle_errors
 def train(input_uri: str, output: str, method: str, patch: str, batch: int, steps: int, lr: float, seed: int,
           depth: int, filters: int, n2v2: bool, masked_percent: float, struct_mask: str | None,
-          val_fraction: float, foreground: float, checkpoint_every: int, early_stop: int | None,
+          val_fraction: float, foreground: float, checkpoint_every: int, val_every: int, early_stop: int | None,
           device: str, noise_model: str | None, n_samples: int | None, psf_sigma: str | None, psf: str | None,
           positivity_lambda: float | None, gain: float | None, offset: float | None, noise_sigma: float | None,
           params: tuple[str, ...], channels: tuple[str, ...], overwrite: bool, resume: bool, axes: str | None, level: int) -> None:
@@ -159,7 +160,7 @@ def train(input_uri: str, output: str, method: str, patch: str, batch: int, step
     train_options = {
         "patch": parse_ints(patch, "--patch"), "batch": batch, "steps": steps, "lr": lr, "seed": seed,
         "val_fraction": val_fraction, "foreground": foreground, "checkpoint_every": checkpoint_every,
-        "early_stop": early_stop, "device": device,
+        "val_every": val_every, "early_stop": early_stop, "device": device,
     }
     res = train_model([input_uri, *channels] if channels else input_uri, output, method_options, train_options, axes=axes, level=level,
                       overwrite=overwrite, resume=resume)

@@ -218,8 +218,8 @@ def build_report(
        correlated up to 4 pixels away, so the mask is 9 pixels long).
     2. Pixel-independent noise at a mean below ``low_photon_count`` photons per pixel (with
        a trusted noise model): ``bayes-poisson`` with ``--gain`` and ``--offset``.
-    3. Otherwise ``n2v``; ``pn2v`` with the fitted ``--gain``/``--offset`` is named as the
-       alternative when the noise model is trusted.
+    3. Otherwise ``n2v``; ``pn2v`` (with a noise model fitted by ``quietscope noise-model``)
+       is named as the alternative when the camera model is trusted.
 
     Parameters
     ----------
@@ -295,9 +295,10 @@ def build_report(
         reasons.append("the noise is pixel-independent, which is what Noise2Void needs.")
         if trusted:
             reasons.append(
-                "alternative: pn2v with the measured noise model ("
-                + " ".join(gain_opts)
-                + "), usually a little more accurate."
+                "alternative: pn2v, usually a little more accurate: fit a noise model with "
+                "'quietscope noise-model bootstrap N2V_MODEL DATA -o nm.json' (or 'noise-model fit "
+                "--calibration STACK'), then train with '--method pn2v --noise-model nm.json' "
+                "(camera: " + " ".join(gain_opts) + ")."
             )
     return NoiseReport(
         estimate=estimate,
