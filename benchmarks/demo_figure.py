@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/demo_figure.py [--steps 150] [--out docs/images/demo_before_after.png]
+    .venv/bin/python benchmarks/demo_figure.py [--steps 300] [--out docs/images/demo_before_after.png]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "images" / "demo_before_after.png"))
     args = ap.parse_args()
     import matplotlib

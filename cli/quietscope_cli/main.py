@@ -201,7 +201,7 @@ def predict(model: str, input_uri: str, output: str, estimate: str | None, n_sam
 
 @cli.command()
 @click.option("-o", "--output", default="demo_output", show_default=True, type=click.Path(file_okay=False))
-@click.option("--steps", default=150, show_default=True, type=int, help="Training steps (about a minute on 2 CPU cores).")
+@click.option("--steps", default=300, show_default=True, type=int, help="Training steps (about a minute on 2 CPU cores).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--overwrite", is_flag=True, help="Replace an existing demo output folder.")
 @handle_errors

@@ -34,7 +34,7 @@ def write_ome_zarr_image(path: str | Path, data: np.ndarray, axes: str, chunks: 
 
 def run_demo(
     output_dir: str | Path = "demo_output",
-    steps: int = 150,
+    steps: int = 300,
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
