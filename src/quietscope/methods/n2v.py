@@ -66,18 +66,18 @@ class N2V(Method):
         s = self.config.struct_mask
         return None if s is None else np.asarray(s, dtype=bool)
 
-    def training_loss(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        x = self.normalize(batch)
+    def blind_spot_mask(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """N2V masking (with the structN2V kernel when configured) of a normalised batch;
+        returns ``(masked_input, mask)`` on ``x``'s device. Shared by every N2V-family method."""
         cfg = self.config
         masked, mask = n2v_mask(
-            x.cpu(),
-            cfg.masked_pixel_percentage,
-            cfg.roi_size,
-            cfg.strategy,
-            generator,
-            struct_mask=self._struct(),
+            x.cpu(), cfg.masked_pixel_percentage, cfg.roi_size, cfg.strategy, generator, struct_mask=self._struct()
         )
-        masked, mask = masked.to(x.device), mask.to(x.device)
+        return masked.to(x.device), mask.to(x.device)
+
+    def training_loss(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = self.normalize(batch)
+        masked, mask = self.blind_spot_mask(x, generator)
         pred = self.net(masked)
         return ((pred - x) ** 2)[mask].mean()
 

@@ -26,7 +26,6 @@ from quietscope.errors import ConfigError
 from quietscope.methods.base import register
 from quietscope.methods.n2v import N2V, N2VConfig
 from quietscope.nets.psf import convolve_psf, gaussian_psf, psf_support, validate_psf
-from quietscope.training.masking import n2v_mask
 
 __all__ = ["N2VDeconv", "N2VDeconvConfig", "positivity_penalty"]
 
@@ -153,10 +152,7 @@ class N2VDeconv(N2V):
                 f"--patch {patch} is too small for the PSF (support {support} voxels per axis); "
                 f"use a patch of at least {tuple(4 * r for r in support)} or a smaller PSF"
             )
-        masked, mask = n2v_mask(
-            x.cpu(), cfg.masked_pixel_percentage, cfg.roi_size, cfg.strategy, generator, struct_mask=self._struct()
-        )
-        masked, mask = masked.to(x.device), mask.to(x.device)
+        masked, mask = self.blind_spot_mask(x, generator)
         z = self.net(masked)
         # Borders: s near the patch edge would need z from outside the patch. Mirroring z (as
         # the DecoNoising code does) invents that light; instead we convolve 'valid' and

@@ -31,7 +31,6 @@ from quietscope.methods.base import Method, register
 from quietscope.methods.n2v import N2V, N2VConfig
 from quietscope.noise_models import noise_model_from_dict
 from quietscope.noise_models.base import NoiseModel
-from quietscope.training.masking import n2v_mask
 
 __all__ = ["PN2V", "PN2VConfig", "marginal_nll", "mmse_estimate", "prior_mean"]
 
@@ -191,17 +190,8 @@ class PN2V(N2V):
             # The first batch already shows whether data and noise model share a scale.
             self.check_data_range(float(batch.min()), float(batch.max()))
             self._range_checked = True
-        cfg = self.config
         x = self.normalize(batch)
-        masked, mask = n2v_mask(
-            x.cpu(),
-            cfg.masked_pixel_percentage,
-            cfg.roi_size,
-            cfg.strategy,
-            generator,
-            struct_mask=self._struct(),
-        )
-        masked, mask = masked.to(x.device), mask.to(x.device)
+        masked, mask = self.blind_spot_mask(x, generator)
         samples = self._samples(masked)  # (B, C, K, *spatial)
         picked = samples.movedim(2, -1)[mask]  # (N, K) at the masked pixels
         return marginal_nll(self.noise_model, batch[mask], picked).mean()
