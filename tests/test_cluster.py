@@ -47,6 +47,8 @@ def test_thread_budget_never_oversubscribes():
         for th in (None, 1, 2):
             tasks, intra = thread_budget(n, th, cores=16)
             assert n * tasks * intra <= max(16, n * tasks)
+    assert thread_budget(1, threads=1, cores=2, torch_threads=1) == (1, 1)  # --torch-threads wins
+    assert thread_budget(2, cores=16, torch_threads=3) == (8, 3)
 
 
 def test_lazy_plan_matches_plan_blocks_and_scales_to_a_million_blocks():
@@ -288,3 +290,10 @@ def test_patch_prefetch_is_deterministic_and_reads_ahead(tmp_path):
         assert a.shape == (10, 1, 4, 16, 16)
         np.testing.assert_array_equal(a, b)  # independent of thread timing
     assert not np.array_equal(serial[0], serial[1])
+
+
+def test_torch_threads_option_reaches_worker_processes():
+    from quietscope.runner.testing import torch_threads
+
+    with dask_client(workers=1, threads=1, torch_threads=1) as client:
+        assert set(client.run(torch_threads).values()) == {1}  # default would give the lone worker 2

@@ -19,6 +19,7 @@ import zarr
 from helpers import write_zarr_array
 from quietscope.predict import predict_whole
 from quietscope.runner.cluster import dask_client, worker_info
+from quietscope.runner.executor import BlockTask, blocks_per_task, group_tasks, iter_tasks
 from quietscope.runner.ledger import Ledger
 from quietscope.runner.testing import BoxProcessor, run_box_job, torch_threads
 
@@ -60,6 +61,18 @@ def _assert_same(path: Path, ref: list[np.ndarray]) -> None:
         np.testing.assert_array_equal(g, r, err_msg=f"level {k}")
 
 
+def test_blocks_grouped_only_for_large_plans_and_never_starving_workers():
+    assert blocks_per_task(4096, 2) == 1
+    assert blocks_per_task(100_000, 2) == 25  # 4000 tasks
+    assert -(-100_000 // blocks_per_task(100_000, 2)) <= 4096
+    assert blocks_per_task(10_000, 2, max_tasks=8) == 10_000 // 8  # >= 4 tasks per slot wins
+    assert blocks_per_task(10, 100, max_tasks=2) == 1
+    groups = list(group_tasks(iter_tasks((10, 10), (3, 3), 2), 5))
+    assert [len(g) for g in groups] == [5, 5, 5, 5, 5, 5, 2]
+    flat = [t for g in groups for t in g]
+    assert flat == list(iter_tasks((10, 10), (3, 3), 2)) and isinstance(flat[0], BlockTask)
+
+
 def test_worker_processes_on_loopback_with_one_torch_thread(cluster):
     workers = worker_info(cluster)
     assert len(workers) == 2 and all(w["nthreads"] == 1 for w in workers.values())  # 2 cores // 2 workers
@@ -85,13 +98,15 @@ def test_model_loaded_once_per_worker(cluster, source, tmp_path):
     _assert_same(out, ref)
 
 
-def test_worker_killed_mid_run_completes_identically(cluster, source, tmp_path):
+@pytest.mark.parametrize("group", [1, 5])
+def test_worker_killed_mid_run_completes_identically(cluster, source, tmp_path, group):
     src, ref = source
     crash = tmp_path / "crash"
     crash.mkdir()
     pids_before = set(cluster.run(os.getpid).values())
     out = tmp_path / "out.ome.zarr"
-    res = run_box_job(src, str(out), {**OPTS, "scheduler": cluster.scheduler.address}, dict(sleep=0.05, crash_dir=str(crash)))
+    opts = {**OPTS, "scheduler": cluster.scheduler.address, "blocks_per_task": group}
+    res = run_box_job(src, str(out), opts, dict(sleep=0.05, crash_dir=str(crash)))
     dead = int((crash / "crashed").read_text())
     assert dead in pids_before  # a real worker process died with os._exit mid-task
     assert res.n_blocks == 12 and len(Ledger(out).done()) == 12
@@ -100,11 +115,13 @@ def test_worker_killed_mid_run_completes_identically(cluster, source, tmp_path):
     assert dead not in set(cluster.run(os.getpid).values())
 
 
-@pytest.mark.parametrize("k", [1, 7])
-def test_client_killed_after_k_blocks_then_resume_is_bit_identical(source, tmp_path, k):
+@pytest.mark.parametrize("k, group", [(1, 1), (7, 1), (4, 5)])
+def test_client_killed_after_k_blocks_then_resume_is_bit_identical(source, tmp_path, k, group):
+    """With ``group`` > 1 the kill lands inside multi-block tasks; the resume runs ungrouped."""
     src, ref = source
     out = tmp_path / "out.ome.zarr"
-    job = {"input_uri": src, "output": str(out), "options": {**OPTS, "threads": 2}, "processor": {"sleep": 0.15}}
+    job = {"input_uri": src, "output": str(out), "options": {**OPTS, "threads": 2, "blocks_per_task": group},
+           "processor": {"sleep": 0.15}}
     proc = subprocess.Popen([sys.executable, "-m", "quietscope.runner.testing", json.dumps(job)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done_dir = out / ".quietscope" / "done"

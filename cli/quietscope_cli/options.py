@@ -40,6 +40,8 @@ _PREDICT_OPTIONS = [
     click.option("--resume", is_flag=True, help="Finish an interrupted run into the same output."),
     click.option("--scheduler", default=None, help="Address of a running dask scheduler (tcp://host:8786 or tls://... with --tls-*)."),
     click.option("--threads", default=None, type=int, help="Task threads per worker (default: 2 in-process; cores // --workers with --workers)."),
+    click.option("--torch-threads", default=None, type=int,
+                 help="Intra-op (torch/BLAS) threads per worker process with --workers (default: its cores / --threads)."),
     click.option("--cluster", default="local", show_default=True, type=click.Choice(["local", "slurm"]),
                  help="local: this machine; slurm: dask-jobqueue SLURM jobs from --cluster-profile (docs/cluster.md)."),
     click.option("--workers", default=None, type=int, help="local: N worker processes on 127.0.0.1; slurm: N jobs (one GPU each)."),
@@ -48,7 +50,9 @@ _PREDICT_OPTIONS = [
     click.option("--tls-cert", default=None, type=click.Path(dir_okay=False), help="TLS certificate (PEM) of this client."),
     click.option("--tls-key", default=None, type=click.Path(dir_okay=False), help="TLS private key (PEM) of this client."),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-    click.option("--max-in-flight", default=None, type=int, help="Blocks submitted at once (default 2 x worker threads)."),
+    click.option("--max-in-flight", default=None, type=int, help="Tasks submitted at once (default 2 x worker threads)."),
+    click.option("--blocks-per-task", default=None, type=int,
+                 help="Blocks one dask task processes (default 1, more only when the plan exceeds 4096 blocks)."),
     click.option("--no-progress", is_flag=True, help="Hide the progress bar."),
 ]
 
@@ -77,6 +81,7 @@ def predict_options_from(kw: dict[str, Any]) -> Any:
         "resume": kw.pop("resume"),
         "scheduler": kw.pop("scheduler"),
         "threads": kw.pop("threads"),
+        "torch_threads": kw.pop("torch_threads"),
         "cluster": kw.pop("cluster"),
         "workers": kw.pop("workers"),
         "cluster_profile": kw.pop("cluster_profile"),
@@ -85,6 +90,7 @@ def predict_options_from(kw: dict[str, Any]) -> Any:
         "tls_key": kw.pop("tls_key"),
         "device": kw.pop("device"),
         "max_in_flight": kw.pop("max_in_flight"),
+        "blocks_per_task": kw.pop("blocks_per_task"),
         "progress": not kw.pop("no_progress"),
     }
     try:

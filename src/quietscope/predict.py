@@ -62,8 +62,10 @@ class PredictOptions(BaseModel):
     resume: bool = False
     scheduler: str | None = None
     threads: int | None = Field(None, ge=1)
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker process (--workers)")
     device: str = "auto"
     max_in_flight: int | None = Field(None, ge=1)
+    blocks_per_task: int | None = Field(None, ge=1, description="default: runner.executor.blocks_per_task")
     n_levels: int | None = Field(None, ge=1, le=12)
     shards: tuple[int, ...] | None = None
     progress: bool = True
@@ -208,8 +210,12 @@ def run_prediction(
     options: PredictOptions,
     provenance: dict[str, Any],
     channel_windows: list[tuple[float, float]] | None = None,
+    halo_reason: str = "measured receptive field",
 ) -> PredictResult:
-    """Predict ``image`` block by block with ``factory``'s tile function into ``output``."""
+    """Predict ``image`` block by block with ``factory``'s tile function into ``output``.
+
+    ``halo_reason`` says in the log where the halo came from.
+    """
     output = str(output)
     as_tiff = output.lower().endswith((".tif", ".tiff"))
     spatial = image.spatial_shape
@@ -300,9 +306,9 @@ def run_prediction(
         ledger.create(job_record)
 
     log.info(
-        "halo %s voxels (measured receptive field, rounded to factor %d); block %s = %s chunks of %s; "
+        "halo %s voxels (%s, rounded to factor %d); block %s = %s chunks of %s; "
         "%d blocks x %d time points; halo factor %.3f; output %s %s NGFF %s, %d levels",
-        dict(zip(sp_axes, halo)), factor, dict(zip(sp_axes, block)),
+        dict(zip(sp_axes, halo)), halo_reason, factor, dict(zip(sp_axes, block)),
         "x".join(str(-(-b // c)) for b, c in zip(block, chunks)), chunks,
         n_blocks, n_t, hf, options.dtype, out_axes, options.ngff, spec.n_levels,
     )
@@ -330,14 +336,16 @@ def run_prediction(
     with dask_client(
         options.scheduler, options.threads, cluster=options.cluster, workers=options.workers,
         profile=options.cluster_profile, tls_ca=options.tls_ca, tls_cert=options.tls_cert, tls_key=options.tls_key,
+        torch_threads=options.torch_threads,
     ) as client:
         if n_tasks > 0:
             stats = run_blocks(
                 client, job, factory, iter_tasks(spatial, block, n_t, done), n_tasks,
-                max_in_flight=options.max_in_flight, progress=options.progress,
+                max_in_flight=options.max_in_flight, progress=options.progress, group=options.blocks_per_task,
             )
             result.seconds_level0 = stats["seconds"]
             result.voxels_per_s = stats["voxels_per_s"]
+            result.extra["blocks_per_task"] = stats["blocks_per_task"]
             log.info("level 0: %d blocks in %.1f s (%.3g voxel/s)", n_tasks, stats["seconds"], stats["voxels_per_s"])
         else:
             log.info("all %d blocks already done; nothing to predict", n_blocks * n_t)

@@ -207,4 +207,4 @@ def filter_image(
     log.info("filter %s, footprint %s, sigma %s, halo = filter radius %s", kind,
              dict(zip(image.spatial_axes, proc.sizes)), dict(zip(image.spatial_axes, proc.sigmas)),
              dict(zip(image.spatial_axes, proc.halo)))
-    return run_prediction(image, output, proc, names, proc.halo, 1, options, provenance)
+    return run_prediction(image, output, proc, names, proc.halo, 1, options, provenance, halo_reason="filter radius")

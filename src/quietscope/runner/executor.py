@@ -160,13 +160,47 @@ class ProcessorPlugin(WorkerPlugin):
         self.fn = None
 
 
-def _run_task(job: JobSpec, task: BlockTask) -> int:
+def _run_task(job: JobSpec, group: tuple[BlockTask, ...]) -> tuple[int, int]:
     from distributed import get_worker
 
     plugin = get_worker().plugins[job.processor]
     if plugin.fn is None:  # plugin registered before this worker finished setup
         plugin.fn = plugin.factory.build()
-    return process_block(job, task, plugin.fn)
+    # Each block is marked done on its own, so a group cut short by a crash resumes per block.
+    return len(group), sum(process_block(job, task, plugin.fn) for task in group)
+
+
+# A distributed task costs about 2-3 ms of scheduler and client time whatever it does
+# (measured: benchmarks/scaling.py); beyond this many tasks, blocks are grouped.
+MAX_TASKS = 4096
+
+
+def blocks_per_task(n_blocks: int, slots: int, max_tasks: int = MAX_TASKS, min_tasks_per_slot: int = 4) -> int:
+    """How many blocks one distributed task should process.
+
+    One block per task unless the plan has more than ``max_tasks`` blocks; then just enough
+    per task to stay under ``max_tasks`` tasks, so a 10^5-block plan does not spend minutes on
+    scheduling, but never so many that a worker slot gets fewer than ``min_tasks_per_slot``
+    tasks (load balance and a short tail).
+
+    Parameters
+    ----------
+    n_blocks : int
+        Blocks still to do.
+    slots : int
+        Tasks that can run at once (worker threads, or GPUs).
+    """
+    if n_blocks <= max_tasks:
+        return 1
+    k = -(-n_blocks // max_tasks)
+    return max(1, min(k, n_blocks // max(1, slots * min_tasks_per_slot)))
+
+
+def group_tasks(tasks: Iterable[BlockTask], size: int) -> Iterator[tuple[BlockTask, ...]]:
+    """Consecutive blocks in groups of ``size`` (the last may be shorter), lazily."""
+    it = iter(tasks)
+    while group := tuple(islice(it, size)):
+        yield group
 
 
 def stream_tasks(
@@ -181,11 +215,15 @@ def stream_tasks(
     on_result: Callable[[Any], None] | None = None,
     progress: bool = False,
     desc: str = "tasks",
+    progress_units: Callable[[Any], int] | None = None,
+    progress_total: int | None = None,
 ) -> tuple[int, float]:
     """Run ``fn(*a)`` for each ``a`` of the (lazy) iterable, at most ``max_in_flight`` at once.
 
     The client holds only the futures in flight (small results, never pixels); each
     completion releases its future and submits the next task. Returns ``(tasks, seconds)``.
+    The progress bar counts tasks, or ``progress_units(result)`` per task out of
+    ``progress_total`` (e.g. blocks when a task processes several).
     """
     from distributed import as_completed
     from tqdm.auto import tqdm
@@ -207,7 +245,7 @@ def stream_tasks(
 
     t0 = time.perf_counter()
     submit(max_in_flight)
-    bar = tqdm(total=n_tasks, disable=not progress, desc=desc, unit="block")
+    bar = tqdm(total=progress_total or n_tasks, disable=not progress, desc=desc, unit="block")
     for batch in ac.batches():
         results = client.gather(batch)  # small numbers, never pixels
         for f in batch:
@@ -215,7 +253,7 @@ def stream_tasks(
         if on_result is not None:
             for res in results:
                 on_result(res)
-        bar.update(len(batch))
+        bar.update(sum(map(progress_units, results)) if progress_units else len(batch))
         submit(len(batch))
     bar.close()
     return submitted, time.perf_counter() - t0
@@ -231,11 +269,13 @@ def run_blocks(
     progress: bool = True,
     retries: int = 2,
     resources: dict[str, float] | None = None,
+    group: int | None = None,
 ) -> dict[str, float]:
     """Submit tasks in a bounded stream and wait for all; returns throughput figures.
 
     When the cluster's workers declare a ``GPU`` resource, each task requests ``GPU=1`` so two
-    tasks never share a device (pass ``resources`` to override).
+    tasks never share a device (pass ``resources`` to override). ``group`` blocks go into one
+    distributed task (default: :func:`blocks_per_task`).
     """
     from quietscope.runner.cluster import gpu_resources, worker_info
 
@@ -246,20 +286,25 @@ def run_blocks(
     nthreads = sum(w.get("nthreads", 1) for w in workers.values()) or 1
     if resources and "GPU" in resources:
         nthreads = max(1, sum(int((w.get("resources") or {}).get("GPU", 0)) for w in workers.values()))
+    size = group or blocks_per_task(n_tasks, nthreads)
+    n_groups = -(-n_tasks // size)
     limit = max_in_flight or max(4, 2 * nthreads)
-    voxels = 0
+    if size > 1:
+        log.info("%d blocks in %d tasks of %d blocks (caps scheduling overhead at ~%d tasks)", n_tasks, n_groups, size, MAX_TASKS)
     t_start = time.perf_counter()
     bar_state = {"voxels": 0}
 
-    def on_result(v: int) -> None:
-        bar_state["voxels"] += v
+    def on_result(r: tuple[int, int]) -> None:
+        bar_state["voxels"] += r[1]
 
     n, elapsed = stream_tasks(
-        client, _run_task, ((job, t) for t in tasks), n_tasks,
-        key=lambda a: f"block-{job.id}-{a[1].key}", max_in_flight=limit, resources=resources,
+        client, _run_task, ((job, g) for g in group_tasks(tasks, size)), n_groups,
+        key=lambda a: f"block-{job.id}-{a[1][0].key}-{len(a[1])}", max_in_flight=limit, resources=resources,
         retries=retries, on_result=on_result, progress=progress, desc="predict",
+        progress_units=lambda r: r[0], progress_total=n_tasks,
     )
     voxels = bar_state["voxels"]
     client.unregister_worker_plugin(factory.token)
-    log.debug("%d blocks streamed with at most %d in flight in %.2f s", n, limit, time.perf_counter() - t_start)
-    return {"seconds": elapsed, "voxels": float(voxels), "voxels_per_s": voxels / max(elapsed, 1e-9), "blocks": n}
+    log.debug("%d tasks streamed with at most %d in flight in %.2f s", n, limit, time.perf_counter() - t_start)
+    return {"seconds": elapsed, "voxels": float(voxels), "voxels_per_s": voxels / max(elapsed, 1e-9),
+            "blocks": n_tasks, "tasks": n, "blocks_per_task": size}
