@@ -254,7 +254,7 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     try:
         if row == "fit-noise-models":
-            fit_calibrated_models(ds)
+            fit_calibrated_models(ds, task.get("kinds", ("histogram", "gmm")))
             return []
         if row == "n2v":
             res, out = _train_predict(ds, "n2v", seed, {"method": "n2v", **N2V_MASK}, budget, "n2v")
@@ -326,7 +326,7 @@ def priority(task: dict[str, Any]) -> tuple:
     return (tier, seed, order[ds["section"]], ds["name"], row)
 
 
-def fit_calibrated_models(ds: dict[str, Any]) -> None:
+def fit_calibrated_models(ds: dict[str, Any], kinds: tuple[str, ...] = ("histogram", "gmm")) -> None:
     from quietscope.noise_models import fit_gmm, fit_histogram, pairs_from_calibration
 
     d = Path(ds["dir"])
@@ -335,8 +335,9 @@ def fit_calibrated_models(ds: dict[str, Any]) -> None:
     else:  # W2S: held-out noisy frame with its clean image mapped onto the noisy units
         s, x = np.load(d / "paired_signal.npy").ravel(), np.load(d / "noisy_heldout.npy").ravel()
     # Written under a temporary name and renamed: waiting tasks never read half a file.
-    for name, model in (("nm_histogram.json", fit_histogram(s, x, bins=256)),
-                        ("nm_gmm.json", fit_gmm(s, x, n_gaussian=3, n_coeff=2, seed=0))):
+    fits = {"histogram": lambda: fit_histogram(s, x, bins=256), "gmm": lambda: fit_gmm(s, x, n_gaussian=3, n_coeff=2, seed=0)}
+    for kind in kinds:
+        name, model = f"nm_{kind}.json", fits[kind]()
         model.save(d / f"tmp_{name}")
         (d / f"tmp_{name}").replace(d / name)
 
@@ -496,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
                 report["skipped"][r] = f"method {ROW_METHOD[r]!r} not registered"
         if any(r.startswith("pn2v") and "bootstrapped" not in r for r in trained) and "pn2v" in registered:
             # Fitted in a worker (a minute or more): the other rows need not wait for it.
-            tasks.append({"ds": ds, "row": "fit-noise-models", "seed": -1, "budget": budget})
+            kinds = tuple(k for k in ("histogram", "gmm") if f"pn2v-{k} (calibrated)" in trained)
+            tasks.append({"ds": ds, "row": "fit-noise-models", "seed": -1, "budget": budget, "kinds": kinds})
         boot = "pn2v-gmm (bootstrapped)" in trained and "pn2v" in registered
         for seed in range(budget["seeds"]):
             for r in trained:

@@ -10,6 +10,7 @@ import torch
 from scipy.stats import norm
 
 from quietscope.errors import InputError, ModelError
+from quietscope.noise_models.histogram import pool_sparse_rows
 from quietscope.noise_models import (
     GMMNoiseModel,
     HistogramNoiseModel,
@@ -120,18 +121,79 @@ def test_histogram_rows_are_normalised_counts():
     # Four pixels with signal in row 0; bin width 1, so density = fraction of pixels.
     s = np.array([0.5, 0.5, 0.5, 0.5, 3.5])
     x = np.array([0.5, 0.5, 1.5, 3.5, 3.5])
-    model = fit_histogram(s, x, bins=4, range=(0.0, 4.0))
-    p = model.likelihood(torch.tensor([0.5, 1.5, 2.5, 3.5]), torch.tensor(0.5))
+    model = fit_histogram(s, x, bins=4, range=(0.0, 4.0), min_row_pairs=0)
+    p = model.table_likelihood(torch.tensor([0.5, 1.5, 2.5, 3.5]), torch.tensor(0.5))
     np.testing.assert_allclose(p.numpy(), [0.5, 0.25, 0.0, 0.25], atol=1e-6)
+    # The likelihood PN2V uses adds a 1e-4 share of a smooth component (gradients everywhere).
+    full = model.likelihood(torch.tensor([0.5, 1.5, 2.5, 3.5]), torch.tensor(0.5))
+    np.testing.assert_allclose(full.numpy(), p.numpy(), atol=2e-4)
     assert (model.density > 0).all()  # the floor: no zero probability, no log(0)
 
 
 def test_histogram_fills_empty_signal_rows_from_neighbours():
     s = np.array([0.5, 2.5])
     x = np.array([0.5, 2.5])
-    model = fit_histogram(s, x, bins=3, range=(0.0, 3.0))
+    model = fit_histogram(s, x, bins=3, range=(0.0, 3.0), min_row_pairs=0)
     # Row 1 saw no pixel: it is the average of rows 0 and 2.
     np.testing.assert_allclose(model.density[1].numpy(), [0.5, 0.0, 0.5], atol=1e-6)
+
+
+def test_sparse_rows_borrow_shifted_neighbours_and_dense_rows_are_untouched():
+    counts = np.zeros((6, 6))
+    counts[1, 1:4] = [100, 800, 100]  # dense: a peak on the diagonal
+    counts[2, 2:5] = [1, 3, 1]  # sparse: borrows row 1 shifted by +1 column, then row 3 (empty)
+    pooled = pool_sparse_rows(counts, 1000)
+    np.testing.assert_array_equal(pooled[1], counts[1])
+    np.testing.assert_array_equal(pooled[2], [0, 0, 101, 803, 101, 0])
+    assert pooled[3].sum() == 0  # empty rows stay empty (interpolated later)
+
+
+def test_pooling_sparse_rows_gives_a_better_model_where_data_are_scarce():
+    # Poisson-Gaussian pairs, 200x fewer of them at bright signals (like a mostly dark image).
+    rng = np.random.default_rng(3)
+    s = np.concatenate([rng.uniform(100, 500, 200_000), rng.uniform(500, 2000, 1_000)])
+    x = GAIN * rng.poisson(s / GAIN) + rng.normal(0, READ_SIGMA, s.size)
+    s_test = rng.uniform(1000, 1900, 5000)
+    x_test = torch.from_numpy(GAIN * rng.poisson(s_test / GAIN) + rng.normal(0, READ_SIGMA, s_test.size))
+    nll = {}
+    for k in (0, 1000):
+        model = fit_histogram(s, x, bins=256, min_row_pairs=k)
+        nll[k] = float(-model.log_likelihood(x_test, torch.from_numpy(s_test)).mean())
+    assert nll[1000] < nll[0] - 2.0, nll  # measured: 11.5 -> 5.6 nats
+
+
+def test_histogram_gives_a_gradient_towards_x_where_the_table_is_at_its_floor():
+    rng = np.random.default_rng(1)
+    s = rng.uniform(0.0, 100.0, 20000)
+    model = fit_histogram(s, s + rng.normal(0, 1.0, s.size), bins=64, range=(-5.0, 105.0))
+    x = torch.tensor([10.0, 90.0])
+    far = torch.tensor([60.0, 40.0], requires_grad=True)  # 30-50 noise stds away: empty bins
+    assert (model.table_likelihood(x, far) < 1e-6).all()
+    model.log_likelihood(x, far).sum().backward()
+    assert far.grad[0] < 0 and far.grad[1] > 0  # both pulled towards their observation
+
+
+def test_histogram_pulls_signals_outside_its_support_back():
+    # Rows 0 and 1 of 8 saw no pixel: the support is rows 2..7 (centres 2.5..7.5).
+    rng = np.random.default_rng(0)
+    s = rng.uniform(2.0, 8.0, 5000)
+    x = s + rng.normal(0, 0.5, s.size)
+    model = fit_histogram(s, np.clip(x, 0, 7.99), bins=8, range=(0.0, 8.0))
+    assert model.support == pytest.approx((2.5, 7.5))
+    inside = torch.tensor([3.0, 5.0, 7.5])
+    xs = torch.tensor([3.2, 5.1, 7.4])
+    np.testing.assert_allclose(model.log_likelihood(xs, inside).numpy(),
+                               torch.log(model.table_likelihood(xs, inside)).numpy(), atol=1e-3)
+    # Below the support the table's rows are copies (flat in s); the fall-off still has a gradient
+    # that points up, towards signals the calibration saw, and above it one that points down.
+    s_out = torch.tensor([0.6, 1.2, 7.9], requires_grad=True)
+    model.log_likelihood(torch.tensor([2.5, 2.5, 7.5]), s_out).sum().backward()
+    assert s_out.grad[0] > 0 and s_out.grad[1] > 0 and s_out.grad[2] < 0
+    # A saved model keeps its support; a version-1 description (no support) means the whole range.
+    again = noise_model_from_dict(json.loads(json.dumps(model.to_dict())))
+    assert again.support == pytest.approx(model.support)
+    old = {k: v for k, v in model.to_dict().items() if k != "support"} | {"version": 1}
+    assert noise_model_from_dict(old).support == pytest.approx((0.5, 7.5))
 
 
 # ---- differentiability ------------------------------------------------------------------

@@ -5,10 +5,19 @@ A ``B x B`` table over one shared ``[low, high]`` range for signal (rows) and ob
 row's bin, stored as a probability *density* over ``x`` (so ``p(x|s)`` integrates to one over
 ``x``). Lookups are piecewise constant in ``x`` and linear in ``s`` between row centres, which
 makes the likelihood differentiable in ``s``.
+
+Outside its *support* (the centres of the first and last signal rows that received data) the
+table has no information: rows there are copies of the edge row, so PN2V's likelihood is flat
+in ``s`` and a prior sample that drifts there gets no gradient back. Measured on BPAE (see
+docs/benchmarks.md) 1 % of the prior samples sat 2000 units below any signal and the prior
+mean lost 10 dB. Beyond the support the likelihood therefore falls off as a Gaussian in the
+distance, with a scale of one bin: inside the support nothing changes, outside every sample
+is pulled back towards signals the calibration has seen.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import numpy as np
@@ -20,6 +29,10 @@ from quietscope.noise_models.base import NoiseModel, as_float_array, read_float
 
 #: Floor on every bin's probability, so no likelihood (and no log) is ever zero.
 PROB_FLOOR = 1e-10
+#: Weight and scale (in units of the row's noise std) of the smooth, heavy-tailed "defensive"
+#: component mixed into the table; see :meth:`HistogramNoiseModel.log_likelihood`.
+TAIL_WEIGHT = 1e-4
+TAIL_WIDTH = 2.0
 
 
 class HistogramNoiseModel(NoiseModel):
@@ -32,11 +45,14 @@ class HistogramNoiseModel(NoiseModel):
         integrates to one.
     low, high : float
         The range shared by both axes, raw units.
+    support : (float, float), optional
+        Signals the table was filled from (centres of the first and last filled rows); default
+        the whole range (row centres 0 and B-1).
     """
 
     kind: ClassVar[str] = "histogram"
 
-    def __init__(self, density: Any, low: float, high: float) -> None:
+    def __init__(self, density: Any, low: float, high: float, support: tuple[float, float] | None = None) -> None:
         super().__init__()
         table = np.asarray(density, dtype=np.float32)
         if table.ndim != 2 or table.shape[0] != table.shape[1] or table.shape[0] < 2:
@@ -48,6 +64,19 @@ class HistogramNoiseModel(NoiseModel):
         self.register_buffer("density", torch.from_numpy(table.copy()))
         self.low = float(low)
         self.high = float(high)
+        w = self.bin_width
+        full = (self.low + 0.5 * w, self.high - 0.5 * w)
+        lo_s, hi_s = (float(v) for v in (support if support is not None else full))
+        if not (full[0] - 1e-6 * w <= lo_s <= hi_s <= full[1] + 1e-6 * w):
+            raise ConfigError(f"histogram support [{lo_s}, {hi_s}] must lie within the row centres {full}")
+        self.support = (lo_s, hi_s)
+        # Noise std of each row (piecewise-constant bins), for the defensive component.
+        centres = self.low + (np.arange(table.shape[0]) + 0.5) * w
+        mass = np.maximum(table.sum(axis=1, dtype=np.float64) * w, 1e-300)
+        mean = table @ centres * w / mass
+        second = table @ (centres**2 + w**2 / 12) * w / mass
+        sigma = np.sqrt(np.maximum(second - mean**2, 0.0))
+        self.register_buffer("row_sigma", torch.from_numpy(np.maximum(sigma, w).astype(np.float32)))
 
     @property
     def bins(self) -> int:
@@ -66,6 +95,10 @@ class HistogramNoiseModel(NoiseModel):
         return self.low, self.high
 
     def likelihood(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self.log_likelihood(x, s))
+
+    def table_likelihood(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The table's density at ``(x, s)``, without the fall-off beyond the support."""
         device = self.density.device
         x, s = torch.broadcast_tensors(
             torch.as_tensor(x, device=device), torch.as_tensor(s, device=device)
@@ -83,7 +116,26 @@ class HistogramNoiseModel(NoiseModel):
         return density[row0, col] * (1 - frac) + density[row0 + 1, col] * frac
 
     def log_likelihood(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return torch.log(self.likelihood(x, s))
+        """``log p(x|s)``: the table, with two changes that only matter where it is flat in ``s``.
+
+        * Beyond the support the table's value at the nearest supported signal falls off as a
+          Gaussian in the distance (scale one bin).
+        * A Cauchy density centred on ``s`` with scale ``TAIL_WIDTH`` times the row's noise std
+          gets weight ``TAIL_WEIGHT``. Far from ``x`` every bin is at the floor, so without it a
+          prior sample there gets no gradient at all; PN2V's network starts with all samples of
+          a dark pixel that far off, and such samples never learn (measured: prior mean 10 dB
+          below the GMM's). Heavy-tailed so that it stays above the floor hundreds of stds away
+          (a Gaussian would not); where the table has data it changes the likelihood by ~1e-4.
+        """
+        device = self.density.device
+        x, s = torch.broadcast_tensors(torch.as_tensor(x, device=device), torch.as_tensor(s, device=device))
+        inside = torch.clamp(s, *self.support)
+        outside = 0.5 * ((s - inside) / self.bin_width) ** 2
+        table = torch.log(self.table_likelihood(x, inside)) - outside
+        row = torch.clamp(torch.round((inside.detach() - self.low) / self.bin_width - 0.5), 0, self.bins - 1).long()
+        gamma = (TAIL_WIDTH * self.row_sigma[row]).to(table.dtype)
+        tail = -torch.log1p(((x - s) / gamma) ** 2) - torch.log(gamma) - math.log(math.pi)
+        return torch.logaddexp(table + math.log1p(-TAIL_WEIGHT), tail + math.log(TAIL_WEIGHT))
 
     def mean_std(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mean and std of ``x`` given ``s``, exact for the piecewise-constant rows."""
@@ -105,9 +157,10 @@ class HistogramNoiseModel(NoiseModel):
     def to_dict(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
-            "version": 1,
+            "version": 2,
             "low": self.low,
             "high": self.high,
+            "support": list(self.support),
             "density": self.density.detach().cpu().numpy().tolist(),
         }
 
@@ -125,10 +178,52 @@ class HistogramNoiseModel(NoiseModel):
             raise ModelError(
                 "histogram noise model table has negative or non-finite values; refit it"
             )
+        support = d.get("support")  # version 1 files: the whole range
         try:
-            return cls(table, low, high)
+            if support is not None:
+                support = (float(support[0]), float(support[1]))
+            return cls(table, low, high, support)
+        except (TypeError, ValueError, IndexError):
+            raise ModelError("histogram noise model has a malformed 'support'; refit it") from None
         except ConfigError as e:
             raise ModelError(f"{e}; refit and re-save the noise model") from None
+
+
+#: Default for :func:`fit_histogram`'s ``min_row_pairs``.
+MIN_ROW_PAIRS = 1000
+
+
+def pool_sparse_rows(counts: np.ndarray, min_pairs: int) -> np.ndarray:
+    """Give every signal row at least ``min_pairs`` pairs by borrowing from its neighbours.
+
+    Row ``i`` with fewer pairs adds rows ``i±1, i±2, ...`` (until the total reaches
+    ``min_pairs``), each shifted along ``x`` by the signal difference, i.e. assuming the noise
+    distribution translates with the signal over those few bins. Rows that already have
+    ``min_pairs`` are returned unchanged; empty rows stay empty (they are interpolated later).
+
+    Calibration data are mostly background: in a 192² BPAE crop x 30 frames the rows near the
+    brightest signals hold ~50 pairs spread over ~25 columns, and the PN2V gradient with respect
+    to ``s`` taken from such rows points the wrong way about half the time (measured).
+    """
+    n = counts.shape[0]
+    row_total = counts.sum(axis=1)
+    out = counts.astype(np.float64, copy=True)
+    for i in np.flatnonzero((row_total > 0) & (row_total < min_pairs)):
+        acc, total, k = counts[i].astype(np.float64), float(row_total[i]), 0
+        while total < min_pairs and k < n:
+            k += 1
+            for j in (i - k, i + k):
+                if 0 <= j < n and row_total[j] > 0:
+                    shift = i - j  # shared range: one signal bin == one observation bin
+                    shifted = np.zeros(n)
+                    if shift >= 0:
+                        shifted[shift:] = counts[j, : n - shift]
+                    else:
+                        shifted[:shift] = counts[j, -shift:]
+                    acc += shifted
+                    total += float(row_total[j])
+        out[i] = acc
+    return out
 
 
 def fit_histogram(
@@ -136,6 +231,7 @@ def fit_histogram(
     observation: np.ndarray,
     bins: int = 256,
     range: tuple[float, float] | None = None,  # noqa: A002 - numpy's name for it
+    min_row_pairs: int = MIN_ROW_PAIRS,
 ) -> HistogramNoiseModel:
     """Fit a PN2V histogram noise model to ``(signal, observation)`` pixel pairs.
 
@@ -148,6 +244,9 @@ def fit_histogram(
         Bins per axis (PN2V uses 256).
     range : (float, float), optional
         Range shared by both axes; default spans all signal and observation values.
+    min_row_pairs : int, optional
+        Signal rows with fewer pairs borrow shifted counts from neighbouring rows until they
+        have this many (:func:`pool_sparse_rows`); 0 keeps PN2V's plain per-row histograms.
 
     Returns
     -------
@@ -181,6 +280,8 @@ def fit_histogram(
 
     counts, _, _ = np.histogram2d(s, x, bins=bins, range=[[low, high], [low, high]])
     filled = np.flatnonzero(counts.sum(axis=1) > 0)
+    if min_row_pairs > 0:
+        counts = pool_sparse_rows(counts, int(min_row_pairs))
     if filled.size == 0:
         raise InputError(
             f"no signal value lies inside the histogram range [{low:.6g}, {high:.6g}]; "
@@ -197,4 +298,5 @@ def fit_histogram(
     prob = np.maximum(prob, PROB_FLOOR)
     prob /= prob.sum(axis=1, keepdims=True)
     width = (high - low) / bins
-    return HistogramNoiseModel(prob / width, low, high)
+    support = (low + (filled[0] + 0.5) * width, low + (filled[-1] + 0.5) * width)
+    return HistogramNoiseModel(prob / width, low, high, support)
