@@ -27,6 +27,8 @@ def _fit_options(fn: Any) -> Any:
                      help="gmm: polynomial coefficients per parameter (2 = linear in the signal)."),
         click.option("--iterations", default=2000, show_default=True, type=int, help="gmm: optimisation steps."),
         click.option("--bins", default=256, show_default=True, type=int, help="histogram: bins per axis."),
+        click.option("--min-row-pairs", default=1000, show_default=True, type=int,
+                     help="histogram: signal rows with fewer pairs borrow shifted neighbouring rows (0: plain PN2V)."),
         click.option("--max-pairs", default=1_000_000, show_default=True, type=int,
                      help="(signal, observation) pixels sampled from big data."),
         click.option("--channel", default=None, type=int, help="Channel to model (required for multi-channel data)."),
@@ -44,6 +46,7 @@ def _fit_options(fn: Any) -> Any:
 def _fit_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     return {
         "n_gaussian": kw["gaussians"], "n_coeff": kw["coeffs"], "n_iterations": kw["iterations"], "bins": kw["bins"],
+        "min_row_pairs": kw["min_row_pairs"],
     }
 
 

@@ -23,7 +23,7 @@ from quietscope.errors import ConfigError, InputError
 from quietscope.io.reading import Image, open_image
 from quietscope.noise_models.base import NoiseModel
 from quietscope.noise_models.gmm import fit_gmm
-from quietscope.noise_models.histogram import fit_histogram
+from quietscope.noise_models.histogram import MIN_ROW_PAIRS, fit_histogram
 from quietscope.noise_models.pairs import pairs_from_paired, pairs_from_prediction
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ def fit_noise_model(
     n_gaussian: int = 3,
     n_coeff: int = 2,
     bins: int = 256,
+    min_row_pairs: int = MIN_ROW_PAIRS,
     n_iterations: int = 2000,
     seed: int = 0,
 ) -> NoiseModel:
@@ -77,6 +78,9 @@ def fit_noise_model(
         GMM components, polynomial coefficients per parameter, optimisation steps.
     bins : int
         Histogram bins per axis.
+    min_row_pairs : int
+        Histogram: sparse signal rows borrow shifted neighbours up to this many pairs
+        (:func:`~quietscope.noise_models.histogram.pool_sparse_rows`; 0 = plain PN2V rows).
     seed : int
         Seeds the GMM fit.
 
@@ -87,7 +91,7 @@ def fit_noise_model(
     if kind == "gmm":
         return fit_gmm(signal, observation, n_gaussian, n_coeff, n_iterations=n_iterations, seed=seed)
     if kind == "histogram":
-        return fit_histogram(signal, observation, bins=bins)
+        return fit_histogram(signal, observation, bins=bins, min_row_pairs=min_row_pairs)
     raise ConfigError(f"noise model kind {kind!r} is unknown; use gmm or histogram")
 
 
@@ -421,7 +425,8 @@ def fit_from_calibration(
     plot_path : str or Path, optional
         Also write :func:`~quietscope.noise_models.plot_noise_model`'s PNG with the pairs.
     **fit
-        ``n_gaussian``, ``n_coeff``, ``bins``, ``n_iterations`` of :func:`fit_noise_model`.
+        ``n_gaussian``, ``n_coeff``, ``bins``, ``min_row_pairs``, ``n_iterations`` of
+        :func:`fit_noise_model`.
 
     Returns
     -------
