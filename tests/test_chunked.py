@@ -94,14 +94,25 @@ def test_resume_finishes_missing_blocks_identically(tmp_path):
     opts = PredictOptions(chunks=(16, 16), block=(16, 16), progress=False)
     predict(model, src, out, opts)
     full = {k: zarr.open_array(store=str(out / k), mode="r")[...] for k in ("0", "1")}
-    # Simulate a crash: some blocks were never written (no ledger marker, no pixels).
-    done = sorted((out / ".quietscope" / "done").iterdir())
+    # Simulate a crash: the state of an unfinished job (ledger folder with the job record and a
+    # marker per finished block) in which some blocks were never written (no marker, no pixels).
+    from quietscope.runner.executor import iter_tasks
+    from quietscope.runner.ledger import JOB_ATTR, Ledger
+
+    group = zarr.open_group(str(out), mode="r+")
+    record = dict(group.attrs[JOB_ATTR], complete=False)
+    del group.attrs[JOB_ATTR]
+    ledger = Ledger(out)
+    ledger.create(record)
+    done = [t.key for t in iter_tasks((64, 80), (16, 16), 1)]
     lost = done[::3]
     z0 = zarr.open_array(store=str(out / "0"), mode="r+")
-    for marker in lost:
-        t, i, j = marker.name[1:].split("_")
-        z0[int(i) * 16 : int(i) * 16 + 16, int(j) * 16 : int(j) * 16 + 16] = 0
-        marker.unlink()
+    for key in done:
+        if key in lost:
+            t, i, j = key[1:].split("_")
+            z0[int(i) * 16 : int(i) * 16 + 16, int(j) * 16 : int(j) * 16 + 16] = 0
+        else:
+            ledger.mark_done(key)
     res = predict(model, src, out, opts.model_copy(update={"resume": True}))
     assert res.n_done_before == len(done) - len(lost)
     for k, ref in full.items():

@@ -293,10 +293,12 @@ def run_prediction(
     }
     ledger = Ledger(target)
     done: set[str] = set()
+    complete = False
     if not as_tiff and options.resume and Path(target).exists():
         ledger.check_same_job(job_record)
+        complete = bool(ledger.job().get("complete"))
         done = ledger.done()
-        log.info("resuming %s: %d of %d blocks already done", target, len(done), n_blocks * n_t)
+        log.info("resuming %s: %s", target, "the job is complete" if complete else f"{len(done)} of {n_blocks * n_t} blocks already done")
     else:
         if not as_tiff:
             check_output_path(output, [image.ref.uri], options.overwrite)
@@ -323,14 +325,14 @@ def run_prediction(
         halo=halo, factor=factor, processor=factory.token,
         local_levels=local_levels, level_shapes=tuple(spec.level_shapes()),
     )
-    n_tasks = n_blocks * n_t - len(done)
+    n_tasks = 0 if complete else n_blocks * n_t - len(done)
     result = PredictResult(
         output=output, halo=halo, block=block, chunks=chunks, n_blocks=n_blocks * n_t,
-        n_done_before=len(done), halo_factor=hf,
+        n_done_before=n_blocks * n_t - n_tasks, halo_factor=hf,
     )
     result.extra["local_levels"] = local_levels
     need_pyramid = bool(spec.n_levels and spec.n_levels - 1 > local_levels)
-    if n_tasks == 0 and ledger.job().get("complete"):
+    if complete:
         log.info("all %d blocks already done and the pyramid is complete; nothing to do", n_blocks * n_t)
         return result
     with dask_client(
@@ -353,7 +355,8 @@ def run_prediction(
         if need_pyramid:
             build_pyramid(spec, client, start_level=local_levels + 1)
         result.seconds_pyramid = time.perf_counter() - t0
-    ledger.set_complete(True)
+    if not as_tiff:
+        ledger.set_complete()
     if as_tiff:
         import zarr
 

@@ -4,6 +4,11 @@ One empty marker file per finished block, written *after* the block's pixels. Za
 not store chunks that equal the fill value, so chunk presence cannot tell a finished block
 from an unstarted one: the ledger is the truth. Marker files need no locking and survive
 any crash (a block either has its marker or is redone).
+
+While a job runs the ledger is the folder ``.quietscope/`` inside the output. When the job is
+complete its record moves into the output group's attributes (``quietscope_job``) and the
+folder is removed: a finished output holds nothing but zarr nodes, so zarr lists it without
+warnings ("object ... is not recognized as a component of a Zarr hierarchy").
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from typing import Any
 from quietscope.errors import OutputError
 
 LEDGER_DIR = ".quietscope"
+#: Group attribute holding the job record of a finished job.
+JOB_ATTR = "quietscope_job"
 
 
 class Ledger:
@@ -29,9 +36,21 @@ class Ledger:
 
     def job(self) -> dict[str, Any]:
         path = self.root / "job.json"
-        if not path.exists():
+        if path.exists():
+            return json.loads(path.read_text())
+        record = self._finished_record()
+        if record is None:
             raise OutputError(f"{str(self.root.parent)!r} has no quietscope job record; it cannot be resumed, use --overwrite")
-        return json.loads(path.read_text())
+        return record
+
+    def _finished_record(self) -> dict[str, Any] | None:
+        import zarr
+
+        try:
+            record = zarr.open_group(str(self.root.parent), mode="r").attrs.get(JOB_ATTR)
+        except Exception:  # not a zarr group at all: no record
+            return None
+        return dict(record) if isinstance(record, dict) else None
 
     def check_same_job(self, job: dict[str, Any]) -> None:
         old = self.job()
@@ -54,7 +73,13 @@ class Ledger:
             return set()
         return {p.name for p in self.done_dir.iterdir() if not p.name.startswith(".")}
 
-    def set_complete(self, complete: bool = True) -> None:
+    def set_complete(self) -> None:
+        """Move the job record into the group's attributes and remove the ledger folder."""
+        import shutil
+
+        import zarr
+
         job = self.job()
-        job["complete"] = complete
-        (self.root / "job.json").write_text(json.dumps(job, indent=2, sort_keys=True, default=str))
+        job["complete"] = True
+        zarr.open_group(str(self.root.parent), mode="r+").attrs[JOB_ATTR] = json.loads(json.dumps(job, default=str))
+        shutil.rmtree(self.root, ignore_errors=True)
