@@ -24,6 +24,8 @@ Run: ``python benchmarks/split.py`` (writes benchmarks/results/split.json and do
 the two levels in parallel, one thread each (how the stored results were made, ~17 min):
 ``QS_THREADS=1 python benchmarks/split.py --level moderate & QS_THREADS=1 python
 benchmarks/split.py --level high; wait; python benchmarks/split.py --merge``.
+``--steps N [--n2v-steps M]`` trains longer and writes ``split_stepsN[_LEVEL].json`` (pictures in
+``benchmarks/results/split_stepsN_images/``), leaving the default run's files alone.
 """
 
 from __future__ import annotations
@@ -228,12 +230,17 @@ def main() -> int:
         return 0
     import torch
 
-    global SPLIT_STEPS, N2V_STEPS, RESULTS, LEVELS
+    global SPLIT_STEPS, N2V_STEPS, RESULTS, LEVELS, IMAGES
+    if "--steps" in sys.argv:  # a longer budget: its own result file and pictures beside it
+        SPLIT_STEPS = int(sys.argv[sys.argv.index("--steps") + 1])
+        N2V_STEPS = int(sys.argv[sys.argv.index("--n2v-steps") + 1]) if "--n2v-steps" in sys.argv else N2V_STEPS
+        RESULTS = RESULTS.with_name(f"split_steps{SPLIT_STEPS}.json")
+        IMAGES = RESULTS.parent / f"split_steps{SPLIT_STEPS}_images"
     if "--smoke" in sys.argv:  # a seconds-long run of every code path; results not kept
         SPLIT_STEPS, N2V_STEPS, LEVELS = 3, 3, LEVELS[-1:]
         RESULTS = Path(tempfile.mkdtemp()) / "split.json"
     if "--merge" in sys.argv:  # combine the per-level files of parallel '--level NAME' runs
-        parts = [json.loads(RESULTS.with_name(f"split_{n}.json").read_text()) for n, _, _ in LEVELS]
+        parts = [json.loads(RESULTS.with_name(f"{RESULTS.stem}_{n}.json").read_text()) for n, _, _ in LEVELS]
         merged = {**parts[0], "levels": {k: v for p in parts for k, v in p["levels"].items()},
                   "total_seconds": max(p["total_seconds"] for p in parts)}
         RESULTS.write_text(json.dumps(merged, indent=2))
@@ -241,12 +248,14 @@ def main() -> int:
     if "--level" in sys.argv:  # one level only (run the levels as parallel processes)
         want = sys.argv[sys.argv.index("--level") + 1]
         LEVELS = [lv for lv in LEVELS if lv[0] == want]
-        RESULTS = RESULTS.with_name(f"split_{want}.json")
+        RESULTS = RESULTS.with_name(f"{RESULTS.stem}_{want}.json")
     torch.set_num_threads(int(os.environ.get("QS_THREADS", "2")))
     IMAGES.mkdir(parents=True, exist_ok=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     clean = load_clean()
-    work = Path(tempfile.mkdtemp(prefix="qs-split-bench-"))
+    keep = sys.argv[sys.argv.index("--keep") + 1] if "--keep" in sys.argv else None  # keep models/outputs there
+    work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="qs-split-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     out = {
         "task": "BPAE actin + mito (rescaled 0-1000), superimposed; train rows 0-680 x cols 0-512, "
@@ -262,7 +271,8 @@ def main() -> int:
             out["total_seconds"] = round(time.perf_counter() - t0, 1)
             RESULTS.write_text(json.dumps(out, indent=2))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(out, indent=2))
     return 0
 
