@@ -189,6 +189,21 @@ def test_calibration_recovers_known_scale_on_gaussian_errors():
         assert ch.ence_before > 0.3 and ch.ence_after < 0.05
 
 
+def test_calibration_never_maps_a_std_to_zero():
+    # Errors that grow faster than the predicted std: a free line fit has a negative offset,
+    # which would turn the smallest stds into 0 ("certain"). The fit goes through the origin.
+    rng = np.random.default_rng(1)
+    std = rng.uniform(0.5, 3.0, (1, 300, 300))
+    clean = np.zeros_like(std)
+    pred = rng.normal(size=std.shape) * (2.5 * std - 1.0)
+    res = calibrate_arrays(pred, std, clean, n_bins=30)
+    ch = res.channels[0]
+    assert np.polyfit(ch.rmv, ch.rmse, 1)[1] < -0.5  # the unconstrained offset is clearly negative
+    assert ch.offset == 0.0 and ch.scale > 0
+    assert min(ch.scale * r + ch.offset for r in ch.rmv) > 0.5 * ch.scale
+    assert ch.ence_after < ch.ence_before
+
+
 def test_calibrate_cli_writes_model_that_scales_std(trained, tmp_path):
     from click.testing import CliRunner
 
