@@ -228,7 +228,7 @@ def _summary(args, source, spec, report, noisy, clean, structured, data_range, r
             "source": source, "size": args.size, "peak_photons": args.peak, "gain": args.gain,
             "offset": args.offset, "read_sigma": args.read_sigma, "struct_sigma": args.struct_sigma,
             "struct_box": 5, "noise_seed": 1234,
-            "noise_lag1": lag1(noisy - clean), "structured_lag1": lag1(structured),
+            "noise_lag1": lag1(noisy - clean), "structured_lag1": lag1(structured) if structured.std() > 0 else None,
         },
         "inspect_noise": {"options": report.options, "mask": spec, "structure": report.structure.to_dict()},
         "budget": {"steps": args.steps, "batch": args.batch, "patch": args.patch, "depth": args.depth,

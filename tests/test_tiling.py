@@ -84,3 +84,16 @@ def test_block_choice_respects_volume_and_memory_in_3d():
         over_memory = np.prod([b + 2 * h for b, h in zip(bigger, halo)]) > 3_000_000
         beyond_volume = block[ax] >= shape[ax]
         assert over_memory or beyond_volume
+
+
+def test_block_choice_in_powers_of_two_of_chunks_along_pyramid_axes():
+    shape, chunks, halo = (4096, 4096), (96, 96), (24, 24)
+    free = choose_block_shape(shape, chunks, halo, max_voxels=1_500_000)
+    pow2 = choose_block_shape(shape, chunks, halo, max_voxels=1_500_000, pow2_axes=(0, 1))
+    assert free == (576, 480)  # 6 x 5 chunks: no pyramid level can be written block-locally
+    for ax in (0, 1):
+        n = pow2[ax] // chunks[ax]
+        assert n & (n - 1) == 0 or pow2[ax] >= shape[ax]  # 1, 2, 4, ... chunks, or the whole axis
+    assert pow2 == (768, 384)  # 8 x 4 chunks: levels 1 and 2 are written by each block
+    assert np.prod([b + 2 * h for b, h in zip(pow2, halo)]) <= 1_500_000
+    assert halo_factor(pow2, halo) < halo_factor(free, halo) + 0.01  # alignment costs little halo

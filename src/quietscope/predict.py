@@ -239,7 +239,9 @@ def run_prediction(
         if len(block) != len(spatial) or any(b % a for b, a in zip(block, align)):
             raise ConfigError(f"--block {block} must have one value per spatial axis, each a multiple of {align} (chunks/shards)")
     else:
-        block = choose_block_shape(spatial, align, halo, options.max_tile_voxels)
+        # Powers of two of chunks in y and x let each block write its own coarse pyramid levels.
+        pow2 = [i for i, a in enumerate(sp_axes) if a in "yx"] if options.stream_pyramid and not as_tiff else []
+        block = choose_block_shape(spatial, align, halo, options.max_tile_voxels, pow2_axes=pow2)
     n_blocks = count_blocks(spatial, block)  # the plan itself stays lazy (iter_tasks)
     n_t = image.n_timepoints
     hf = halo_factor(tuple(min(b, s) for b, s in zip(block, spatial)), halo)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from itertools import product
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -67,13 +67,17 @@ def choose_block_shape(
     halo: Shape,
     max_voxels: int,
     target_halo_factor: float = 1.2,
+    pow2_axes: Sequence[int] = (),
 ) -> Shape:
     """Choose a block shape: a multiple of ``chunks`` per axis, at most ``max_voxels`` with
     halo, growing the axis that reduces the halo overhead most until the overhead is below
     ``target_halo_factor`` or the block covers the volume.
 
     Blocks spanning several chunks amortise the halo (halo factor ``prod(b + 2h) / prod(b)``);
-    memory bounds them from above.
+    memory bounds them from above. Along ``pow2_axes`` the number of chunks per block is a
+    power of two (or the whole axis): a block of ``2^k`` chunks can write pyramid level ``k``
+    of its own region as it finishes (``io.writing.block_local_levels``), so viewers see coarse
+    levels fill in during the run instead of at its end.
     """
     ndim = len(shape)
     n = [1] * ndim  # chunks per block along each axis
@@ -94,7 +98,7 @@ def choose_block_shape(
             if n[ax] >= n_max[ax]:
                 continue
             trial = list(n)
-            trial[ax] += 1
+            trial[ax] = min(2 * n[ax], n_max[ax]) if ax in pow2_axes else n[ax] + 1
             if cost(trial) > max_voxels:
                 continue
             f = halo_factor(block(trial), halo)
