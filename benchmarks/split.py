@@ -24,6 +24,7 @@ Run: ``python benchmarks/split.py`` (writes benchmarks/results/split.json and do
 the two levels in parallel, one thread each (how the stored results were made, ~17 min):
 ``QS_THREADS=1 python benchmarks/split.py --level moderate & QS_THREADS=1 python
 benchmarks/split.py --level high; wait; python benchmarks/split.py --merge``.
+``--musplit-fixed-var`` adds a μSplit row with a fixed-variance Gaussian likelihood.
 ``--steps N [--n2v-steps M]`` trains longer and writes ``split_stepsN[_LEVEL].json`` (pictures in
 ``benchmarks/results/split_stepsN_images/``), leaving the default run's files alone.
 """
@@ -149,6 +150,8 @@ def run_level(name: str, pscale: float, grel: float, clean: np.ndarray, work: Pa
         "musplit": (ch_files, {"method": "musplit", **SPLIT_NET}, test_in),
         "sequential": (den_files, {"method": "musplit", **SPLIT_NET}, test_den),
     }
+    if "--musplit-fixed-var" in sys.argv:  # μSplit with a fixed-variance Gaussian (see split_probe.py)
+        models["musplit_fixedvar"] = (ch_files, {"method": "musplit", "gaussian_logvar": 0.0, **SPLIT_NET}, test_in)
     res: dict = {"noise": {"poisson_scale": pscale, "gauss_rel": grel}, "methods": {}}
     preds = {}
     for key, (inputs, opts, tin) in models.items():
