@@ -200,3 +200,17 @@ def test_memory_hint_scales_with_samples():
     a = build_method(pn2v_config(n_samples=8))
     b = build_method(pn2v_config(n_samples=64))
     assert isinstance(a, PN2V) and b.memory_per_voxel == 8 * a.memory_per_voxel
+
+
+def test_training_data_beyond_a_histogram_support_are_flagged():
+    # Histogram fitted on signals 100-500 (noise std 10); data reaching 2000 are beyond it.
+    rng = np.random.default_rng(0)
+    s = rng.uniform(100, 500, 200_000)
+    hist = fit_histogram(s, s + rng.normal(0, 10, s.size), bins=128, range=(0.0, 2100.0))
+    method = build_method(pn2v_config(noise_model=hist))
+    assert method.data_coverage_warning(110.0, 490.0) is None  # inside (noise allowance included)
+    msg = method.data_coverage_warning(110.0, 2000.0)
+    assert msg is not None and "calibrate over the data's whole intensity range" in msg
+    assert method.data_coverage_warning(20.0, 450.0) is not None  # far below the first signal
+    # A GMM extrapolates: no warning.
+    assert build_method(pn2v_config()).data_coverage_warning(-1e6, 1e6) is None

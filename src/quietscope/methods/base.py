@@ -76,6 +76,12 @@ class Method(torch.nn.Module):
         self.norm_mean.copy_(mean_t)
         self.norm_std.copy_(torch.clamp(std_t, min=1e-6))
 
+    def data_coverage_warning(self, low: float, high: float) -> str | None:
+        """A warning when training data whose signal spans ``[low, high]`` (1st/99th percentile
+        of smoothed patches, raw units) go beyond what a fitted component of the method knows;
+        ``None`` when all is well."""
+        return None
+
     def _bcast(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
         return v.reshape((1, -1) + (1,) * (ndim - 2))
 

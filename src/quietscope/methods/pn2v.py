@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from pydantic import Field, field_validator
 
@@ -167,6 +168,30 @@ class PN2V(N2V):
         """Raise :class:`~quietscope.errors.InputError` when the noise model does not cover
         ``[x_min, x_max]`` (raw units)."""
         self.noise_model.check_range(float(x_min), float(x_max))
+
+    def data_coverage_warning(self, low: float, high: float) -> str | None:
+        """Warn when the data reach signals a histogram noise model never saw.
+
+        A histogram knows p(x|s) only between the first and last signal it was filled from (its
+        support); beyond, prior samples are pushed back inside it, biasing the prediction there
+        (measured on W2S: 14 % of the test crop below the calibrated signals, 19.9 dB vs 25.3 with
+        a GMM). ``low``/``high`` come from smoothed data, which still carry a little noise, so the
+        check allows one noise standard deviation at each end.
+        """
+        nm = self.noise_model
+        support = getattr(nm, "support", None)
+        if support is None:
+            return None
+        lo, hi = support
+        (_, sd_lo), (_, sd_hi) = (nm.mean_std(np.array([v])) for v in (lo, hi))
+        lo_ok, hi_ok = lo - float(sd_lo[0]), hi + float(sd_hi[0])
+        if low >= lo_ok and high <= hi_ok:
+            return None
+        return (
+            f"the data's signal (1st-99th percentile {low:.6g}-{high:.6g}) reaches beyond the signals the histogram noise "
+            f"model was fitted on ({lo:.6g}-{hi:.6g}, plus one noise std: {lo_ok:.6g}-{hi_ok:.6g}); predictions there are "
+            "biased: calibrate over the data's whole intensity range, or use a GMM noise model (it extrapolates)"
+        )
 
     def set_normalization(self, mean: Any, std: Any) -> None:
         super().set_normalization(mean, std)

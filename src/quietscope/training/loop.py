@@ -100,6 +100,9 @@ def train(
     train_region, val_region = split_train_val(image.spatial_shape, patch, config.val_fraction)
     stats = estimate_statistics(image, patch, seed=config.seed)
     method.set_normalization(stats["mean"], stats["std"])
+    coverage = method.data_coverage_warning(stats["signal_p01"], stats["signal_p99"])
+    if coverage:
+        log.warning("%s", coverage)
     log.info(
         "normalisation: mean %s, std %s (from %d sampled patches); device %s",
         _fmt(stats["mean"]), _fmt(stats["std"]), stats["n_patches"], device,

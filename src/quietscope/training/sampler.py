@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from quietscope.errors import InputError
 from quietscope.io.reading import Image
@@ -150,12 +151,17 @@ def estimate_statistics(
     mean = sample.mean(axis=axes, dtype=np.float64)
     std = sample.std(axis=axes, dtype=np.float64)
     patch_means = sample.mean(axis=tuple(range(1, sample.ndim)))
+    smoothed = ndimage.gaussian_filter(sample.astype(np.float32), sigma=[0, 0] + [2.0] * (sample.ndim - 2), mode="reflect")
     return {
         "mean": [float(m) for m in mean],
         "std": [float(max(s, 1e-6)) for s in std],
         "foreground_threshold": float(np.median(patch_means)),
         "min": float(sample.min()),
         "max": float(sample.max()),
+        # Percentiles of the sample smoothed over space (σ 2 px): close to the *signal* range,
+        # which noise would otherwise widen (used to check a noise model covers the data).
+        "signal_p01": float(np.percentile(smoothed, 1)),
+        "signal_p99": float(np.percentile(smoothed, 99)),
         "n_patches": n_patches,
         "voxels": int(math.prod(sample.shape)),
     }
