@@ -70,12 +70,8 @@ class HistogramNoiseModel(NoiseModel):
         if not (full[0] - 1e-6 * w <= lo_s <= hi_s <= full[1] + 1e-6 * w):
             raise ConfigError(f"histogram support [{lo_s}, {hi_s}] must lie within the row centres {full}")
         self.support = (lo_s, hi_s)
-        # Noise std of each row (piecewise-constant bins), for the defensive component.
-        centres = self.low + (np.arange(table.shape[0]) + 0.5) * w
-        mass = np.maximum(table.sum(axis=1, dtype=np.float64) * w, 1e-300)
-        mean = table @ centres * w / mass
-        second = table @ (centres**2 + w**2 / 12) * w / mass
-        sigma = np.sqrt(np.maximum(second - mean**2, 0.0))
+        # Noise std of each row, for the defensive component.
+        _, sigma = self.mean_std(self.low + (np.arange(table.shape[0]) + 0.5) * w)
         self.register_buffer("row_sigma", torch.from_numpy(np.maximum(sigma, w).astype(np.float32)))
 
     @property
