@@ -357,8 +357,6 @@ def run_prediction(
         if need_pyramid:
             build_pyramid(spec, client, start_level=local_levels + 1)
         result.seconds_pyramid = time.perf_counter() - t0
-    if not as_tiff:
-        ledger.set_complete()
     if as_tiff:
         import zarr
 
@@ -367,6 +365,8 @@ def run_prediction(
             remove_output(output)
         write_tiff(output, data, out_axes, spec.scale)
         shutil.rmtree(tmpdir, ignore_errors=True)
+    else:
+        ledger.set_complete()
     return result
 
 
