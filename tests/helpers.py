@@ -57,6 +57,15 @@ def random_model(
     return str(path)
 
 
+def read_levels(path: Path) -> list[np.ndarray]:
+    """Every pyramid level ``0, 1, ...`` of an OME-Zarr output, whole."""
+    out, k = [], 0
+    while (path / str(k)).exists():
+        out.append(zarr.open_array(store=str(path / str(k)), mode="r")[...])
+        k += 1
+    return out
+
+
 def tree_bytes(root: Path) -> dict[str, bytes]:
     """Every file below ``root`` (or the file itself) with its bytes, to prove an input is untouched."""
     root = Path(root)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zarr
 
-from helpers import write_zarr_array
+from helpers import read_levels, write_zarr_array
 from quietscope.errors import ConfigError
 from quietscope.io.writing import OutputSpec, block_local_levels, build_pyramid, create_ome_zarr, open_level
 from quietscope.predict import predict_whole
@@ -26,14 +26,6 @@ from quietscope.tiling import plan_blocks
 def _data(shape, seed=0):
     rng = np.random.default_rng(seed)
     return (100 + 20 * rng.standard_normal(shape)).astype(np.float32)
-
-
-def _levels(path: Path) -> list[np.ndarray]:
-    out, k = [], 0
-    while (path / str(k)).exists():
-        out.append(zarr.open_array(store=str(path / str(k)), mode="r")[...])
-        k += 1
-    return out
 
 
 # ---- thread budget, plan -------------------------------------------------------------------
@@ -218,14 +210,14 @@ def test_streamed_pyramid_equals_post_hoc_build(tmp_path, dtype):
     # block 64 = 2^3 x chunk 8: levels 1..3 are written by the block tasks; level 4 afterwards.
     res = run_box_job(src, str(out), dict(chunks=(8, 8), block=(64, 64), dtype=dtype, progress=False))
     assert res.extra["local_levels"] == 3
-    got = _levels(out)
+    got = read_levels(out)
     assert len(got) == 5
     # Reference: level 0 alone, then build_pyramid after the fact.
     spec = OutputSpec(path=str(tmp_path / "ref.ome.zarr"), axes="yx", shape=(90, 122), chunks=(8, 8), dtype=dtype)
     create_ome_zarr(spec)
     open_level(spec.path, 0)[...] = got[0]
     build_pyramid(spec)
-    ref = _levels(Path(spec.path))
+    ref = read_levels(Path(spec.path))
     for k, (g, r) in enumerate(zip(got, ref)):
         assert g.dtype == r.dtype
         np.testing.assert_array_equal(g, r, err_msg=f"level {k}")
@@ -233,7 +225,7 @@ def test_streamed_pyramid_equals_post_hoc_build(tmp_path, dtype):
     out2 = tmp_path / "out2.ome.zarr"
     res2 = run_box_job(src, str(out2), dict(chunks=(8, 8), block=(64, 64), dtype=dtype, n_levels=4, progress=False))
     assert res2.seconds_pyramid < 0.05
-    for k, g in enumerate(_levels(out2)):
+    for k, g in enumerate(read_levels(out2)):
         np.testing.assert_array_equal(g, ref[k], err_msg=f"level {k}")
 
 
@@ -253,7 +245,7 @@ def test_sharded_output_equals_unsharded(tmp_path):
     run_box_job(src, str(tmp_path / "plain.ome.zarr"), base)
     res = run_box_job(src, str(tmp_path / "sharded.ome.zarr"), {**base, "shards": (32, 32)})
     assert res.extra["local_levels"] == 1
-    plain, sharded = _levels(tmp_path / "plain.ome.zarr"), _levels(tmp_path / "sharded.ome.zarr")
+    plain, sharded = read_levels(tmp_path / "plain.ome.zarr"), read_levels(tmp_path / "sharded.ome.zarr")
     assert len(plain) == len(sharded) == 5
     for k, (a, b) in enumerate(zip(plain, sharded)):
         np.testing.assert_array_equal(a, b, err_msg=f"level {k}")

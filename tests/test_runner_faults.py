@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import zarr
 
-from helpers import write_zarr_array
+from helpers import read_levels, write_zarr_array
 from quietscope.predict import predict_whole
 from quietscope.runner.cluster import dask_client, worker_info
 from quietscope.runner.executor import BlockTask, blocks_per_task, group_tasks, iter_tasks
@@ -42,21 +42,13 @@ def source(tmp_path_factory):
     src = write_zarr_array(d / "in.zarr", data, (32, 32))
     ref_out = d / "reference.ome.zarr"
     run_box_job(src, str(ref_out), OPTS)  # in-process, uninterrupted
-    ref = _levels(ref_out)
+    ref = read_levels(ref_out)
     np.testing.assert_array_equal(ref[0], predict_whole(BoxProcessor().apply, data[None], (1, 1), 1)[0])
     return src, ref
 
 
-def _levels(path: Path) -> list[np.ndarray]:
-    out, k = [], 0
-    while (path / str(k)).exists():
-        out.append(zarr.open_array(store=str(path / str(k)), mode="r")[...])
-        k += 1
-    return out
-
-
 def _assert_same(path: Path, ref: list[np.ndarray]) -> None:
-    got = _levels(path)
+    got = read_levels(path)
     assert len(got) == len(ref) == 4
     for k, (g, r) in enumerate(zip(got, ref)):
         np.testing.assert_array_equal(g, r, err_msg=f"level {k}")
