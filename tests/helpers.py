@@ -38,6 +38,7 @@ def random_model(
     method: str = "n2v",
     depth: int = 2,
     filters: int = 8,
+    batch_norm: bool = True,
     mean: float = 100.0,
     std: float = 20.0,
     seed: int = 0,
@@ -46,8 +47,9 @@ def random_model(
     """A model file with random weights (exactness does not need training)."""
     torch.manual_seed(seed)
     m = build_method({"method": method, "spatial_ndim": spatial_ndim, "in_channels": in_channels,
-                      "net": {"depth": depth, "filters": filters}, **extra})
-    # Non-trivial batch-norm statistics so eval-mode normalisation is exercised.
+                      "net": {"depth": depth, "filters": filters, "batch_norm": batch_norm}, **extra})
+    # Non-trivial batch-norm statistics so eval-mode normalisation is exercised (batch norm is
+    # off by default but still an option, and old model files have it).
     for mod in m.modules():
         if isinstance(mod, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
             mod.running_mean.uniform_(-0.5, 0.5)

@@ -74,7 +74,7 @@ class UNet(nn.Module):
         out_channels: int,
         depth: int = 2,
         filters: int = 32,
-        batch_norm: bool = True,
+        batch_norm: bool = False,
         n2v2: bool = False,
     ) -> None:
         super().__init__()
