@@ -127,3 +127,45 @@ def test_cli_simulate_then_evaluate(tmp_path):
     tifffile.imwrite(tmp_path / "small.tif", clean[:40])
     r = runner.invoke(cli, ["evaluate", str(tmp_path / "noisy.ome.zarr"), str(tmp_path / "small.tif")])
     assert r.exit_code == 2 and "same spatial shape" in r.output
+
+
+@pytest.mark.parametrize("shape, max_voxels", [((61, 45), 200), ((13, 30, 23), 900), ((9, 7, 40), 100)])
+def test_streamed_metrics_equal_whole_image_metrics(shape, max_voxels):
+    """Blocks far smaller than the image (and an offset of 10^4 over a spread of ~50) give the
+    whole-image numbers: the SSIM halo and the moment sums are exact, not approximations."""
+    from quietscope.metrics.streaming import block_shape_for, streamed_metrics
+
+    rng = np.random.default_rng(3)
+    gt = 1e4 + _clean(shape, seed=4).astype(np.float64)
+    pred = 0.7 * gt + rng.normal(0, 4, shape) + 120.0
+    assert np.prod(block_shape_for(shape, max_voxels)) < gt.size / 4  # really several blocks
+    got = streamed_metrics(lambda sl: pred[sl], lambda sl: gt[sl], shape, max_voxels=max_voxels)
+    assert got["psnr"] == pytest.approx(psnr(pred, gt), rel=1e-9)
+    assert got["ri_psnr"] == pytest.approx(range_invariant_psnr(pred, gt), rel=1e-7)
+    assert got["ssim"] == pytest.approx(ssim(pred, gt), rel=1e-9)
+    assert got["snr"] == pytest.approx(snr(pred, gt), rel=1e-9)
+
+
+def test_evaluate_reads_files_in_blocks(tmp_path, monkeypatch):
+    """A 3D image larger than max_voxels is never read whole, and the numbers do not change."""
+    from quietscope.io import reading
+
+    rng = np.random.default_rng(5)
+    gt = _clean((12, 40, 50), seed=6)
+    pred = gt + rng.normal(0, 5, gt.shape).astype(np.float32)
+    write_ome_zarr_image(tmp_path / "gt.ome.zarr", gt, "zyx", (4, 20, 25))
+    write_ome_zarr_image(tmp_path / "p.ome.zarr", pred, "zyx", (4, 20, 25))
+    largest = []
+    original = reading.Image.read_tc
+
+    def spy(self, t, spatial):
+        out = original(self, t, spatial)
+        largest.append(out.size)
+        return out
+
+    monkeypatch.setattr(reading.Image, "read_tc", spy)
+    ev = evaluate(tmp_path / "p.ome.zarr", tmp_path / "gt.ome.zarr", max_voxels=3000)
+    assert max(largest) < gt.size / 3
+    row = ev.rows[0]
+    assert row["psnr"] == pytest.approx(psnr(pred, gt)) and row["ssim"] == pytest.approx(ssim(pred, gt))
+    assert row["ri_psnr"] == pytest.approx(range_invariant_psnr(pred, gt))

@@ -2,8 +2,9 @@
 
 Each ``(t, c)`` pair is one "image" (a 2D plane or a 3D volume) and gets one row of PSNR
 (data range from the ground truth image), range-invariant PSNR, SSIM and SNR; the summary is
-the mean ± standard error over images. Images are read one at a time, so memory holds one
-``(z, y, x)`` volume of each input, never the whole time series.
+the mean ± standard error over images. Files are read block by block
+(:func:`quietscope.metrics.streaming.streamed_metrics`), so memory holds a few blocks of each
+input, never a whole volume; the numbers equal the whole-image metric functions'.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from quietscope.errors import InputError
 from quietscope.metrics import mean_and_sem, psnr, range_invariant_psnr, snr, ssim
+from quietscope.metrics.streaming import streamed_metrics
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ def evaluate_arrays(pred: np.ndarray, gt: np.ndarray, axes: str, names: tuple[st
         raise InputError(f"{names[0]} has shape {pred.shape} but {names[1]} has shape {gt.shape} (axes {axes}); "
                          "compare images of the same shape (crop or pick the matching level)")
     ev = Evaluation(names[0], names[1], axes, pred.shape)
-    _fill(ev, lambda t, c: _plane(pred, axes, t, c), lambda t, c: _plane(gt, axes, t, c),
+    _fill(ev, lambda t, c: image_metrics(_plane(pred, axes, t, c), _plane(gt, axes, t, c)),
           pred.shape[axes.index("t")] if "t" in axes else 1, pred.shape[axes.index("c")] if "c" in axes else 1)
     return ev
 
@@ -83,11 +85,11 @@ def _plane(a: np.ndarray, axes: str, t: int, c: int) -> np.ndarray:
     return a[idx]
 
 
-def _fill(ev: Evaluation, read_pred: Any, read_gt: Any, n_t: int, n_c: int) -> None:
+def _fill(ev: Evaluation, metrics_of: Any, n_t: int, n_c: int) -> None:
     for t in range(n_t):
         for c in range(n_c):
             row: dict[str, Any] = {"image": f"t{t}_c{c}", "t": t, "c": c}
-            row.update(image_metrics(read_pred(t, c), read_gt(t, c)))
+            row.update(metrics_of(t, c))
             ev.rows.append(row)
     for m in METRICS:
         mean, sem = mean_and_sem([r[m] for r in ev.rows])
@@ -101,8 +103,9 @@ def evaluate(
     gt_axes: str | None = None,
     level: int = 0,
     channel: int | None = None,
+    max_voxels: int = 2**22,
 ) -> Evaluation:
-    """Compare a prediction with a ground truth, both OME-Zarr, zarr or TIFF.
+    """Compare a prediction with a ground truth, both OME-Zarr, zarr or TIFF, block by block.
 
     Parameters
     ----------
@@ -115,6 +118,8 @@ def evaluate(
     channel : int, optional
         Evaluate only this channel of the prediction (e.g. one output of a multi-output
         model) against a single-channel ground truth.
+    max_voxels : int, optional
+        Largest block read at once (plus a 3-voxel SSIM halo); bounds memory, not the result.
 
     Returns
     -------
@@ -138,14 +143,13 @@ def evaluate(
             f"prediction has {p_img.n_timepoints} time point(s) x {len(p_c)} channel(s) but ground truth has "
             f"{g_img.n_timepoints} x {g_img.n_channels}; pass matching images (or --channel to pick one output)"
         )
-    full = tuple(slice(None) for _ in p_img.spatial_shape)
     ev = Evaluation(str(prediction), str(ground_truth), p_img.axes, p_img.shape)
-    _fill(
-        ev,
-        lambda t, c: p_img.read_tc(t, full)[p_c[c]].astype(np.float64),
-        lambda t, c: g_img.read_tc(t, full)[c].astype(np.float64),
-        p_img.n_timepoints, len(p_c),
-    )
+
+    def metrics_of(t: int, c: int) -> dict[str, float]:
+        return streamed_metrics(lambda sl: p_img.read_tc(t, sl)[p_c[c]], lambda sl: g_img.read_tc(t, sl)[c],
+                                p_img.spatial_shape, max_voxels=max_voxels)
+
+    _fill(ev, metrics_of, p_img.n_timepoints, len(p_c))
     log.info("evaluated %d image(s) of %s %s", len(ev.rows), p_img.spatial_axes, p_img.spatial_shape)
     return ev
 
