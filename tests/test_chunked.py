@@ -8,7 +8,15 @@ import zarr
 
 from helpers import random_model, write_ome, write_zarr_array
 from quietscope.modelfile import load_model
-from quietscope.predict import PredictOptions, method_halo, predict, predict_tile, predict_whole
+from quietscope.predict import (
+    PredictOptions,
+    dihedral_mean,
+    method_halo,
+    predict,
+    predict_tile,
+    predict_whole,
+    tta_halo,
+)
 
 TOL = 1e-4  # in normalised units (std 20 below)
 
@@ -42,6 +50,37 @@ def test_chunked_equals_whole_2d(tmp_path, shape, chunks, block, method):
     assert res.halo == halo and all(h > 0 for h in halo)
     assert res.n_blocks > 1 or block is None
     assert np.abs(got - ref[0]).max() / 20 <= TOL
+
+
+@pytest.mark.parametrize("ndim, shape, chunks, block", [(2, (75, 93), (16, 32), (32, 32)), (3, (9, 37, 29), (8, 16, 16), (8, 16, 16))])
+def test_tta_chunked_equals_whole_tta(tmp_path, ndim, shape, chunks, block):
+    """--tta: non-square blocks, rotated and flipped, stitch to the rotated/flipped whole image."""
+    rng = np.random.default_rng(7)
+    data = (100 + 20 * rng.standard_normal(shape)).astype(np.float32)
+    src = write_zarr_array(tmp_path / "in.zarr", data, chunks)
+    model = random_model(tmp_path / "m.qs", ndim, depth=1, filters=4)
+    out = tmp_path / "out.ome.zarr"
+    res = predict(model, src, out, PredictOptions(chunks=chunks, block=block, progress=False), tta=True)
+    got = zarr.open_array(store=str(out / "0"), mode="r")[...]
+    method, _ = load_model(model)
+    halo = tta_halo(method_halo(method))
+    ref = predict_whole(lambda t: dihedral_mean(lambda x: predict_tile(method, x), t), data[None], halo,
+                        method.downsampling_factor)[0]
+    plain, _ = _whole(model, data)
+    assert res.n_blocks > 1 and res.halo == halo
+    assert np.abs(got - ref).max() / 20 <= TOL
+    assert np.abs(got - plain[0]).max() / 20 > 100 * TOL  # it really averaged something else
+
+
+def test_tta_is_refused_for_sampled_outputs(tmp_path):
+    from quietscope.errors import ConfigError
+
+    rng = np.random.default_rng(8)
+    src = write_zarr_array(tmp_path / "in.zarr", (100 + 20 * rng.standard_normal((32, 32))).astype(np.float32), (32, 32))
+    model = random_model(tmp_path / "m.qs", 2, method="musplit", in_channels=2, depth=2, filters=4)
+    with pytest.raises(ConfigError, match="--tta does not apply to 'musplit'"):
+        predict(model, src, tmp_path / "out.ome.zarr", PredictOptions(progress=False), tta=True)
+    assert not (tmp_path / "out.ome.zarr").exists()
 
 
 @pytest.mark.parametrize("shape,chunks,block", [((13, 37, 29), (8, 16, 16), (8, 16, 16)), ((9, 20, 24), (5, 10, 12), (5, 20, 12))])

@@ -186,17 +186,18 @@ def _struct_mask(text: str, input_uri: str, axes: str | None, level: int) -> lis
 @click.option("-o", "--output", required=True, help="Output .ome.zarr (or .tif for small data).")
 @click.option("--estimate", default=None, type=click.Choice(["mmse", "prior"]), help="pn2v: which estimate is written (default mmse).")
 @click.option("--samples", "n_samples", default=None, type=int, help="Sampling methods: posterior samples per pixel.")
+@click.option("--tta", is_flag=True, help="Test-time augmentation: average the 8 flips/rotations in y/x (8x compute).")
 @predict_options
 @axes_option
 @level_option
 @handle_errors
-def predict(model: str, input_uri: str, output: str, estimate: str | None, n_samples: int | None,
+def predict(model: str, input_uri: str, output: str, estimate: str | None, n_samples: int | None, tta: bool,
             axes: str | None, level: int, **kw: Any) -> None:
     """Denoise INPUT with MODEL, block by block, into a multiscale OME-Zarr."""
     from quietscope.predict import predict as run
 
     inference = {"estimate": estimate, "n_samples": n_samples}
-    res = run(model, input_uri, output, predict_options_from(kw), axes=axes, level=level, inference=inference)
+    res = run(model, input_uri, output, predict_options_from(kw), axes=axes, level=level, inference=inference, tta=tta)
     click.echo(f"output: {res.output} ({res.n_blocks} blocks, halo {list(res.halo)}, {res.voxels_per_s:.3g} voxel/s)")
 
 

@@ -101,6 +101,35 @@ def predict_tile(method: torch.nn.Module, tile: np.ndarray, device: torch.device
         return method.predict(x)[0].float().cpu().numpy()
 
 
+def dihedral_mean(fn: Callable[[np.ndarray], np.ndarray], tile: np.ndarray) -> np.ndarray:
+    """Test-time augmentation: the mean of ``fn`` over the 8 flips/90° rotations of a tile's
+    last two (y, x) axes, each prediction mapped back before averaging.
+
+    The training patches are augmented with the same transforms, so each is an equally valid
+    prediction; averaging them removes part of the network's orientation-dependent error.
+    A block window starts and ends on multiples of the pooling factor, so its flipped and
+    rotated copies keep the whole image's pooling grid and chunked == whole still holds.
+    """
+    total = None
+    for k in range(4):
+        for flip in (False, True):
+            x = np.rot90(tile, k, axes=(-2, -1))
+            if flip:
+                x = x[..., ::-1]
+            y = fn(np.ascontiguousarray(x))
+            if flip:
+                y = y[..., ::-1]
+            y = np.rot90(y, -k, axes=(-2, -1)).astype(np.float64)
+            total = y if total is None else total + y
+    return (total / 8).astype(np.float32)
+
+
+def tta_halo(halo: tuple[int, ...]) -> tuple[int, ...]:
+    """Rotations swap y and x, so both need the larger of their halos."""
+    h = max(halo[-2:])
+    return tuple(halo[:-2]) + (h, h)
+
+
 def method_halo(method: Any) -> tuple[int, ...]:
     """Measured receptive-field radius plus the method's extra halo, rounded to its factor."""
     from quietscope.nets.receptive_field import method_receptive_radius
@@ -130,6 +159,7 @@ class ModelProcessor:
     device: str = "auto"
     token: str = ""
     inference: tuple[tuple[str, Any], ...] = ()
+    tta: bool = False
 
     def build(self) -> Callable[[np.ndarray], np.ndarray]:
         from quietscope.modelfile import load_model
@@ -138,6 +168,8 @@ class ModelProcessor:
         dev = resolve_device(self.device)
         method, _ = load_model(self.model_path, dev)
         method.set_inference(**dict(self.inference))
+        if self.tta:
+            return lambda tile: dihedral_mean(lambda t: predict_tile(method, t, dev), tile)
         return lambda tile: predict_tile(method, tile, dev)
 
 
@@ -378,10 +410,13 @@ def predict(
     axes: str | None = None,
     level: int = 0,
     inference: dict[str, Any] | None = None,
+    tta: bool = False,
 ) -> PredictResult:
     """``quietscope predict``: apply a trained model to an image, chunked, into OME-Zarr (or TIFF).
 
-    ``inference`` holds prediction-time method options (e.g. ``{"estimate": "prior"}``).
+    ``inference`` holds prediction-time method options (e.g. ``{"estimate": "prior"}``);
+    ``tta`` averages the 8 flips/90° rotations in y/x of every block (:func:`dihedral_mean`,
+    8x the compute).
     """
     from quietscope.modelfile import check_matches, load_model
     from quietscope.training.loop import resolve_device
@@ -397,6 +432,12 @@ def predict(
     check_finite_sample(image)
     device = resolve_device(options.device)
     halo = method_halo(method)
+    if tta:
+        if not method.supports_tta:
+            raise ConfigError(f"--tta does not apply to {manifest['method']['method']!r} (its outputs include sample "
+                              "spreads); leave --tta out and use --samples for a smoother estimate")
+        halo = tta_halo(halo)
+        log.info("test-time augmentation: mean of 8 flips/rotations in y/x per block (halo %s)", list(halo))
     stats = manifest.get("data_stats", {})
     windows = None
     if stats:
@@ -404,7 +445,8 @@ def predict(
         windows = [(lo, hi)] * len(method.output_names)
     inference_items = tuple(sorted(inference.items()))
     factory = ModelProcessor(
-        str(Path(model_path).resolve()), str(device), file_token(model_path, str(device) + repr(inference_items)), inference_items
+        str(Path(model_path).resolve()), str(device), file_token(model_path, str(device) + repr(inference_items) + f"tta={tta}"),
+        inference_items, tta,
     )
     provenance = {
         "quietscope_version": __version__,
@@ -413,6 +455,7 @@ def predict(
         "input": str(input_uri),
         "input_level": level,
         "inference": inference,
+        "tta": tta,
     }
     log.info("method %s, device %s, normalisation mean %s std %s", manifest["method"]["method"], device,
              [round(v, 4) for v in method.norm_mean.tolist()], [round(v, 4) for v in method.norm_std.tolist()])

@@ -119,6 +119,9 @@ class Method(torch.nn.Module):
 
     #: Prediction-time options a method accepts (``quietscope predict --estimate/--samples``).
     inference_options: ClassVar[tuple[str, ...]] = ()
+    #: Whether ``predict --tta`` (mean over flips/rotations in y/x) is meaningful: False for
+    #: outputs that are not a per-pixel estimate (e.g. a sample standard deviation).
+    supports_tta: ClassVar[bool] = True
 
     def set_inference(self, **options: Any) -> None:
         """Apply prediction-time options; options the method does not know are an error."""

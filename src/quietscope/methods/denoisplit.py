@@ -119,6 +119,9 @@ class DenoiSplit(Method):
     name: ClassVar[str] = "denoisplit"
     Config = DenoiSplitConfig
     inference_options: ClassVar[tuple[str, ...]] = ("n_samples", "seed")
+    # Its std channels are spreads of posterior samples; averaging them over rotated inputs
+    # would not be the std of anything.
+    supports_tta: ClassVar[bool] = False
 
     def __init__(self, config: DenoiSplitConfig) -> None:
         super().__init__(config)
