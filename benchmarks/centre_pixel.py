@@ -1,6 +1,6 @@
-"""How much can the centre pixel add at low photon counts? An oracle bound for bayes-poisson.
+"""How much can the centre pixel add? Oracle bounds for bayes-poisson and for PN2V.
 
-    .venv/bin/python benchmarks/centre_pixel.py [--workdir /tmp/quietscope-bench-quality]
+    .venv/bin/python benchmarks/centre_pixel.py [--workdir /tmp/quietscope-bench-quality] [--section photon|sim]
 
 Reads the bayes-poisson and N2V models/outputs that ``benchmarks/quality.py --sections photon``
 left in its work directory (run that first) and, for each photon level and seed, reports PSNR of:
@@ -14,7 +14,15 @@ left in its work directory (run that first) and, for each photon level and seed,
 * ``n2v``: the N2V row of the same run, for the issue's target (bayes-poisson >= N2V + 1 dB).
 
 The oracle gain over the prior is the most the centre pixel is worth at that photon count.
-Writes ``benchmarks/results/centre_pixel.json`` and prints a markdown table.
+
+``--section sim`` asks the same of PN2V on the simulated Poisson+Gaussian BPAE datasets: the prior
+is N2V's prediction (a blind-spot estimate), the noise variance ``v(s) = a s + b`` is measured on
+the dataset's 30 calibration realisations, and the oracle fold-in ``prior + w (x - prior)`` with
+the best per-pixel ``w`` has expected MSE ``e^2 v / (e^2 + v)``. PN2V's MMSE estimate is such a
+fold-in of its own prior, so the oracle gain over N2V bounds what the centre pixel can add to an
+N2V-quality prior; PN2V's own prior (``--estimate prior``) is scored too, to split its gain into
+"better prior" and "centre pixel".
+Writes ``benchmarks/results/centre_pixel.json`` (``centre_pixel_sim.json``) and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -78,12 +86,100 @@ def analyse(d: Path, seed: int) -> dict[str, float] | None:
     return row
 
 
+def _zarr_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    import zarr
+
+    return np.asarray(zarr.open_array(store=str(path / "0"), mode="r")[...], dtype=np.float64).reshape(shape)
+
+
+def binned_fold_in_mse(prior: np.ndarray, noisy: np.ndarray, clean: np.ndarray, bins: int = 32) -> float:
+    """MSE of ``prior + w (x - prior)`` with the best ``w`` per bin of the prior's value.
+
+    ``w`` is chosen knowing the clean image (least squares per bin), but it can depend only on
+    what a model sees (the prior's value), not on each pixel's own error: a reachable bound for a
+    fold-in whose prior uncertainty depends on intensity only.
+    """
+    edges = np.quantile(prior, np.linspace(0, 1, bins + 1))
+    idx = np.clip(np.searchsorted(edges, prior, side="right") - 1, 0, bins - 1)
+    err = prior - clean
+    r = noisy - prior
+    total = 0.0
+    for k in range(bins):
+        m = idx == k
+        if not m.any():
+            continue
+        w = float(np.clip(-np.sum(err[m] * r[m]) / max(np.sum(r[m] ** 2), 1e-12), 0.0, 1.0))
+        total += float(np.sum((err[m] + w * r[m]) ** 2))
+    return total / prior.size
+
+
+def analyse_sim(d: Path, seed: int) -> dict[str, float] | None:
+    """N2V prior, PN2V (bootstrapped GMM) prior and MMSE, and the oracle fold-in on N2V."""
+    from quietscope.predict import PredictOptions, predict
+
+    n2v_out, pn2v_model = d / f"n2v_s{seed}.ome.zarr", d / f"pn2v_boot_s{seed}.qs"
+    if not n2v_out.exists():
+        return None
+    clean = np.load(d / "clean.npy").astype(np.float64)
+    rng = float(clean.max() - clean.min())
+    calib = np.load(d / "calibration.npy").astype(np.float64)  # realisations of the held-out crop
+    # Noise variance as a line in the signal (Poisson + Gaussian), from the realisations.
+    a, b = np.polyfit(calib.mean(axis=0).ravel(), calib.var(axis=0, ddof=1).ravel(), 1)
+    v = np.maximum(a * clean + b, 1e-12)
+    n2v = _zarr_image(n2v_out, clean.shape)
+    e2 = (n2v - clean) ** 2
+    row = {
+        "seed": seed,
+        "noise_var_line": [float(a), float(b)],
+        "n2v": psnr_from_mse(float(np.mean(e2)), rng),
+        "oracle_fold_in": psnr_from_mse(float(np.mean(e2 * v / (e2 + v))), rng),
+        "binned_fold_in": psnr_from_mse(binned_fold_in_mse(n2v, np.load(d / "noisy.npy").astype(np.float64), clean), rng),
+    }
+    if pn2v_model.exists():
+        for est in ("mmse", "prior"):
+            out = d / f"centre-pixel_pn2v_{est}_s{seed}.ome.zarr"
+            predict(pn2v_model, d / "noisy.ome.zarr", out,
+                    PredictOptions(progress=False, overwrite=True, n_levels=1, threads=1, device="cpu"),
+                    inference={"estimate": est})
+            row[f"pn2v_{est}"] = psnr_from_mse(float(np.mean((_zarr_image(out, clean.shape) - clean) ** 2)), rng)
+    return row
+
+
+def main_sim(work: Path, output: str) -> int:
+    levels = sorted(p for p in work.glob("bpae-*") if p.is_dir() and (p / "calibration.npy").exists())
+    if not levels:
+        print(f"no bpae-* folders in {work}: run benchmarks/quality.py --sections sim first", file=sys.stderr)
+        return 2
+    report: dict = {"machine": machine(), "workdir": str(work), "levels": {}}
+    lines = ["| dataset | N2V (blind prior) | PN2V prior (blind) | PN2V MMSE | fold-in on N2V: per-pixel oracle / "
+             "weight per intensity bin | gain over N2V: oracle / binned | PN2V − N2V |", "|---|---|---|---|---|---|---|"]
+    for d in levels:
+        rows = [r for s in range(10) if (r := analyse_sim(d, s)) is not None]
+        report["levels"][d.name] = rows
+        col = {k: [r[k] for r in rows if k in r] for k in ("n2v", "pn2v_prior", "pn2v_mmse", "oracle_fold_in", "binned_fold_in")}
+        oracle = [r["oracle_fold_in"] - r["n2v"] for r in rows]
+        binned = [r["binned_fold_in"] - r["n2v"] for r in rows]
+        vs_n2v = [r["pn2v_mmse"] - r["n2v"] for r in rows if "pn2v_mmse" in r]
+        lines.append(f"| {d.name} | {ms(col['n2v'])} | {ms(col['pn2v_prior'])} | {ms(col['pn2v_mmse'])} "
+                     f"| {ms(col['oracle_fold_in'])} / {ms(col['binned_fold_in'])} | {ms(oracle, True)} / {ms(binned, True)} "
+                     f"| {ms(vs_n2v, True)} |")
+    text = "\n".join(lines)
+    print(text)
+    report["table"] = text
+    write_json(output, report)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/quietscope-bench-quality", help="quality.py's --workdir")
-    ap.add_argument("--output", default=str(RESULTS / "centre_pixel.json"))
+    ap.add_argument("--section", choices=["photon", "sim"], default="photon")
+    ap.add_argument("--output", default=None, help="default: results/centre_pixel.json (centre_pixel_sim.json)")
     args = ap.parse_args(argv)
     work = Path(args.workdir)
+    if args.section == "sim":
+        return main_sim(work, args.output or str(RESULTS / "centre_pixel_sim.json"))
+    args.output = args.output or str(RESULTS / "centre_pixel.json")
     levels = sorted((p for p in work.glob("photon-peak*") if p.is_dir()), key=lambda p: int(p.name.split("peak")[1]))
     if not levels:
         print(f"no photon-peak* folders in {work}: run benchmarks/quality.py --sections photon first", file=sys.stderr)
