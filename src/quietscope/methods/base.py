@@ -34,8 +34,9 @@ class NetConfig(BaseModel):
     filters: int = Field(32, ge=1, le=512, description="feature maps at the first level")
     # Off by default: with small batches of patches from images that are mostly background,
     # batch statistics swing from batch to batch and the eval-mode running statistics do not
-    # match what the net was trained under; measured on BPAE (docs/benchmarks.md, section 3),
-    # N2V with batch norm darkened bright structures by 9 % (31.5 dB vs 35.5 dB without).
+    # match what the net was trained under; measured on the BPAE field (benchmarks/batch_norm.py,
+    # docs/benchmarks.md section 3), N2V with batch norm darkened bright structures by 3-10 %
+    # (33.1 vs 35.3 dB without, 2 seeds).
     batch_norm: bool = Field(False, description="batch normalisation in the U-Net's conv blocks")
     n2v2: bool = Field(False, description="blur-pool down-sampling and no top skip (N2V2)")
 
