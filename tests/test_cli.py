@@ -50,3 +50,21 @@ def test_methods_lists_the_registry():
     out = invoke("methods")
     for name in ("n2v", "n2v2", "bayes-poisson", "n2v-deconv"):
         assert name in out
+
+
+def test_cli_batch_norm_and_tta_reach_the_library(tmp_path):
+    rng = np.random.default_rng(1)
+    src = write_ome(tmp_path / "in.ome.zarr", (100 + 10 * rng.standard_normal((40, 44))).astype(np.float32), "yx", (16, 16))
+    common = ("--patch", "16", "--batch", "2", "--steps", "3", "--depth", "1", "--filters", "4")
+    invoke("-q", "train", src, "-o", str(tmp_path / "plain.qs"), *common)
+    invoke("-q", "train", src, "-o", str(tmp_path / "bn.qs"), *common, "--batch-norm")
+    nets = {n: json.loads(invoke("-q", "info", str(tmp_path / f"{n}.qs"), "--json"))["method"]["net"] for n in ("plain", "bn")}
+    assert nets["plain"]["batch_norm"] is False and nets["bn"]["batch_norm"] is True
+
+    outs = {}
+    for name, extra in (("plain", ()), ("tta", ("--tta",))):
+        out = tmp_path / f"{name}.ome.zarr"
+        invoke("-q", "predict", str(tmp_path / "plain.qs"), src, "-o", str(out), "--no-progress", *extra)
+        outs[name] = zarr.open_array(store=str(out / "0"), mode="r")[...]
+        assert zarr.open_group(store=str(out), mode="r").attrs["quietscope"]["tta"] is (name == "tta")
+    assert outs["tta"].shape == outs["plain"].shape and not np.allclose(outs["tta"], outs["plain"])
