@@ -150,19 +150,30 @@ def main_sim(work: Path, output: str) -> int:
     if not levels:
         print(f"no bpae-* folders in {work}: run benchmarks/quality.py --sections sim first", file=sys.stderr)
         return 2
-    report: dict = {"machine": machine(), "workdir": str(work), "levels": {}}
-    lines = ["| dataset | N2V (blind prior) | PN2V prior (blind) | PN2V MMSE | fold-in on N2V: per-pixel oracle / "
-             "weight per intensity bin | gain over N2V: oracle / binned | PN2V − N2V |", "|---|---|---|---|---|---|---|"]
-    for d in levels:
-        rows = [r for s in range(10) if (r := analyse_sim(d, s)) is not None]
-        report["levels"][d.name] = rows
+    header = ("| dataset | N2V (blind prior) | PN2V prior (blind) | PN2V MMSE | fold-in on N2V: per-pixel oracle / "
+              "weight per intensity bin | gain over N2V: oracle / binned | PN2V − N2V |")
+
+    def cells(d: Path, rows: list[dict]) -> list[str]:
         col = {k: [r[k] for r in rows if k in r] for k in ("n2v", "pn2v_prior", "pn2v_mmse", "oracle_fold_in", "binned_fold_in")}
         oracle = [r["oracle_fold_in"] - r["n2v"] for r in rows]
         binned = [r["binned_fold_in"] - r["n2v"] for r in rows]
         vs_n2v = [r["pn2v_mmse"] - r["n2v"] for r in rows if "pn2v_mmse" in r]
-        lines.append(f"| {d.name} | {ms(col['n2v'])} | {ms(col['pn2v_prior'])} | {ms(col['pn2v_mmse'])} "
-                     f"| {ms(col['oracle_fold_in'])} / {ms(col['binned_fold_in'])} | {ms(oracle, True)} / {ms(binned, True)} "
-                     f"| {ms(vs_n2v, True)} |")
+        return [d.name, ms(col["n2v"]), ms(col["pn2v_prior"]), ms(col["pn2v_mmse"]),
+                f"{ms(col['oracle_fold_in'])} / {ms(col['binned_fold_in'])}", f"{ms(oracle, True)} / {ms(binned, True)}",
+                ms(vs_n2v, True)]
+
+    return write_report(work, levels, analyse_sim, header, cells, output)
+
+
+def write_report(work: Path, levels: list[Path], analyse_fn, header: str, cells, output: str) -> int:
+    """One table row per level folder (``cells(folder, rows)``) over the seeds ``analyse_fn`` finds;
+    print the table and write it with every row to ``output``."""
+    report: dict = {"machine": machine(), "workdir": str(work), "levels": {}}
+    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    for d in levels:
+        rows = [r for s in range(10) if (r := analyse_fn(d, s)) is not None]
+        report["levels"][d.name] = rows
+        lines.append("| " + " | ".join(cells(d, rows)) + " |")
     text = "\n".join(lines)
     print(text)
     report["table"] = text
@@ -184,25 +195,18 @@ def main(argv: list[str] | None = None) -> int:
     if not levels:
         print(f"no photon-peak* folders in {work}: run benchmarks/quality.py --sections photon first", file=sys.stderr)
         return 2
-    report: dict = {"machine": machine(), "workdir": str(work), "levels": {}}
     header = ("| photons (peak) | N2V | bayes prior (blind) | bayes posterior | oracle fold-in (bound) "
               "| centre pixel: learned / oracle gain | bayes − N2V |")
-    lines = [header, "|---|---|---|---|---|---|---|"]
-    for d in levels:
-        rows = [r for s in range(10) if (r := analyse(d, s)) is not None]
-        report["levels"][d.name] = rows
+
+    def cells(d: Path, rows: list[dict]) -> list[str]:
         col = {k: [r[k] for r in rows if k in r] for k in ("n2v", "prior", "posterior", "oracle_fold_in")}
         learned = [r["posterior"] - r["prior"] for r in rows]
         oracle = [r["oracle_fold_in"] - r["prior"] for r in rows]
         vs_n2v = [r["posterior"] - r["n2v"] for r in rows if "n2v" in r]
-        lines.append(f"| {d.name.split('peak')[1]} | {ms(col['n2v'])} | {ms(col['prior'])} "
-                     f"| {ms(col['posterior'])} | {ms(col['oracle_fold_in'])} "
-                     f"| {ms(learned, True)} / {ms(oracle, True)} | {ms(vs_n2v, True)} |")
-    text = "\n".join(lines)
-    print(text)
-    report["table"] = text
-    write_json(args.output, report)
-    return 0
+        return [d.name.split("peak")[1], ms(col["n2v"]), ms(col["prior"]), ms(col["posterior"]), ms(col["oracle_fold_in"]),
+                f"{ms(learned, True)} / {ms(oracle, True)}", ms(vs_n2v, True)]
+
+    return write_report(work, levels, analyse, header, cells, args.output)
 
 
 if __name__ == "__main__":
