@@ -1,6 +1,8 @@
 """Throughput, halo overhead and memory of chunked prediction (issue: backbone).
 
-For one N2V model (default size: depth 2, 32 filters) and one 2D and one 3D volume, in one run:
+For one N2V model (default size: depth 2, 16 filters) and one 2D and one 3D volume, in one run
+(the 3D volume twice: with a U-Net that pools z and with one that keeps full z resolution, as
+``train --z-pool no`` builds for anisotropic stacks):
 
 (a) raw in-memory forward pass over the same blocks including their halos (tiles read into
     RAM beforehand), as voxels written per second;
@@ -153,6 +155,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small volumes (smoke test)")
     ap.add_argument("--json", default=str(HERE / "results" / "throughput.json"))
     ap.add_argument("--filters", type=int, default=16, help="U-Net width (16 keeps the 3D run within minutes on 2 cores)")
+    ap.add_argument("--cases", default="2D,3D,3D-zfull",
+                    help="comma-separated subset of: 2D, 3D, 3D-zfull (3D U-Net without z pooling, as --z-pool no)")
     args = ap.parse_args()
     from helpers import random_model
 
@@ -161,26 +165,30 @@ def main() -> None:
         tmp = Path(d)
         model2 = random_model(tmp / "m2.qs", 2, depth=2, filters=args.filters)
         model3 = random_model(tmp / "m3.qs", 3, depth=2, filters=args.filters)
+        model3z = random_model(tmp / "m3z.qs", 3, depth=2, filters=args.filters, z_pool=False)
         if args.quick:
-            cases = [("2D", (512, 512), (128, 128), model2), ("3D", (16, 128, 128), (16, 64, 64), model3)]
+            cases = [("2D", (512, 512), (128, 128), model2), ("3D", (16, 128, 128), (16, 64, 64), model3),
+                     ("3D-zfull", (16, 128, 128), (16, 64, 64), model3z)]
         else:
-            cases = [("2D", (2048, 2048), (256, 256), model2), ("3D", (32, 192, 192), (32, 96, 96), model3)]
-        rows = [measure(k, s, c, m, tmp, threads) for k, s, c, m in cases]
+            cases = [("2D", (2048, 2048), (256, 256), model2), ("3D", (32, 192, 192), (32, 96, 96), model3),
+                     ("3D-zfull", (32, 192, 192), (32, 96, 96), model3z)]
+        wanted = args.cases.split(",")
+        rows = [measure(k, s, c, m, tmp, threads) for k, s, c, m in cases if k in wanted]
     result = {
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU, torch {torch.__version__}",
-        "command": "python benchmarks/throughput.py" + (" --quick" if args.quick else ""),
+        "command": "python benchmarks/throughput.py" + (" --quick" if args.quick else "") + f" --cases {args.cases}",
         "model": f"n2v U-Net depth 2, {args.filters} filters (random weights: speed does not depend on training)",
         "loadavg_at_end": os.getloadavg(),
         "rows": rows,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
-    hdr = (f"{'':4} {'shape':>16} {'block':>14} {'halo f.':>7} {'raw vox/s':>10} {'pipe vox/s':>10} {'(b)/(a)':>7} "
+    hdr = (f"{'':8} {'shape':>16} {'block':>14} {'halo f.':>7} {'raw vox/s':>10} {'pipe vox/s':>10} {'(b)/(a)':>7} "
            f"{'8x (b)/(a)':>10} {'job/(a)':>7} {'RSS MB':>7} {'8x RSS':>7} {'ratio':>6}")
     print(hdr)
     for r in rows:
-        print(f"{r['kind']:4} {'x'.join(map(str, r['shape'])):>16} {'x'.join(map(str, r['block'])):>14} "
+        print(f"{r['kind']:8} {'x'.join(map(str, r['shape'])):>16} {'x'.join(map(str, r['block'])):>14} "
               f"{r['halo_factor']:7.3f} {r['raw_forward_voxels_per_s']:10.3g} {r['pipeline_voxels_per_s']:10.3g} "
               f"{r['pipeline_over_raw']:7.2f} {r['big_pipeline_over_raw']:10.2f} {r['job_over_raw']:7.2f} "
               f"{r['peak_rss_mb']:7.0f} {r['big_peak_rss_mb']:7.0f} {r['rss_ratio']:6.2f}")

@@ -39,6 +39,7 @@ def random_model(
     depth: int = 2,
     filters: int = 8,
     batch_norm: bool = True,
+    z_pool: bool = True,
     mean: float = 100.0,
     std: float = 20.0,
     seed: int = 0,
@@ -47,7 +48,7 @@ def random_model(
     """A model file with random weights (exactness does not need training)."""
     torch.manual_seed(seed)
     m = build_method({"method": method, "spatial_ndim": spatial_ndim, "in_channels": in_channels,
-                      "net": {"depth": depth, "filters": filters, "batch_norm": batch_norm}, **extra})
+                      "net": {"depth": depth, "filters": filters, "batch_norm": batch_norm, "z_pool": z_pool}, **extra})
     # Non-trivial batch-norm statistics so eval-mode normalisation is exercised (batch norm is
     # off by default but still an option, and old model files have it).
     for mod in m.modules():

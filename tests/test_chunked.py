@@ -176,3 +176,51 @@ def test_halo_is_measured_not_declared(tmp_path):
     h3 = method_halo(load_model(deep)[0])
     assert h1[0] % 2 == 0 and h3[0] % 8 == 0
     assert h3[0] > 2 * h1[0]
+
+
+@pytest.mark.parametrize("method", ["n2v", "n2v2", "pn2v"])
+def test_chunked_equals_whole_3d_without_z_pooling(tmp_path, method):
+    """Anisotropic stacks: a U-Net that keeps full z resolution has a per-axis pooling factor
+    (1, 4, 4); blocks need no z alignment, the z halo is the conv stack's alone, and stitched
+    blocks still equal whole-image prediction (z chunks of 3 planes, odd sizes)."""
+    import math
+
+    from quietscope.noise_models import GMMNoiseModel
+
+    rng = np.random.default_rng(3)
+    shape = (11, 37, 29)
+    data = (100 + 20 * rng.standard_normal(shape)).astype(np.float32)
+    src = write_ome(tmp_path / "in.ome.zarr", data, "zyx", (3, 16, 16))
+    extra = {}
+    if method == "pn2v":
+        # One Gaussian component, sigma 5: enough for the MMSE path to run.
+        nm = GMMNoiseModel([[0.0], [math.log(25 / 500**2)], [0.0]], -100.0, 400.0, min_sigma=1e-3)
+        extra = {"noise_model": nm.to_dict(), "n_samples": 4}
+    model = random_model(tmp_path / "m.qs", 3, method=method, depth=2, filters=4, z_pool=False, **extra)
+    iso = random_model(tmp_path / "iso.qs", 3, method=method, depth=2, filters=4, **extra)
+    out = tmp_path / "out.ome.zarr"
+    res = predict(model, src, out, PredictOptions(chunks=(3, 16, 16), block=(3, 16, 16), progress=False))
+    got = zarr.open_array(store=str(out / "0"), mode="r")[...]
+    ref, halo = _whole(model, data)
+    method_obj, _ = load_model(model)
+    assert method_obj.downsampling_factor == (1, 4, 4)
+    assert res.halo == halo and res.n_blocks > 1
+    # Ten 3-voxel convolutions at full z resolution: z halo 10 (isotropic pooling: 24, N2V2 28).
+    assert halo[0] == 10 and halo[1] == halo[2] > halo[0]
+    assert method_halo(load_model(iso)[0])[0] >= 24
+    assert np.abs(got - ref[0]).max() / 20 <= TOL
+
+
+def test_tta_chunked_equals_whole_without_z_pooling(tmp_path):
+    rng = np.random.default_rng(4)
+    shape = (7, 37, 29)
+    data = (100 + 20 * rng.standard_normal(shape)).astype(np.float32)
+    src = write_ome(tmp_path / "in.ome.zarr", data, "zyx", (3, 16, 16))
+    model = random_model(tmp_path / "m.qs", 3, depth=1, filters=4, z_pool=False)
+    out = tmp_path / "out.ome.zarr"
+    predict(model, src, out, PredictOptions(chunks=(3, 16, 16), block=(3, 16, 32), progress=False), tta=True)
+    got = zarr.open_array(store=str(out / "0"), mode="r")[...]
+    method, _ = load_model(model)
+    ref = predict_whole(lambda t: dihedral_mean(lambda x: predict_tile(method, x), t), data[None],
+                        tta_halo(method_halo(method)), method.downsampling_factor)[0]
+    assert np.abs(got - ref).max() / 20 <= TOL

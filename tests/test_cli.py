@@ -68,3 +68,27 @@ def test_cli_batch_norm_and_tta_reach_the_library(tmp_path):
         outs[name] = zarr.open_array(store=str(out / "0"), mode="r")[...]
         assert zarr.open_group(store=str(out), mode="r").attrs["quietscope"]["tta"] is (name == "tta")
     assert outs["tta"].shape == outs["plain"].shape and not np.allclose(outs["tta"], outs["plain"])
+
+
+def test_z_pool_auto_keeps_full_z_resolution_on_anisotropic_stacks(tmp_path):
+    """--z-pool auto: a stack whose z step is 5x its pixel size trains a U-Net that does not
+    pool z (so a 6-plane patch is fine at depth 2); a near-isotropic one pools z as before."""
+    rng = np.random.default_rng(2)
+    data = (100 + 10 * rng.standard_normal((12, 32, 32))).astype(np.float32)
+    common = ("--batch", "2", "--steps", "2", "--depth", "2", "--filters", "4", "--checkpoint-every", "2")
+    aniso = write_ome(tmp_path / "aniso.ome.zarr", data, "zyx", (6, 16, 16), scale=(2.0, 0.4, 0.4))
+    iso = write_ome(tmp_path / "iso.ome.zarr", data, "zyx", (6, 16, 16), scale=(0.5, 0.4, 0.4))
+    invoke("-q", "train", aniso, "-o", str(tmp_path / "a.qs"), "--patch", "6,16,16", *common)
+    invoke("-q", "train", iso, "-o", str(tmp_path / "i.qs"), "--patch", "8,16,16", *common)
+    assert json.loads(invoke("-q", "info", str(tmp_path / "a.qs"), "--json"))["method"]["net"]["z_pool"] is False
+    assert json.loads(invoke("-q", "info", str(tmp_path / "i.qs"), "--json"))["method"]["net"]["z_pool"] is True
+
+    runner = CliRunner()
+    r = runner.invoke(cli, ["-q", "train", iso, "-o", str(tmp_path / "x.qs"), "--patch", "6,16,16", *common])
+    assert r.exit_code == 2 and "must be a multiple of (4, 4, 4)" in r.output
+    r = runner.invoke(cli, ["-q", "train", aniso, "-o", str(tmp_path / "b.qs"), "--patch", "8,16,16", "--method",
+                            "bayes-poisson", "--z-pool", "no", *common])
+    assert r.exit_code == 2 and "always down-samples z" in r.output
+    flat = write_ome(tmp_path / "flat.ome.zarr", data[0], "yx", (16, 16))
+    r = runner.invoke(cli, ["-q", "train", flat, "-o", str(tmp_path / "f.qs"), "--patch", "16", "--z-pool", "no", *common])
+    assert r.exit_code == 2 and "3D data only" in r.output

@@ -10,6 +10,7 @@ from quietscope.tiling import (
     choose_block_shape,
     halo_factor,
     halo_from_radius,
+    per_axis,
     plan_blocks,
     read_window,
     reflect_indices,
@@ -43,6 +44,20 @@ def test_read_window_is_aligned_and_covers_halo(start, stop, halo, factor):
         assert ra % factor == 0 and rb % factor == 0
         assert ra <= a - h and rb >= b + h
         assert (a - h) - ra < factor and rb - (b + h) < factor
+
+
+def test_read_window_with_a_factor_per_axis():
+    """A U-Net that does not pool z has factor (1, 4, 4): z windows need no alignment."""
+    rstart, rstop = read_window((3, 5, 9), (6, 21, 30), (10, 24, 24), (1, 4, 4))
+    assert rstart == (-7, -20, -16) and rstop == (16, 48, 56)
+    assert whole_window((11, 37, 29), (10, 24, 24), (1, 4, 4)) == ((-10, -24, -24), (21, 64, 56))
+    assert halo_from_radius((10, 21, 21), (1, 4, 4)) == (10, 24, 24)
+
+
+def test_per_axis_factor_is_checked():
+    assert per_axis(4, 3) == (4, 4, 4) and per_axis((1, 4, 4), 3) == (1, 4, 4)
+    with pytest.raises(ValueError, match="does not fit 2 axes"):
+        per_axis((1, 4, 4), 2)
 
 
 def test_trim_slices_cut_block_out_of_window():

@@ -107,6 +107,8 @@ def info(input_uri: str, axes: str | None, level: int, as_json: bool) -> None:
 @click.option("--filters", default=32, show_default=True, type=int, help="U-Net feature maps at the first level.")
 @click.option("--n2v2", is_flag=True, help="N2V2: median replacement, blur-pool, no top skip.")
 @click.option("--batch-norm", is_flag=True, help="Batch normalisation in the U-Net (off by default: it biases bright regions at small batch sizes).")
+@click.option("--z-pool", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+              help="3D: down-sample z in the U-Net; auto = no when the z step is >= 2x the pixel size (anisotropic stacks).")
 @click.option("--masked-percent", default=0.2, show_default=True, type=float, help="Blind-spot pixels per patch (%).")
 @click.option("--struct-mask", default=None, help="structN2V: AXIS:LENGTH (e.g. x:5) or a mask file (.npy/.tif).")
 @click.option("--val-fraction", default=0.1, show_default=True, type=float, help="Held-apart slab for validation.")
@@ -131,7 +133,7 @@ def info(input_uri: str, axes: str | None, level: int, as_json: bool) -> None:
 @level_option
 @handle_errors
 def train(input_uri: str, output: str, method: str, patch: str, batch: int, steps: int, lr: float, seed: int,
-          depth: int, filters: int, n2v2: bool, batch_norm: bool, masked_percent: float, struct_mask: str | None,
+          depth: int, filters: int, n2v2: bool, batch_norm: bool, z_pool: str, masked_percent: float, struct_mask: str | None,
           val_fraction: float, foreground: float, checkpoint_every: int, val_every: int, early_stop: int | None,
           device: str, noise_model: str | None, n_samples: int | None, psf_sigma: str | None, psf: str | None,
           positivity_lambda: float | None, gain: float | None, offset: float | None, noise_sigma: float | None,
@@ -139,7 +141,8 @@ def train(input_uri: str, output: str, method: str, patch: str, batch: int, step
     """Train a self-supervised model on INPUT (patches are sampled; the volume is never loaded)."""
     from quietscope.training.run import method_extras, train_model
 
-    method_options: dict[str, Any] = {"method": method, "net": {"depth": depth, "filters": filters, "n2v2": n2v2, "batch_norm": batch_norm}}
+    method_options: dict[str, Any] = {"method": method, "net": {"depth": depth, "filters": filters, "n2v2": n2v2, "batch_norm": batch_norm,
+                                                            "z_pool": {"yes": True, "no": False}.get(z_pool, "auto")}}
     method_options.update(method_extras(
         noise_model=noise_model, n_samples=n_samples, psf_sigma=psf_sigma, psf=psf,
         positivity_lambda=positivity_lambda, gain=gain, offset=offset, noise_sigma=noise_sigma,

@@ -39,6 +39,7 @@ from quietscope.runner.cluster import dask_client
 from quietscope.runner.executor import JobSpec, ProcessorFactory, count_blocks, iter_tasks, run_blocks
 from quietscope.runner.ledger import Ledger
 from quietscope.tiling import (
+    Factor,
     choose_block_shape,
     halo_factor,
     halo_from_radius,
@@ -140,7 +141,7 @@ def method_halo(method: Any) -> tuple[int, ...]:
 
 
 def predict_whole(
-    fn: Callable[[np.ndarray], np.ndarray], array: np.ndarray, halo: tuple[int, ...], factor: int
+    fn: Callable[[np.ndarray], np.ndarray], array: np.ndarray, halo: tuple[int, ...], factor: Factor
 ) -> np.ndarray:
     """Reference: predict a whole ``(C, *spatial)`` array in one tile (reflect-padded by ``halo``)."""
     spatial = array.shape[1:]
@@ -238,7 +239,7 @@ def run_prediction(
     factory: ProcessorFactory,
     out_names: list[str],
     halo: tuple[int, ...],
-    factor: int,
+    factor: Factor,
     options: PredictOptions,
     provenance: dict[str, Any],
     channel_windows: list[tuple[float, float]] | None = None,
@@ -342,7 +343,7 @@ def run_prediction(
         ledger.create(job_record)
 
     log.info(
-        "halo %s voxels (%s, rounded to factor %d); block %s = %s chunks of %s; "
+        "halo %s voxels (%s, rounded to factor %s); block %s = %s chunks of %s; "
         "%d blocks x %d time points; halo factor %.3f; output %s %s NGFF %s, %d levels",
         dict(zip(sp_axes, halo)), halo_reason, factor, dict(zip(sp_axes, block)),
         "x".join(str(-(-b // c)) for b, c in zip(block, chunks)), chunks,

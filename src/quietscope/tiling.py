@@ -24,6 +24,9 @@ from typing import Iterator, Sequence
 import numpy as np
 
 Shape = tuple[int, ...]
+#: A network's down-sampling factor: one int for all axes, or one per spatial axis (a 3D U-Net
+#: that does not pool along an anisotropic z has ``(1, 4, 4)``).
+Factor = int | tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,18 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def halo_from_radius(radius: tuple[int, ...], factor: int) -> Shape:
+def per_axis(factor: Factor, ndim: int) -> Shape:
+    """``factor`` as one positive int per axis (an int applies to every axis)."""
+    f = (int(factor),) * ndim if isinstance(factor, (int, np.integer)) else tuple(int(v) for v in factor)
+    if len(f) != ndim or any(v < 1 for v in f):
+        raise ValueError(f"down-sampling factor {factor} does not fit {ndim} axes")
+    return f
+
+
+def halo_from_radius(radius: tuple[int, ...], factor: Factor) -> Shape:
     """Halo per axis: the receptive-field radius rounded up to the down-sampling factor."""
-    return tuple(round_up(max(int(r), 0), factor) for r in radius)
+    f = per_axis(factor, len(radius))
+    return tuple(round_up(max(int(r), 0), k) for r, k in zip(radius, f))
 
 
 def choose_block_shape(
@@ -137,18 +149,20 @@ def plan_blocks(shape: Shape, block: Shape) -> list[Block]:
     return list(iter_blocks(shape, block))
 
 
-def read_window(start: Shape, stop: Shape, halo: Shape, factor: int) -> tuple[Shape, Shape]:
+def read_window(start: Shape, stop: Shape, halo: Shape, factor: Factor) -> tuple[Shape, Shape]:
     """Region to read (may extend beyond the volume) for the output region ``[start, stop)``.
 
-    The window starts on a multiple of ``factor`` and has a length that is a multiple of it, so
-    the network's pooling grid is the same as in whole-image prediction.
+    Along each axis the window starts on a multiple of that axis's ``factor`` and has a length
+    that is a multiple of it, so the network's pooling grid is the same as in whole-image
+    prediction.
     """
-    rstart = tuple(((a - h) // factor) * factor for a, h in zip(start, halo))
-    rstop = tuple(round_up(b + h, factor) for b, h in zip(stop, halo))
+    f = per_axis(factor, len(start))
+    rstart = tuple(((a - h) // k) * k for a, h, k in zip(start, halo, f))
+    rstop = tuple(round_up(b + h, k) for b, h, k in zip(stop, halo, f))
     return rstart, rstop
 
 
-def whole_window(shape: Shape, halo: Shape, factor: int) -> tuple[Shape, Shape]:
+def whole_window(shape: Shape, halo: Shape, factor: Factor) -> tuple[Shape, Shape]:
     """The read window of whole-image prediction (the reference the blocks must reproduce)."""
     return read_window((0,) * len(shape), shape, halo, factor)
 

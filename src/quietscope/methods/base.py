@@ -39,6 +39,15 @@ class NetConfig(BaseModel):
     # (33.1 vs 35.3 dB without, 2 seeds).
     batch_norm: bool = Field(False, description="batch normalisation in the U-Net's conv blocks")
     n2v2: bool = Field(False, description="blur-pool down-sampling and no top skip (N2V2)")
+    z_pool: bool = Field(
+        True,
+        description="3D: down-sample along z as well as y/x; off for anisotropic stacks (z step "
+        "several times the pixel size), which keeps z at full resolution and narrows the z halo",
+    )
+
+    def pool(self, spatial_ndim: int) -> tuple[int, ...]:
+        """Per-axis pooling of the U-Net's levels (``(1, 2, 2)`` for a 3D net without z pooling)."""
+        return ((2 if self.z_pool else 1), 2, 2) if spatial_ndim == 3 else (2,) * spatial_ndim
 
 
 class MethodConfig(BaseModel):
@@ -104,8 +113,12 @@ class Method(torch.nn.Module):
             return ["denoised"]
         return [f"denoised_ch{i}" for i in range(self.config.in_channels)]
 
+    #: Whether the method's network can keep full z resolution (``net.z_pool = False``).
+    supports_z_pool_off: ClassVar[bool] = False
+
     @property
-    def downsampling_factor(self) -> int:
+    def downsampling_factor(self) -> int | tuple[int, ...]:
+        """Tiles start and end on multiples of this (an int, or one value per spatial axis)."""
         return 1
 
     @property
@@ -180,4 +193,6 @@ def build_method(config: dict[str, Any] | MethodConfig) -> Method:
         cfg = cls.Config.model_validate(config)
     except Exception as exc:  # pydantic.ValidationError: reduce to one line
         raise ConfigError(f"invalid configuration for method {cls.name!r}: {validation_message(exc)}") from None
+    if not cfg.net.z_pool and not cls.supports_z_pool_off:
+        raise ConfigError(f"method {cls.name!r} always down-samples z; drop --z-pool no (only U-Net methods keep full z resolution)")
     return cls(cfg)

@@ -56,10 +56,13 @@ class N2V(Method):
             filters=n.filters,
             batch_norm=n.batch_norm,
             n2v2=n.n2v2,
+            pool=n.pool(config.spatial_ndim),
         )
 
+    supports_z_pool_off: ClassVar[bool] = True
+
     @property
-    def downsampling_factor(self) -> int:
+    def downsampling_factor(self) -> int | tuple[int, ...]:
         return self.net.downsampling_factor
 
     def _struct(self) -> np.ndarray | None:

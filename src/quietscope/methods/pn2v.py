@@ -135,6 +135,7 @@ class PN2V(N2V):
             filters=n.filters,
             batch_norm=n.batch_norm,
             n2v2=n.n2v2,
+            pool=n.pool(config.spatial_ndim),
         )
         # A sub-module, so it follows the network to the GPU; its tables are rebuilt from the
         # config on load and land in the model file's tensors as well.

@@ -19,7 +19,7 @@ def measure_receptive_radius(
     predict: Callable[[torch.Tensor], torch.Tensor],
     spatial_ndim: int,
     in_channels: int,
-    factor: int,
+    factor: int | tuple[int, ...],
     background_mean: torch.Tensor | None = None,
     background_std: torch.Tensor | None = None,
     start_size: int = 48,
@@ -39,33 +39,38 @@ def measure_receptive_radius(
     predict
         Function ``(B, C, *spatial) -> (B, K, *spatial)``, evaluated in float64.
     factor
-        Down-sampling factor: tile sizes are multiples of it.
+        Down-sampling factor (one int, or one per spatial axis): tile sizes are multiples of it.
     """
+    from quietscope.tiling import per_axis
+
+    f = per_axis(factor, spatial_ndim)
+    n_phase = max(f)
     gen = torch.Generator().manual_seed(seed)
     dtype = torch.float64
     mean = torch.zeros(in_channels, dtype=dtype) if background_mean is None else background_mean.to(dtype)
     std = torch.ones(in_channels, dtype=dtype) if background_std is None else background_std.to(dtype)
     bcast = (1, in_channels) + (1,) * spatial_ndim
-    width = max(8, 2 * factor)
+    widths = [max(8, 2 * k) for k in f]
     radius = [0] * spatial_ndim
     for axis in range(spatial_ndim):
-        size = -(-start_size // factor) * factor
+        size = -(-start_size // f[axis]) * f[axis]
         while True:
-            spatial = tuple(size if a == axis else width for a in range(spatial_ndim))
-            bg = mean.reshape(bcast) + std.reshape(bcast) * torch.randn((factor, in_channels) + spatial, generator=gen, dtype=dtype).abs()
+            spatial = tuple(size if a == axis else widths[a] for a in range(spatial_ndim))
+            bg = mean.reshape(bcast) + std.reshape(bcast) * torch.randn((n_phase, in_channels) + spatial, generator=gen, dtype=dtype).abs()
             x = bg.clone()
-            centre = [s // 2 for s in spatial]
-            for k in range(factor):
-                x[(k, slice(None)) + tuple(c + k for c in centre)] += 100.0 * std
+            # Centres on the pooling grid; impulse k sits at phase k (mod each axis's factor).
+            centre = [(s // 2 // k) * k for s, k in zip(spatial, f)]
+            for k in range(n_phase):
+                x[(k, slice(None)) + tuple(c + k % fa for c, fa in zip(centre, f))] += 100.0 * std
             with torch.no_grad():
-                diff = (predict(x) - predict(bg)).abs().sum(dim=1)  # (factor, *spatial)
+                diff = (predict(x) - predict(bg)).abs().sum(dim=1)  # (n_phase, *spatial)
             reach, touches = 0, False
-            for k in range(factor):
+            for k in range(n_phase):
                 nz = torch.nonzero(diff[k] > 0)
                 if nz.numel() == 0:
                     continue
                 lo, hi = int(nz[:, axis].min()), int(nz[:, axis].max())
-                c = centre[axis] + k
+                c = centre[axis] + k % f[axis]
                 reach = max(reach, c - lo, hi - c)
                 touches |= lo == 0 or hi == size - 1
             if not touches:

@@ -35,36 +35,41 @@ class BlurPool(nn.Module):
     """N2V2's anti-aliased down-sampling: max-pool with stride 1, then a [1,2,1] blur with stride 2.
 
     The stride-1 max-pool pads on the far side only, so the operation stays aligned with the
-    stride-2 grid (needed for chunked == whole prediction).
+    stride-2 grid (needed for chunked == whole prediction). Axes whose ``pool`` entry is 1 are
+    neither pooled nor blurred.
     """
 
-    def __init__(self, ndim: int, channels: int) -> None:
+    def __init__(self, ndim: int, channels: int, pool: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.ndim = ndim
+        self.pool = tuple(pool) if pool is not None else (2,) * ndim
         k1 = torch.tensor([1.0, 2.0, 1.0])
-        k = k1
-        for _ in range(ndim - 1):
-            k = k[..., None] * k1
+        k = torch.ones(())
+        for p in self.pool:
+            k = k[..., None] * (k1 if p == 2 else torch.ones(1))
         k = k / k.sum()
-        self.register_buffer("kernel", k.expand((channels, 1) + (3,) * ndim).contiguous(), persistent=False)
+        self.register_buffer("kernel", k.expand((channels, 1) + tuple(k.shape)).contiguous(), persistent=False)
         self.channels = channels
+        # F.pad lists axes last-first.
+        self._far = tuple(v for p in reversed(self.pool) for v in (0, p - 1))
+        self._both = tuple(v for p in reversed(self.pool) for v in ((1, 1) if p == 2 else (0, 0)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.ndim == 2:
-            x = nn.functional.pad(x, (0, 1, 0, 1), mode="replicate")
-            x = nn.functional.max_pool2d(x, 2, stride=1)
-            x = nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
-            return nn.functional.conv2d(x, self.kernel, stride=2, groups=self.channels)
-        x = nn.functional.pad(x, (0, 1, 0, 1, 0, 1), mode="replicate")
-        x = nn.functional.max_pool3d(x, 2, stride=1)
-        x = nn.functional.pad(x, (1, 1, 1, 1, 1, 1), mode="replicate")
-        return nn.functional.conv3d(x, self.kernel, stride=2, groups=self.channels)
+        pool_fn = nn.functional.max_pool2d if self.ndim == 2 else nn.functional.max_pool3d
+        conv_fn = nn.functional.conv2d if self.ndim == 2 else nn.functional.conv3d
+        x = nn.functional.pad(x, self._far, mode="replicate")
+        x = pool_fn(x, self.pool, stride=1)
+        x = nn.functional.pad(x, self._both, mode="replicate")
+        return conv_fn(x, self.kernel, stride=self.pool, groups=self.channels)
 
 
 class UNet(nn.Module):
     """U-Net for 2D (``ndim=2``) or 3D (``ndim=3``) inputs ``(B, C, *spatial)``.
 
-    Spatial sizes must be multiples of :attr:`downsampling_factor`.
+    Spatial sizes must be multiples of :attr:`downsampling_factor`. ``pool`` gives the
+    down-sampling per spatial axis at each level (2 or 1; default 2 everywhere): ``(1, 2, 2)``
+    keeps full z resolution, as anisotropic stacks need (their z steps are several times
+    their pixel size, so pooling z would blur across planes and widen the z halo).
     """
 
     def __init__(
@@ -76,31 +81,38 @@ class UNet(nn.Module):
         filters: int = 32,
         batch_norm: bool = False,
         n2v2: bool = False,
+        pool: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         if ndim not in (2, 3):
             raise ValueError("ndim must be 2 or 3")
-        self.ndim, self.depth, self.n2v2 = ndim, depth, n2v2
+        pool = (2,) * ndim if pool is None else tuple(int(p) for p in pool)
+        if len(pool) != ndim or any(p not in (1, 2) for p in pool):
+            raise ValueError(f"pool {pool} must give 1 or 2 for each of the {ndim} spatial axes")
+        self.ndim, self.depth, self.n2v2, self.pool = ndim, depth, n2v2, pool
         widths = [filters * 2**i for i in range(depth + 1)]
         self.down = nn.ModuleList()
         self.pools = nn.ModuleList()
         cin = in_channels
         for i in range(depth):
             self.down.append(ConvBlock(ndim, cin, widths[i], batch_norm))
-            self.pools.append(BlurPool(ndim, widths[i]) if n2v2 else (nn.MaxPool2d(2) if ndim == 2 else nn.MaxPool3d(2)))
+            self.pools.append(BlurPool(ndim, widths[i], pool) if n2v2 else (nn.MaxPool2d(pool) if ndim == 2 else nn.MaxPool3d(pool)))
             cin = widths[i]
         self.bottom = ConvBlock(ndim, cin, widths[depth], batch_norm)
         self.up = nn.ModuleList()
         self.ups = nn.ModuleList()
         for i in reversed(range(depth)):
-            self.ups.append(nn.Upsample(scale_factor=2, mode="nearest"))
+            self.ups.append(nn.Upsample(scale_factor=tuple(float(p) for p in pool), mode="nearest"))
             skip = 0 if (n2v2 and i == 0) else widths[i]
             self.up.append(ConvBlock(ndim, widths[i + 1] + skip, widths[i], batch_norm))
         self.head = _conv(ndim)(widths[0], out_channels, 1)
 
     @property
-    def downsampling_factor(self) -> int:
-        return 2**self.depth
+    def downsampling_factor(self) -> int | tuple[int, ...]:
+        """Tile sizes must be multiples of this: an int when every axis is pooled alike,
+        else one value per spatial axis."""
+        f = tuple(p**self.depth for p in self.pool)
+        return f[0] if len(set(f)) == 1 else f
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []

@@ -51,7 +51,7 @@ class JobSpec:
     out_axes: str
     out_dtype: str
     halo: tuple[int, ...]
-    factor: int
+    factor: int | tuple[int, ...]  # one per spatial axis, or one for all
     processor: str  # the factory's token
     local_levels: int = 0
     level_shapes: tuple[tuple[int, ...], ...] = ()

@@ -65,6 +65,53 @@ def method_extras(
     return out
 
 
+#: z step / pixel size from which ``--z-pool auto`` keeps full z resolution. Pooling z by 2 on
+#: such a stack merges planes lying further apart than the pixels it merges in y/x, and each
+#: pooled level widens the z halo by as much as the y/x one (24 voxels at depth 2).
+ANISOTROPY_NO_Z_POOL = 2.0
+
+
+def resolve_z_pool(
+    setting: bool | str, method: str, spatial_axes: str, scale: dict[str, float]
+) -> tuple[bool, str]:
+    """Decide whether a 3D U-Net pools along z.
+
+    Parameters
+    ----------
+    setting : bool or "auto"
+        The user's choice; ``"auto"`` decides from the voxel size.
+    method : str
+        Method name (only U-Net methods can keep full z resolution).
+    spatial_axes : str
+        The data's spatial axes, e.g. ``"zyx"``.
+    scale : dict
+        Physical voxel size per axis.
+
+    Returns
+    -------
+    (bool, str)
+        Whether to pool z, and the reason (for the log).
+    """
+    from quietscope.methods import get_method_class
+
+    if setting not in (True, False, "auto"):
+        raise ConfigError(f"--z-pool {setting!r} is unknown; use auto, yes or no")
+    is_3d = len(spatial_axes) == 3
+    if not is_3d:
+        if setting is False:
+            raise ConfigError("--z-pool no applies to 3D data only; drop it for 2D images")
+        return True, "2D data"
+    if setting != "auto":
+        return bool(setting), "as given (--z-pool)"
+    if not get_method_class(method).supports_z_pool_off:
+        return True, f"{method} always pools z"
+    z, yx = scale.get("z", 1.0), 0.5 * (scale.get("y", 1.0) + scale.get("x", 1.0))
+    ratio = z / yx if yx > 0 else 1.0
+    if ratio >= ANISOTROPY_NO_Z_POOL:
+        return False, f"anisotropic voxels (z step {ratio:.3g}x the pixel size >= {ANISOTROPY_NO_Z_POOL:g}): z kept at full resolution"
+    return True, f"voxels near isotropic (z step {ratio:.3g}x the pixel size)"
+
+
 def checkpoint_path(model_path: str | Path) -> Path:
     p = Path(model_path)
     return p.with_name(p.name + ".ckpt")
@@ -101,10 +148,17 @@ def train_model(
         from quietscope.errors import validation_message
 
         raise ConfigError(f"invalid training options: {validation_message(exc)}") from None
-    factor_needed = 2 ** int(method_options.get("net", {}).get("depth", 2))
-    if any(p % factor_needed for p in tcfg.patch):
-        raise ConfigError(f"--patch {tcfg.patch} must be a multiple of {factor_needed} (2**depth) on every axis")
-    config = {"spatial_ndim": nd, "in_channels": image.n_channels, **method_options}
+    net = dict(method_options.get("net", {}))
+    z_pool, why = resolve_z_pool(net.get("z_pool", "auto"), str(method_options.get("method", "n2v")),
+                                 image.spatial_axes, dict(zip(image.axes, image.scale)))
+    net["z_pool"] = z_pool
+    if nd == 3:
+        log.info("z pooling %s: %s", "on" if z_pool else "off", why)
+    depth = int(net.get("depth", 2))
+    factor_needed = tuple(2**depth if (z_pool or a != "z") else 1 for a in image.spatial_axes)
+    if any(p % f for p, f in zip(tcfg.patch, factor_needed)):
+        raise ConfigError(f"--patch {tcfg.patch} must be a multiple of {factor_needed} (2**depth on every pooled axis)")
+    config = {"spatial_ndim": nd, "in_channels": image.n_channels, **method_options, "net": net}
     # Seed before building: the initial weights are part of what --seed makes reproducible.
     import torch
 
