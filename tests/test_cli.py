@@ -92,3 +92,17 @@ def test_z_pool_auto_keeps_full_z_resolution_on_anisotropic_stacks(tmp_path):
     flat = write_ome(tmp_path / "flat.ome.zarr", data[0], "yx", (16, 16))
     r = runner.invoke(cli, ["-q", "train", flat, "-o", str(tmp_path / "f.qs"), "--patch", "16", "--z-pool", "no", *common])
     assert r.exit_code == 2 and "3D data only" in r.output
+
+
+def test_outputs_in_folders_that_do_not_exist_yet(tmp_path):
+    """The model's folder is created before training (it used to fail at the first checkpoint,
+    after the training time was spent); TIFF outputs get their folder like OME-Zarr ones."""
+    rng = np.random.default_rng(3)
+    src = write_ome(tmp_path / "in.ome.zarr", (100 + 10 * rng.standard_normal((32, 32))).astype(np.float32), "yx", (16, 16))
+    model = tmp_path / "models" / "run1" / "m.qs"
+    invoke("-q", "train", src, "-o", str(model), "--patch", "16", "--batch", "2", "--steps", "2", "--depth", "1",
+           "--filters", "4", "--checkpoint-every", "1")
+    assert model.exists()
+    out = tmp_path / "results" / "d.tif"
+    invoke("-q", "predict", str(model), src, "-o", str(out), "--no-progress")
+    assert tifffile.imread(out).shape == (32, 32)

@@ -297,6 +297,7 @@ def run_prediction(
     tmpdir = None
     if as_tiff:
         check_output_path(output, [image.ref.uri], options.overwrite)
+        Path(output).resolve().parent.mkdir(parents=True, exist_ok=True)  # as zarr does for OME-Zarr outputs
         tmpdir = tempfile.mkdtemp(prefix=".quietscope-", dir=str(Path(output).resolve().parent))
         target = str(Path(tmpdir) / "result.ome.zarr")
     spec = OutputSpec(

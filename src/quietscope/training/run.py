@@ -138,6 +138,8 @@ def train_model(
     from quietscope.io.stacking import open_stacked
 
     image = open_stacked(input_uri, level=level, axes=axes)
+    # Created now, not at the first checkpoint: a missing folder must not cost a training run.
+    model_path.parent.mkdir(parents=True, exist_ok=True)
     check_finite_sample(image)
     nd = len(image.spatial_axes)
     train_options = dict(train_options)
