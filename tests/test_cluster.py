@@ -282,6 +282,9 @@ def test_patch_prefetch_is_deterministic_and_reads_ahead(tmp_path):
         assert a.shape == (10, 1, 4, 16, 16)
         np.testing.assert_array_equal(a, b)  # independent of thread timing
     assert not np.array_equal(serial[0], serial[1])
+    with PoolPrefetcher(sampler, 10, seed=3, workers=2, count=2) as pf:
+        pf.get(1)
+        assert not pf._pending  # pool 2 does not exist: nothing is read ahead
 
 
 def test_torch_threads_option_reaches_worker_processes():

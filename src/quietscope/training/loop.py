@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from quietscope.errors import ConfigError, ModelError
 from quietscope.io.reading import Image
 from quietscope.methods.base import Method
+from quietscope.training.prefetch import PoolPrefetcher
 from quietscope.training.sampler import PatchSampler, estimate_statistics, split_train_val
 
 log = logging.getLogger(__name__)
@@ -145,41 +147,49 @@ def train(
         log.info("resumed from %s at step %d", ckpt, start_step)
 
     pool = None
+    # Pool i is a pure function of (seed, i), read by a few threads (chunk reads and decompression
+    # release the GIL) while the network trains on pool i - 1: a big store on slow disks no longer
+    # stalls training at every redraw, and a resumed run reads the very pools it would have read.
+    prefetcher = PoolPrefetcher(sampler, config.pool_size, seed=config.seed, workers=min(4, os.cpu_count() or 1),
+                                count=-(-config.steps // config.checkpoint_every))
     t0 = time.perf_counter()
     bar = tqdm(total=config.steps, initial=start_step, disable=not progress, desc="train", unit="step")
     stopped_early = False
-    step = start_step
-    for step in range(start_step, config.steps):
-        if step % config.checkpoint_every == 0 or pool is None:
-            if ckpt is not None and step > start_step:
-                _save_checkpoint(ckpt, method, opt, rng, gen, step, history, best, bad_vals, fingerprint)
-            pool = torch.from_numpy(sampler.sample(config.pool_size, rng))
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, config.steps, config.lr)
-        idx = torch.randint(0, pool.shape[0], (config.batch,), generator=gen)
-        method.train()
-        loss = method.training_loss(pool[idx].to(device), gen)
-        if not torch.isfinite(loss):
-            raise ConfigError(f"training diverged at step {step} (loss {loss.item()}); lower --lr or check the data")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        rec = {"step": step + 1, "loss": float(loss.item())}
-        if val_batch is not None and ((step + 1) % config.val_every == 0 or step + 1 == config.steps):
-            rec["val_loss"] = validation_loss(method, val_batch, config.seed, device)
-            if rec["val_loss"] < best[0]:
-                best = (rec["val_loss"], step + 1, {k: v.detach().cpu().clone() for k, v in method.state_dict().items()})
-                bad_vals = 0
-            else:
-                bad_vals += 1
-            bar.set_postfix(loss=f"{rec['loss']:.4g}", val=f"{rec['val_loss']:.4g}")
-        history.append(rec)
-        bar.update(1)
-        if config.early_stop is not None and bad_vals >= config.early_stop:
-            log.info("early stop at step %d: no validation improvement in %d checks", step + 1, bad_vals)
-            stopped_early = True
-            break
-    bar.close()
+    try:
+        step = start_step
+        for step in range(start_step, config.steps):
+            if step % config.checkpoint_every == 0 or pool is None:
+                if ckpt is not None and step > start_step:
+                    _save_checkpoint(ckpt, method, opt, rng, gen, step, history, best, bad_vals, fingerprint)
+                pool = torch.from_numpy(prefetcher.get(step // config.checkpoint_every))
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, config.steps, config.lr)
+            idx = torch.randint(0, pool.shape[0], (config.batch,), generator=gen)
+            method.train()
+            loss = method.training_loss(pool[idx].to(device), gen)
+            if not torch.isfinite(loss):
+                raise ConfigError(f"training diverged at step {step} (loss {loss.item()}); lower --lr or check the data")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            rec = {"step": step + 1, "loss": float(loss.item())}
+            if val_batch is not None and ((step + 1) % config.val_every == 0 or step + 1 == config.steps):
+                rec["val_loss"] = validation_loss(method, val_batch, config.seed, device)
+                if rec["val_loss"] < best[0]:
+                    best = (rec["val_loss"], step + 1, {k: v.detach().cpu().clone() for k, v in method.state_dict().items()})
+                    bad_vals = 0
+                else:
+                    bad_vals += 1
+                bar.set_postfix(loss=f"{rec['loss']:.4g}", val=f"{rec['val_loss']:.4g}")
+            history.append(rec)
+            bar.update(1)
+            if config.early_stop is not None and bad_vals >= config.early_stop:
+                log.info("early stop at step %d: no validation improvement in %d checks", step + 1, bad_vals)
+                stopped_early = True
+                break
+    finally:
+        bar.close()
+        prefetcher.close()
     if best[2] is not None and config.early_stop is not None:
         method.load_state_dict(best[2])
     if ckpt is not None:

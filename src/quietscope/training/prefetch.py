@@ -9,13 +9,8 @@ part ``j`` drawn with ``numpy.random.default_rng([seed, i, j])``. The result the
 depend on thread timing, and a resumed training run (which knows its pool index) reads exactly
 the pools an uninterrupted one would.
 
-Wiring into ``training/loop.py`` (two lines, owner's call)::
-
-    prefetcher = PoolPrefetcher(sampler, config.pool_size, seed=config.seed, workers=4)
-    ...
-    pool = torch.from_numpy(prefetcher.get(step // config.checkpoint_every))  # replaces sampler.sample(...)
-    ...
-    prefetcher.close()
+``training/loop.py`` draws pool ``step // checkpoint_every`` from a :class:`PoolPrefetcher`, so
+pool ``i + 1`` is read while the network trains on pool ``i``.
 """
 
 from __future__ import annotations
@@ -48,8 +43,10 @@ def sample_pool(sampler: Any, n: int, seed: int, index: int, workers: int = 4,
 class PoolPrefetcher:
     """``get(i)`` returns pool ``i`` and starts reading pool ``i + 1`` in the background."""
 
-    def __init__(self, sampler: Any, pool_size: int, seed: int = 0, workers: int = 4, ahead: int = 1) -> None:
+    def __init__(self, sampler: Any, pool_size: int, seed: int = 0, workers: int = 4, ahead: int = 1,
+                 count: int | None = None) -> None:
         self.sampler, self.pool_size, self.seed = sampler, int(pool_size), int(seed)
+        self.count = count  # pools 0..count-1 exist; none beyond is read ahead
         self.workers = max(1, int(workers))
         self.ahead = max(0, int(ahead))
         # One thread per part plus the read-ahead coordinators.
@@ -58,7 +55,7 @@ class PoolPrefetcher:
         self._pending: dict[int, Future] = {}
 
     def _submit(self, i: int) -> None:
-        if i not in self._pending:
+        if i not in self._pending and (self.count is None or i < self.count):
             self._pending[i] = self._outer.submit(sample_pool, self.sampler, self.pool_size, self.seed, i,
                                                   self.workers, self._pool)
 
