@@ -154,6 +154,18 @@ def test_cli_bootstrap_then_pn2v_train_and_predict(files, tmp_path):
     den = np.asarray(zarr.open_array(store=str(out / "0"), mode="r")[...])
     assert den.shape == clean.shape and np.isfinite(den).all()
 
+    # The denoiser's error no longer widens the model: its std is closer to the truth.
+    nm_v = tmp_path / "nm_v.json"
+    run(["noise-model", "bootstrap", n2v, data, "-o", nm_v, "--iterations", "100", "--no-progress",
+         "--variance-from-data"])
+    levels = np.array([30.0, 60.0, 100.0])
+    assert _std_error(load_noise_model(nm_v), levels) < _std_error(model, levels)
+    run(["train", data, "-o", tmp_path / "pn2v_v.qs", "--method", "pn2v", "--noise-model", nm_v, "--samples", "4",
+         "--steps", "2", *small])  # accepted on the data's whole range
+    bad = run(["noise-model", "bootstrap", n2v, data, "-o", tmp_path / "h.json", "--kind", "histogram",
+               "--variance-from-data", "--no-progress"], ok=False)
+    assert bad.exit_code == 2 and "applies to GMM noise models" in bad.output
+
     png = tmp_path / "plot.png"
     res = run(["noise-model", "plot", nm, "-o", png, "--data", data, "--signal", d / "clean.tif"])
     assert "is covered by the model's range" in res.output and png.stat().st_size > 10_000

@@ -97,10 +97,13 @@ def fit(stack: str | None, pairs: tuple[str, str] | None, stack_axis: str | None
 @click.option("--max-tile-voxels", default=1_500_000, show_default=True, type=int, help="Memory bound of one predicted block.")
 @click.option("--threads", default=None, type=int, help="Threads of the local dask worker.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--variance-from-data", is_flag=True,
+              help="GMM: rescale the residuals to DATA's own Poisson-Gaussian variance line, so the denoiser's "
+                   "error does not widen the model (Poisson-Gaussian data; see docs/methods/pn2v.md).")
 @_fit_options
 @handle_errors
 def bootstrap(model: str, data: str, output: str, clip_percent: float, work_dir: str | None, device: str,
-              max_tile_voxels: int, threads: int | None, no_progress: bool, **kw: Any) -> None:
+              max_tile_voxels: int, threads: int | None, no_progress: bool, variance_from_data: bool, **kw: Any) -> None:
     """Fit a noise model on DATA with MODEL's prediction (e.g. N2V) as pseudo-signal."""
     from quietscope.errors import ConfigError, validation_message
     from quietscope.noise_models import sources
@@ -114,7 +117,8 @@ def bootstrap(model: str, data: str, output: str, clip_percent: float, work_dir:
     nm = sources.bootstrap(
         model, data, kind=kw["kind"], max_pairs=kw["max_pairs"], channel=kw["channel"], axes=kw["axes"],
         clip_percentile=clip_percent, work_dir=work_dir or str(Path(output).resolve().parent),
-        predict_options=opts, plot_path=kw["plot_path"], seed=kw["seed"], **_fit_kwargs(kw),
+        predict_options=opts, plot_path=kw["plot_path"], seed=kw["seed"], variance_from_data=variance_from_data,
+        **_fit_kwargs(kw),
     )
     _report(nm, output)
 

@@ -19,6 +19,7 @@ from quietscope.noise_models.histogram import HistogramNoiseModel, fit_histogram
 from quietscope.noise_models.pairs import (
     pairs_from_calibration,
     pairs_from_paired,
+    match_variance_line,
     pairs_from_prediction,
 )
 from quietscope.noise_models.plot import plot_noise_model
@@ -74,6 +75,7 @@ __all__ = [
     "fit_gmm",
     "fit_histogram",
     "load_noise_model",
+    "match_variance_line",
     "noise_model_from_dict",
     "pairs_from_calibration",
     "pairs_from_paired",

@@ -262,6 +262,7 @@ def fit_gmm(
     batch_size: int = 20_000,
     max_pairs: int = 1_000_000,
     seed: int = 0,
+    observed_range: tuple[float, float] | None = None,
 ) -> GMMNoiseModel:
     """Fit a :class:`GMMNoiseModel` by maximum likelihood on ``(signal, observation)`` pairs.
 
@@ -291,6 +292,9 @@ def fit_gmm(
         Pairs kept, drawn at random, when more are given; bounds memory and time.
     seed : int, optional
         Seeds the subsampling, the initial weights and the batches.
+    observed_range : (float, float), optional
+        Observations the model must accept besides ``observation``'s own range (e.g. the
+        data before :func:`~quietscope.noise_models.match_variance_line` rescaled it).
 
     Returns
     -------
@@ -329,6 +333,8 @@ def fit_gmm(
         raise ConfigError(f"min_sigma={min_sigma} must be > 0 (a floor on the noise std)")
 
     observed = (float(x.min()), float(x.max()))
+    if observed_range is not None:
+        observed = (min(observed[0], float(observed_range[0])), max(observed[1], float(observed_range[1])))
     rng = np.random.default_rng(seed)
     if s.size > max_pairs:
         keep = rng.choice(s.size, size=int(max_pairs), replace=False)

@@ -34,6 +34,7 @@ __all__ = [
     "bootstrap_pairs",
     "calibration_pairs",
     "data_range",
+    "data_variance_line",
     "fit_from_calibration",
     "fit_from_pairs",
     "fit_noise_model",
@@ -64,6 +65,7 @@ def fit_noise_model(
     min_row_pairs: int = MIN_ROW_PAIRS,
     n_iterations: int = 2000,
     seed: int = 0,
+    observed_range: tuple[float, float] | None = None,
 ) -> NoiseModel:
     """Fit a noise model of ``kind`` to ``(signal, observation)`` pairs.
 
@@ -83,13 +85,16 @@ def fit_noise_model(
         (:func:`~quietscope.noise_models.histogram.pool_sparse_rows`; 0 = plain PN2V rows).
     seed : int
         Seeds the GMM fit.
+    observed_range : (float, float), optional
+        GMM: observations it must accept beyond ``observation``'s range.
 
     Returns
     -------
     NoiseModel
     """
     if kind == "gmm":
-        return fit_gmm(signal, observation, n_gaussian, n_coeff, n_iterations=n_iterations, seed=seed)
+        return fit_gmm(signal, observation, n_gaussian, n_coeff, n_iterations=n_iterations, seed=seed,
+                       observed_range=observed_range)
     if kind == "histogram":
         return fit_histogram(signal, observation, bins=bins, min_row_pairs=min_row_pairs)
     raise ConfigError(f"noise model kind {kind!r} is unknown; use gmm or histogram")
@@ -471,6 +476,7 @@ def bootstrap(
     predict_options: Any = None,
     plot_path: str | Path | None = None,
     seed: int = 0,
+    variance_from_data: bool = False,
     **fit: Any,
 ) -> NoiseModel:
     """Fit a noise model on DATA with a trained denoiser's prediction as pseudo-signal.
@@ -478,9 +484,55 @@ def bootstrap(
     For data without a calibration stack or clean images: train N2V on DATA
     (``quietscope train DATA --method n2v``), then bootstrap a noise model for PN2V from it.
     Parameters are as in :func:`bootstrap_pairs` and :func:`fit_from_calibration`.
+
+    With ``variance_from_data`` (GMM only) the residuals are rescaled so that their variance
+    follows DATA's own Poisson–Gaussian line (:func:`data_variance_line`,
+    :func:`~quietscope.noise_models.pairs.match_variance_line`): the denoiser's error no longer
+    widens the model. For data whose noise is Poisson–Gaussian (cameras, photon counters).
     """
+    if variance_from_data and kind != "gmm":
+        raise ConfigError("--variance-from-data applies to GMM noise models; drop it or use --kind gmm")
     s, x = bootstrap_pairs(
         model_path, data_uri, max_pairs=max_pairs, channel=channel, axes=axes,
         clip_percentile=clip_percentile, work_dir=work_dir, predict_options=predict_options, seed=seed,
     )
-    return _finish(s, x, kind, plot_path, {"seed": seed, **fit})
+    if not variance_from_data:
+        return _finish(s, x, kind, plot_path, {"seed": seed, **fit})
+    from quietscope.noise_models.pairs import match_variance_line
+
+    gain, intercept = data_variance_line(data_uri, channel=channel, axes=axes, seed=seed)
+    x_fit, bin_s, factor = match_variance_line(s, x, gain, intercept)
+    log.info(
+        "variance from the data: var = %.6g * s + %.6g; residuals scaled by %.3f..%.3f (median %.3f) "
+        "over signal %.6g..%.6g", gain, intercept, factor.min(), factor.max(), float(np.median(factor)),
+        bin_s.min(), bin_s.max(),
+    )
+    return _finish(s, x_fit, kind, plot_path,
+                   {"seed": seed, "observed_range": (float(x.min()), float(x.max())), **fit})
+
+
+def data_variance_line(
+    data_uri: str | Path,
+    *,
+    channel: int | None = None,
+    axes: str | None = None,
+    n_blocks: int = 32,
+    block_size: int = 128,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """``(gain, intercept)`` of DATA's noise variance line ``var = gain * mean + intercept``,
+    estimated from local residuals of ``n_blocks`` sampled blocks (as ``inspect-noise`` does)."""
+    from quietscope.noise_analysis.inspect import block_shape_for, read_blocks, sample_blocks
+    from quietscope.noise_analysis.poisson_gaussian import estimate_poisson_gaussian
+
+    image = open_image(data_uri, axes=axes)
+    ch = _channel(image, channel, str(data_uri))
+    block = block_shape_for(image.spatial_shape, block_size)
+    sample = sample_blocks(image.spatial_shape, block, n_blocks, image.n_timepoints, seed)
+    est = estimate_poisson_gaussian([b.astype(np.float64) for b in read_blocks(image, sample, ch)])
+    if not est.gain > 0:
+        raise InputError(
+            f"the noise variance of {str(data_uri)!r} does not grow with intensity (fitted gain "
+            f"{est.gain:.4g}); it is not Poisson–Gaussian, so bootstrap without --variance-from-data"
+        )
+    return float(est.gain), float(est.intercept)
