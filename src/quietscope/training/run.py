@@ -72,7 +72,8 @@ ANISOTROPY_NO_Z_POOL = 2.0
 
 
 def resolve_z_pool(
-    setting: bool | str, method: str, spatial_axes: str, scale: dict[str, float]
+    setting: bool | str, method: str, spatial_axes: str, scale: dict[str, float],
+    units: dict[str, str | None] | None = None,
 ) -> tuple[bool, str]:
     """Decide whether a 3D U-Net pools along z.
 
@@ -86,6 +87,8 @@ def resolve_z_pool(
         The data's spatial axes, e.g. ``"zyx"``.
     scale : dict
         Physical voxel size per axis.
+    units : dict, optional
+        Unit per axis; a z scale of 1 without a unit is read as "not recorded".
 
     Returns
     -------
@@ -106,6 +109,8 @@ def resolve_z_pool(
     if not get_method_class(method).supports_z_pool_off:
         return True, f"{method} always pools z"
     z, yx = scale.get("z", 1.0), 0.5 * (scale.get("y", 1.0) + scale.get("x", 1.0))
+    if units is not None and units.get("z") is None and z == 1.0:
+        return True, "the input records no z spacing, so voxels are taken as isotropic; pass --z-pool no for an anisotropic stack"
     ratio = z / yx if yx > 0 else 1.0
     if ratio >= ANISOTROPY_NO_Z_POOL:
         return False, f"anisotropic voxels (z step {ratio:.3g}x the pixel size >= {ANISOTROPY_NO_Z_POOL:g}): z kept at full resolution"
@@ -152,7 +157,8 @@ def train_model(
         raise ConfigError(f"invalid training options: {validation_message(exc)}") from None
     net = dict(method_options.get("net", {}))
     z_pool, why = resolve_z_pool(net.get("z_pool", "auto"), str(method_options.get("method", "n2v")),
-                                 image.spatial_axes, dict(zip(image.axes, image.scale)))
+                                 image.spatial_axes, dict(zip(image.axes, image.scale)),
+                                 dict(zip(image.axes, image.units)))
     net["z_pool"] = z_pool
     if nd == 3:
         log.info("z pooling %s: %s", "on" if z_pool else "off", why)
