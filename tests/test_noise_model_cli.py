@@ -179,3 +179,22 @@ def test_cli_plot_refuses_data_outside_the_model(files, tmp_path):
     tifffile.imwrite(bright, clean * 20)
     res = run(["noise-model", "plot", nm, "-o", tmp_path / "p.png", "--data", bright], ok=False)
     assert res.exit_code == 2 and "outside the histogram noise model's range" in res.output
+
+
+def test_bootstrapped_gmm_accepts_the_brightest_pixels_it_was_not_fitted_on(tmp_path, monkeypatch):
+    """The 0.5 % pairs with the highest pseudo-signal are dropped before fitting; the GMM must
+    still accept those pixels' values, or PN2V training refuses the data whenever a batch
+    holds one (it did, at random, on the BPAE field)."""
+    from quietscope.noise_models import pairs_from_prediction, sources
+
+    rng = np.random.default_rng(4)
+    clean = np.tile(np.linspace(20.0, 80.0, 96, dtype=np.float32), (96, 1))
+    clean[10:16, 10:17] = 2000.0  # 42 of 9216 pixels (0.46 %): all in the clipped top 0.5 %
+    noisy = poisson_gaussian(clean, rng)
+    data = tmp_path / "bright.tif"
+    tifffile.imwrite(data, noisy)
+    # A perfect denoiser stands in for N2V, so the bright pixels are surely the clipped ones.
+    monkeypatch.setattr(sources, "bootstrap_pairs", lambda *a, **k: pairs_from_prediction(clean, noisy))
+    model = sources.bootstrap("unused.qs", data, n_iterations=50)
+    assert model.signal_range[1] < 100  # the bright pairs were not fitted on...
+    model.check_range(float(noisy.min()), float(noisy.max()))  # ...yet their values are accepted

@@ -496,6 +496,11 @@ def bootstrap(
         model_path, data_uri, max_pairs=max_pairs, channel=channel, axes=axes,
         clip_percentile=clip_percentile, work_dir=work_dir, predict_options=predict_options, seed=seed,
     )
+    if kind == "gmm":
+        # Clipping drops the pairs whose *pseudo-signal* is extreme, and with them the brightest
+        # observations; the GMM extrapolates, so it must accept the data's whole range, or PN2V
+        # training refuses the data whenever a batch holds one of those pixels.
+        fit = {"observed_range": data_range(data_uri, max_pairs=max_pairs, channel=channel, axes=axes, seed=seed), **fit}
     if not variance_from_data:
         return _finish(s, x, kind, plot_path, {"seed": seed, **fit})
     from quietscope.noise_models.pairs import match_variance_line
@@ -507,8 +512,7 @@ def bootstrap(
         "over signal %.6g..%.6g", gain, intercept, factor.min(), factor.max(), float(np.median(factor)),
         bin_s.min(), bin_s.max(),
     )
-    return _finish(s, x_fit, kind, plot_path,
-                   {"seed": seed, "observed_range": (float(x.min()), float(x.max())), **fit})
+    return _finish(s, x_fit, kind, plot_path, {"seed": seed, **fit})
 
 
 def data_variance_line(
