@@ -261,8 +261,10 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
             pred = _read_output(out)
             rows.append({**res, **score(pred, ct, ds["metric"])})
             if task.get("bootstrap"):
-                s, x = pairs_from_prediction(pred, np.load(d / "noisy.npy"))
-                nm = fit_gmm(s, x, n_gaussian=3, n_coeff=2, seed=seed)
+                noisy = np.load(d / "noisy.npy")
+                s, x = pairs_from_prediction(pred, noisy)
+                # The whole data range, as `noise-model bootstrap` gives it (clipping drops the brightest).
+                nm = fit_gmm(s, x, n_gaussian=3, n_coeff=2, seed=seed, observed_range=(float(noisy.min()), float(noisy.max())))
                 res, out = _train_predict(ds, "pn2v-gmm (bootstrapped)", seed,
                                           {"method": "pn2v", "noise_model": nm.to_dict(), **N2V_MASK}, budget, "pn2v_boot")
                 rows.append({**res, **score(_read_output(out), ct, ds["metric"])})
