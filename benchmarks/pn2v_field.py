@@ -1,0 +1,218 @@
+"""Bootstrapped PN2V vs N2V when both are trained on the whole field, as a user trains.
+
+``benchmarks/quality.py`` trains every method on its 192² test crop alone (36 864 pixels). PN2V
+learns a *distribution* per pixel, not just a mean, and may need more data than that. This
+script repeats the bootstrapped PN2V-GMM row with both networks trained on the whole
+680 × 1100 BPAE actin field (noise drawn once on the field), scored on the same centre crop.
+
+Run with the project's venv (about 15 minutes per seed on 2 CPU cores; the two noise levels
+run side by side, one thread each)::
+
+    .venv/bin/python benchmarks/pn2v_field.py [--steps 3000] [--seeds 0 1 2] [--jobs 2]
+
+Protocol, per noise level and seed: noise as in ``quality.py`` (moderate: Poisson 25 photons
+at the crop's mean + Gaussian 0.1 × the image std; strong: 5 photons + 0.2 × std) on the
+whole field, seed 0; N2V (U-Net depth 2, 16 filters, no batch norm, 2 % masked, batch 16,
+32² patches, Adam lr 1e-3 cosine) trained on the field and predicted over it through the
+chunked pipeline; a GMM noise model (3 components, linear coefficients) fitted to (N2V
+prediction, noisy) pairs of the whole field, dropping the 0.5 % extreme pseudo-signals (PPN2V
+protocol); PN2V (64 prior samples) trained on the field with it, same budget; both scored on the
+192² centre crop (PSNR with the clean crop's range). PN2V's prior mean (``--estimate prior``,
+the centre pixel left out) is scored too, to separate the prior from the fold-in. A third PN2V
+is trained on the same bootstrapped pairs with their residuals rescaled to the data's own
+Poisson–Gaussian variance line (``noise-model bootstrap --variance-from-data``).
+Results go to ``benchmarks/results/pn2v_field.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, fmt_mean_sem, machine, markdown_table, write_json  # noqa: E402
+
+CROP = 192
+LEVELS = {"moderate": (25.0, 0.1), "strong": (5.0, 0.2)}
+VFD = "pn2v-gmm bootstrapped, variance from data (field)"
+BUDGET = {"batch": 16, "patch": 32, "depth": 2, "filters": 16, "lr": 1e-3, "mask_percent": 2.0}
+
+
+def make_data(work: Path, level: str) -> dict[str, Any]:
+    """The noisy field as OME-Zarr and the clean crop as npy; returns the crop's origin."""
+    from quietscope.demo import write_ome_zarr_image
+    from quietscope.sample_data import find_data_dir, read_tiff
+    from quietscope.simulate import poisson_gaussian
+
+    data = find_data_dir()
+    if data is None:
+        raise SystemExit("shared/data not found (set QUIETSCOPE_DATA); this benchmark needs the real images")
+    img = read_tiff(data / "bpae" / "bpae_actin.tif").astype(np.float32)
+    cy, cx = (img.shape[0] - CROP) // 2, (img.shape[1] - CROP) // 2
+    photons, g = LEVELS[level]
+    scale = photons / float(img[cy:cy + CROP, cx:cx + CROP].mean())
+    noisy = poisson_gaussian(img, scale, g, float(img.std()), seed=0).astype(np.float32)
+    d = work / level
+    d.mkdir(parents=True, exist_ok=True)
+    write_ome_zarr_image(d / "field.ome.zarr", noisy, "yx", (256, 256))
+    np.save(d / "clean.npy", img[cy:cy + CROP, cx:cx + CROP])
+    np.save(d / "noisy_crop.npy", noisy[cy:cy + CROP, cx:cx + CROP])
+    return {"dir": str(d), "origin": (cy, cx)}
+
+
+def _train(src: Path, model: Path, options: dict[str, Any], steps: int, seed: int, reuse: bool = False) -> float | None:
+    from quietscope.training.run import train_model
+
+    if reuse and model.exists():
+        return None  # trained by an earlier run of this script with the same options
+    t0 = time.perf_counter()
+    train_model(str(src), model,
+                {"net": {"depth": BUDGET["depth"], "filters": BUDGET["filters"]},
+                 "masked_pixel_percentage": BUDGET["mask_percent"], **options},
+                {"patch": (BUDGET["patch"],), "batch": BUDGET["batch"], "steps": steps, "lr": BUDGET["lr"], "seed": seed,
+                 "val_every": max(steps // 10, 1), "checkpoint_every": max(steps // 10, 1), "pool_size": 256, "device": "cpu"},
+                overwrite=True, progress=False)
+    return time.perf_counter() - t0
+
+
+def _predict(model: Path, src: Path, out: Path, inference: dict | None = None) -> np.ndarray:
+    from quietscope.io.reading import open_image
+    from quietscope.predict import PredictOptions, predict
+
+    predict(model, src, out, PredictOptions(progress=False, overwrite=True, n_levels=1, threads=1, device="cpu"),
+            inference=inference)
+    return np.asarray(open_image(str(out)).array).squeeze()
+
+
+def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
+    import torch
+
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING)
+    from quietscope.metrics import psnr
+    from quietscope.noise_models import fit_gmm, pairs_from_prediction
+
+    d, level, seed, steps = Path(task["dir"]), task["level"], task["seed"], task["steps"]
+    cy, cx = task["origin"]
+    clean = np.load(d / "clean.npy")
+    rng_ = float(clean.max() - clean.min())
+    src = d / "field.ome.zarr"
+
+    def crop(a: np.ndarray) -> np.ndarray:
+        return a[cy:cy + CROP, cx:cx + CROP]
+
+    rows = []
+    n2v_model = d / f"n2v_s{seed}.qs"
+    reuse = bool(task.get("reuse"))
+    t_n2v = _train(src, n2v_model, {"method": "n2v"}, steps, seed, reuse)
+    n2v_field = _predict(n2v_model, src, d / f"n2v_s{seed}.ome.zarr")
+    rows.append({"level": level, "seed": seed, "row": "n2v (field)", "psnr": psnr(crop(n2v_field), clean, data_range=rng_),
+                 "train_s": t_n2v})
+    from quietscope.io.reading import open_image
+
+    noisy_field = np.asarray(open_image(str(src)).array).astype(np.float32)
+    s, x = pairs_from_prediction(n2v_field, noisy_field)
+    t0 = time.perf_counter()
+    full = (float(noisy_field.min()), float(noisy_field.max()))  # as noise-model bootstrap does
+    nm = fit_gmm(s, x, n_gaussian=3, n_coeff=2, seed=seed, observed_range=full)
+    fit_s = time.perf_counter() - t0
+    pn2v_model = d / f"pn2v_boot_s{seed}.qs"
+    t_pn2v = _train(src, pn2v_model, {"method": "pn2v", "noise_model": nm.to_dict()}, steps, seed, reuse)
+    mmse = _predict(pn2v_model, src, d / f"pn2v_boot_s{seed}.ome.zarr")
+    prior = _predict(pn2v_model, src, d / f"pn2v_boot_prior_s{seed}.ome.zarr", inference={"estimate": "prior"})
+    rows.append({"level": level, "seed": seed, "row": "pn2v-gmm bootstrapped (field)", "psnr": psnr(crop(mmse), clean, data_range=rng_),
+                 "train_s": t_pn2v, "gmm_fit_s": fit_s, "n_pairs": int(s.size)})
+    rows.append({"level": level, "seed": seed, "row": "pn2v prior mean (field)", "psnr": psnr(crop(prior), clean, data_range=rng_)})
+    if task.get("variance_from_data", True):
+        # The same bootstrap with its residuals rescaled to the data's own Poisson-Gaussian
+        # variance line (noise-model bootstrap --variance-from-data).
+        from quietscope.noise_models import match_variance_line
+        from quietscope.noise_models.sources import data_variance_line
+
+        gain, intercept = data_variance_line(str(src), seed=seed)
+        x_fit, _, factor = match_variance_line(s, x, gain, intercept)
+        nm_v = fit_gmm(s, x_fit, n_gaussian=3, n_coeff=2, seed=seed, observed_range=full)
+        model_v = d / f"pn2v_vfd_s{seed}.qs"
+        t_v = _train(src, model_v, {"method": "pn2v", "noise_model": nm_v.to_dict()}, steps, seed, reuse)
+        mmse_v = _predict(model_v, src, d / f"pn2v_vfd_s{seed}.ome.zarr")
+        rows.append({"level": level, "seed": seed, "row": "pn2v-gmm bootstrapped, variance from data (field)",
+                     "psnr": psnr(crop(mmse_v), clean, data_range=rng_), "train_s": t_v, "gain": gain, "intercept": intercept,
+                     "factor_min": float(factor.min()), "factor_median": float(np.median(factor)), "factor_max": float(factor.max())})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--levels", nargs="+", default=list(LEVELS), choices=list(LEVELS))
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--workdir", default="/tmp/qs-pn2v-field")
+    ap.add_argument("--output", default=str(RESULTS / "pn2v_field.json"))
+    ap.add_argument("--reuse", action="store_true", help="keep models an earlier run left in --workdir (same options)")
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    t_start = time.perf_counter()
+    data = {level: make_data(work, level) for level in args.levels}
+    tasks = [{"dir": data[lv]["dir"], "origin": data[lv]["origin"], "level": lv, "seed": s, "steps": args.steps,
+              "reuse": args.reuse}
+             for s in args.seeds for lv in args.levels]
+    rows: list[dict[str, Any]] = []
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as ex:
+        futures = [ex.submit(run_task, t) for t in tasks]
+        for f in as_completed(futures):
+            try:
+                got = f.result()
+            except Exception as exc:  # one failed task must not lose the others' results
+                print(f"task failed: {exc!r}", flush=True)
+                continue
+            rows.extend(got)
+            for r in got:
+                print(r, flush=True)
+
+    table, summary = [], []
+    for level in args.levels:
+        by_row: dict[str, list[float]] = {}
+        for r in rows:
+            if r["level"] == level:
+                by_row.setdefault(r["row"], []).append(r["psnr"])
+        seeds_done = sorted({r["seed"] for r in rows if r["level"] == level})
+        diffs, diffs_v = [], []
+        for s in seeds_done:
+            got = {r["row"]: r["psnr"] for r in rows if r["level"] == level and r["seed"] == s}
+            if "n2v (field)" in got and "pn2v-gmm bootstrapped (field)" in got:
+                diffs.append(got["pn2v-gmm bootstrapped (field)"] - got["n2v (field)"])
+            if "n2v (field)" in got and VFD in got:
+                diffs_v.append(got[VFD] - got["n2v (field)"])
+
+        def ms(v: list[float]) -> tuple[float, float | None]:
+            a = np.asarray(v, float)
+            return float(a.mean()), (float(a.std(ddof=1) / np.sqrt(a.size)) if a.size > 1 else None)
+
+        entry = {"level": level, "n": len(seeds_done), **{k: ms(v) for k, v in by_row.items()},
+                 "pn2v_minus_n2v": ms(diffs) if diffs else None, "pn2v_vfd_minus_n2v": ms(diffs_v) if diffs_v else None}
+        summary.append(entry)
+        table.append([level, str(len(seeds_done))] + [fmt_mean_sem(*entry[k]) if k in entry else "–"
+                      for k in ("n2v (field)", "pn2v prior mean (field)", "pn2v-gmm bootstrapped (field)", VFD)]
+                     + [fmt_mean_sem(*entry[k]) if entry[k] else "–" for k in ("pn2v_minus_n2v", "pn2v_vfd_minus_n2v")])
+    print(markdown_table(["noise", "seeds", "N2V (field)", "PN2V prior (field)", "PN2V-GMM boot. (field)",
+                          "… variance from data", "boot. − N2V", "var. from data − N2V"], table))
+    write_json(args.output, {"machine": machine(), "budget": {**BUDGET, "steps": args.steps, "seeds": args.seeds},
+                             "levels": {k: LEVELS[k] for k in args.levels}, "rows": rows, "summary": summary,
+                             "wall_seconds": time.perf_counter() - t_start})
+    print(f"JSON: {args.output}")
+
+
+if __name__ == "__main__":
+    main()
