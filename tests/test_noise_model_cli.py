@@ -185,7 +185,7 @@ def test_bootstrapped_gmm_accepts_the_brightest_pixels_it_was_not_fitted_on(tmp_
     """The 0.5 % pairs with the highest pseudo-signal are dropped before fitting; the GMM must
     still accept those pixels' values, or PN2V training refuses the data whenever a batch
     holds one (it did, at random, on the BPAE field)."""
-    from quietscope.noise_models import pairs_from_prediction, sources
+    from quietscope.noise_models import sources
 
     rng = np.random.default_rng(4)
     clean = np.tile(np.linspace(20.0, 80.0, 96, dtype=np.float32), (96, 1))
@@ -194,7 +194,7 @@ def test_bootstrapped_gmm_accepts_the_brightest_pixels_it_was_not_fitted_on(tmp_
     data = tmp_path / "bright.tif"
     tifffile.imwrite(data, noisy)
     # A perfect denoiser stands in for N2V, so the bright pixels are surely the clipped ones.
-    monkeypatch.setattr(sources, "bootstrap_pairs", lambda *a, **k: pairs_from_prediction(clean, noisy))
+    monkeypatch.setattr(sources, "_predicted_pairs", lambda *a, **k: (clean.ravel(), noisy.ravel()))
     model = sources.bootstrap("unused.qs", data, n_iterations=50)
     assert model.signal_range[1] < 100  # the bright pairs were not fitted on...
     model.check_range(float(noisy.min()), float(noisy.max()))  # ...yet their values are accepted

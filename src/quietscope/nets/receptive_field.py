@@ -59,7 +59,7 @@ def measure_receptive_radius(
             bg = mean.reshape(bcast) + std.reshape(bcast) * torch.randn((n_phase, in_channels) + spatial, generator=gen, dtype=dtype).abs()
             x = bg.clone()
             # Centres on the pooling grid; impulse k sits at phase k (mod each axis's factor).
-            centre = [(s // 2 // k) * k for s, k in zip(spatial, f)]
+            centre = [(s // 2 // fa) * fa for s, fa in zip(spatial, f)]
             for k in range(n_phase):
                 x[(k, slice(None)) + tuple(c + k % fa for c, fa in zip(centre, f))] += 100.0 * std
             with torch.no_grad():

@@ -17,9 +17,9 @@ from quietscope.noise_models.base import NoiseModel
 from quietscope.noise_models.gmm import GMMNoiseModel, fit_gmm
 from quietscope.noise_models.histogram import HistogramNoiseModel, fit_histogram
 from quietscope.noise_models.pairs import (
+    match_variance_line,
     pairs_from_calibration,
     pairs_from_paired,
-    match_variance_line,
     pairs_from_prediction,
 )
 from quietscope.noise_models.plot import plot_noise_model

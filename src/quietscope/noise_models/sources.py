@@ -388,6 +388,15 @@ def bootstrap_pairs(
     s, x : np.ndarray
         Flat float32 arrays.
     """
+    s, x = _predicted_pairs(model_path, data_uri, max_pairs, channel, axes, work_dir, predict_options, seed)
+    return pairs_from_prediction(s, x, clip_percentile)
+
+
+def _predicted_pairs(
+    model_path: str | Path, data_uri: str | Path, max_pairs: int, channel: int | None, axes: str | None,
+    work_dir: str | Path | None, predict_options: Any, seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction, data) pairs of :func:`bootstrap_pairs` before clipping."""
     from quietscope.predict import PredictOptions, predict
 
     _check_max_pairs(max_pairs)
@@ -399,10 +408,9 @@ def bootstrap_pairs(
         log.info("bootstrapping: predicting %s with %s into %s", data_uri, model_path, out)
         predict(model_path, data_uri, out, opts, axes=axes)
         # The prediction's OME-Zarr carries its own axes; only the data may need --axes.
-        s, x = _pairs_from_images(open_image(out), open_image(data_uri, axes=axes), max_pairs, channel, None, seed)
+        return _pairs_from_images(open_image(out), open_image(data_uri, axes=axes), max_pairs, channel, None, seed)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return pairs_from_prediction(s, x, clip_percentile)
 
 
 def fit_from_calibration(
@@ -492,15 +500,13 @@ def bootstrap(
     """
     if variance_from_data and kind != "gmm":
         raise ConfigError("--variance-from-data applies to GMM noise models; drop it or use --kind gmm")
-    s, x = bootstrap_pairs(
-        model_path, data_uri, max_pairs=max_pairs, channel=channel, axes=axes,
-        clip_percentile=clip_percentile, work_dir=work_dir, predict_options=predict_options, seed=seed,
-    )
+    s_all, x_all = _predicted_pairs(model_path, data_uri, max_pairs, channel, axes, work_dir, predict_options, seed)
+    s, x = pairs_from_prediction(s_all, x_all, clip_percentile)
     if kind == "gmm":
         # Clipping drops the pairs whose *pseudo-signal* is extreme, and with them the brightest
-        # observations; the GMM extrapolates, so it must accept the data's whole range, or PN2V
+        # observations; the GMM extrapolates, so it must accept the sample's whole range, or PN2V
         # training refuses the data whenever a batch holds one of those pixels.
-        fit = {"observed_range": data_range(data_uri, max_pairs=max_pairs, channel=channel, axes=axes, seed=seed), **fit}
+        fit = {"observed_range": (float(x_all.min()), float(x_all.max())), **fit}
     if not variance_from_data:
         return _finish(s, x, kind, plot_path, {"seed": seed, **fit})
     from quietscope.noise_models.pairs import match_variance_line
