@@ -162,8 +162,15 @@ def train_model(
     net["z_pool"] = z_pool
     if nd == 3:
         log.info("z pooling %s: %s", "on" if z_pool else "off", why)
-    depth = int(net.get("depth", 2))
-    factor_needed = tuple(2**depth if (z_pool or a != "z") else 1 for a in image.spatial_axes)
+    from quietscope.methods.base import NetConfig
+
+    try:
+        net_cfg = NetConfig.model_validate(net)
+    except Exception as exc:
+        from quietscope.errors import validation_message
+
+        raise ConfigError(f"invalid network options: {validation_message(exc)}") from None
+    factor_needed = tuple(p**net_cfg.depth for p in net_cfg.pool(nd))
     if any(p % f for p, f in zip(tcfg.patch, factor_needed)):
         raise ConfigError(f"--patch {tcfg.patch} must be a multiple of {factor_needed} (2**depth on every pooled axis)")
     config = {"spatial_ndim": nd, "in_channels": image.n_channels, **method_options, "net": net}
