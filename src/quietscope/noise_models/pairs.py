@@ -125,7 +125,7 @@ def match_variance_line(
     A bootstrapped pseudo-signal is a denoiser's prediction, not the truth: the residual
     ``x - s`` holds the noise *and* the denoiser's own error, so a noise model fitted to it is
     too wide exactly where the denoiser errs most, on bright structures (measured on BPAE at
-    moderate noise: +16 % variance at mid intensities, +23 % at the brightest). PN2V's prior
+    moderate noise: +16-19 % variance on bright structures, ``benchmarks/pn2v_variance.py``). PN2V's prior
     width is fitted as the total variance minus the noise model's, so that bias, about the
     size of the prior's own variance, leaves the prior too narrow and the MMSE estimate folds
     in too little of the observed pixel. The Poisson–Gaussian line of the data itself
