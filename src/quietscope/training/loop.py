@@ -1,8 +1,9 @@
 """A plain torch training loop: sampled patches, Adam, cosine schedule, checkpoints, resume.
 
-Resuming is exact: the checkpoint holds the weights, the optimizer state and every random
-generator's state, and the patch pool is only re-drawn at checkpoint boundaries, so a run
-killed and resumed ends with the same weights as one that never stopped.
+Resuming is exact: the checkpoint holds the weights, the optimizer state and the torch
+generators' states, and patch pool ``i`` (re-drawn at checkpoint boundaries) is a pure function
+of (seed, i) (``training/prefetch.py``), so a run killed and resumed ends with the same weights
+as one that never stopped.
 """
 
 from __future__ import annotations
@@ -120,7 +121,6 @@ def train(
         val_batch = torch.from_numpy(val_sampler.sample(config.val_patches, np.random.default_rng(config.seed + 1)))
 
     opt = torch.optim.Adam(method.parameters(), lr=config.lr)
-    rng = np.random.default_rng(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     start_step = 0
@@ -137,7 +137,6 @@ def train(
             raise ModelError("--resume: the checkpoint belongs to a different configuration; use the same options or start fresh")
         method.load_state_dict(state["method"])
         opt.load_state_dict(state["optimizer"])
-        rng.bit_generator.state = json.loads(state["numpy_rng"])
         gen.set_state(state["torch_gen"])
         torch.set_rng_state(state["torch_global"])
         start_step = int(state["step"])
@@ -160,7 +159,7 @@ def train(
         for step in range(start_step, config.steps):
             if step % config.checkpoint_every == 0 or pool is None:
                 if ckpt is not None and step > start_step:
-                    _save_checkpoint(ckpt, method, opt, rng, gen, step, history, best, bad_vals, fingerprint)
+                    _save_checkpoint(ckpt, method, opt, gen, step, history, best, bad_vals, fingerprint)
                 pool = torch.from_numpy(prefetcher.get(step // config.checkpoint_every))
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, config.steps, config.lr)
@@ -193,7 +192,7 @@ def train(
     if best[2] is not None and config.early_stop is not None:
         method.load_state_dict(best[2])
     if ckpt is not None:
-        _save_checkpoint(ckpt, method, opt, rng, gen, config.steps, history, best, bad_vals, fingerprint)
+        _save_checkpoint(ckpt, method, opt, gen, config.steps, history, best, bad_vals, fingerprint)
     method.eval()
     return TrainResult(
         method=method,
@@ -217,12 +216,11 @@ def validation_loss(method: Method, batch: torch.Tensor, seed: int, device: torc
     return float(np.mean(losses))
 
 
-def _save_checkpoint(ckpt, method, opt, rng, gen, step, history, best, bad_vals, fingerprint) -> None:
+def _save_checkpoint(ckpt, method, opt, gen, step, history, best, bad_vals, fingerprint) -> None:
     state = {
         "fingerprint": fingerprint,
         "method": method.state_dict(),
         "optimizer": opt.state_dict(),
-        "numpy_rng": json.dumps(rng.bit_generator.state),
         "torch_gen": gen.get_state(),
         "torch_global": torch.get_rng_state(),
         "step": step,
