@@ -41,6 +41,8 @@ os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, fmt_mean_sem, machine, markdown_table, write_json  # noqa: E402
 
+from quietscope.metrics import mean_and_sem  # noqa: E402
+
 ISO_SHAPE = (100, 160, 160)  # isotropic 0.4 µm grid
 Z_STEP = 5  # planes kept: every 5th -> z step 2.0 µm
 SCALE = (0.4 * Z_STEP, 0.4, 0.4)
@@ -153,10 +155,6 @@ def main() -> None:
     def rows_of(dataset: str, setting: str) -> list[dict[str, Any]]:
         return [r for r in runs if r["dataset"] == dataset and r["setting"] == setting]
 
-    def ms(vals: list[float]) -> tuple[float, float | None]:
-        a = np.asarray(vals, float)
-        return float(a.mean()), (float(a.std(ddof=1) / np.sqrt(a.size)) if a.size > 1 else None)
-
     summary, table = [], []
     for dataset, settings in (("synthetic", ["noisy input", "z_pool auto", "z_pool yes"]), ("yeast3d", ["z_pool no", "z_pool yes"])):
         for setting in settings:
@@ -166,7 +164,7 @@ def main() -> None:
             row: dict[str, Any] = {"dataset": dataset, "setting": setting, "n": len(rs)}
             for key in ("psnr", "ssim", "best_val_loss", "predict_seconds", "train_seconds", "halo_factor"):
                 if rs[0].get(key) is not None:
-                    row[key] = ms([r[key] for r in rs])
+                    row[key] = mean_and_sem([r[key] for r in rs])
             if "halo" in rs[0]:
                 row["halo"], row["factor"], row["z_pool"] = rs[0]["halo"], rs[0]["factor"], rs[0]["z_pool"]
             summary.append(row)

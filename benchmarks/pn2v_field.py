@@ -42,17 +42,18 @@ os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, fmt_mean_sem, machine, markdown_table, write_json  # noqa: E402
 
+from quietscope.metrics import mean_and_sem  # noqa: E402
+
 CROP = 192
 LEVELS = {"moderate": (25.0, 0.1), "strong": (5.0, 0.2)}
 VFD = "pn2v-gmm bootstrapped, variance from data (field)"
 BUDGET = {"batch": 16, "patch": 32, "depth": 2, "filters": 16, "lr": 1e-3, "mask_percent": 2.0}
 
 
-def make_data(work: Path, level: str) -> dict[str, Any]:
-    """The noisy field as OME-Zarr and the clean crop as npy; returns the crop's origin."""
-    from quietscope.demo import write_ome_zarr_image
+def field_noise(level: str) -> tuple[np.ndarray, tuple[int, int], float, float]:
+    """The clean BPAE actin field, the test crop's origin, the photon scale (photons per unit)
+    and the Gaussian std of noise ``level``: the true noise variance is ``s / scale + std**2``."""
     from quietscope.sample_data import find_data_dir, read_tiff
-    from quietscope.simulate import poisson_gaussian
 
     data = find_data_dir()
     if data is None:
@@ -60,7 +61,16 @@ def make_data(work: Path, level: str) -> dict[str, Any]:
     img = read_tiff(data / "bpae" / "bpae_actin.tif").astype(np.float32)
     cy, cx = (img.shape[0] - CROP) // 2, (img.shape[1] - CROP) // 2
     photons, g = LEVELS[level]
-    scale = photons / float(img[cy:cy + CROP, cx:cx + CROP].mean())
+    return img, (cy, cx), photons / float(img[cy:cy + CROP, cx:cx + CROP].mean()), g * float(img.std())
+
+
+def make_data(work: Path, level: str) -> dict[str, Any]:
+    """The noisy field as OME-Zarr and the clean crop as npy; returns the crop's origin."""
+    from quietscope.demo import write_ome_zarr_image
+    from quietscope.simulate import poisson_gaussian
+
+    img, (cy, cx), scale, _ = field_noise(level)
+    _, g = LEVELS[level]
     noisy = poisson_gaussian(img, scale, g, float(img.std()), seed=0).astype(np.float32)
     d = work / level
     d.mkdir(parents=True, exist_ok=True)
@@ -196,12 +206,8 @@ def main() -> None:
             if "n2v (field)" in got and VFD in got:
                 diffs_v.append(got[VFD] - got["n2v (field)"])
 
-        def ms(v: list[float]) -> tuple[float, float | None]:
-            a = np.asarray(v, float)
-            return float(a.mean()), (float(a.std(ddof=1) / np.sqrt(a.size)) if a.size > 1 else None)
-
-        entry = {"level": level, "n": len(seeds_done), **{k: ms(v) for k, v in by_row.items()},
-                 "pn2v_minus_n2v": ms(diffs) if diffs else None, "pn2v_vfd_minus_n2v": ms(diffs_v) if diffs_v else None}
+        entry = {"level": level, "n": len(seeds_done), **{k: mean_and_sem(v) for k, v in by_row.items()},
+                 "pn2v_minus_n2v": mean_and_sem(diffs) if diffs else None, "pn2v_vfd_minus_n2v": mean_and_sem(diffs_v) if diffs_v else None}
         summary.append(entry)
         table.append([level, str(len(seeds_done))] + [fmt_mean_sem(*entry[k]) if k in entry else "–"
                       for k in ("n2v (field)", "pn2v prior mean (field)", "pn2v-gmm bootstrapped (field)", VFD)]

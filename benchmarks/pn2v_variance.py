@@ -29,20 +29,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, write_json  # noqa: E402
+from pn2v_field import CROP, LEVELS, field_noise  # noqa: E402
 
-LEVELS = {"moderate": (25.0, 0.1), "strong": (5.0, 0.2)}
-CROP = 192
 PROBE = np.array([300.0, 1500.0, 3000.0, 5000.0, 8000.0])
 
 
 def truth(level: str) -> tuple[np.ndarray, float, float, tuple[int, int]]:
-    from quietscope.sample_data import find_data_dir, read_tiff
-
-    img = read_tiff(find_data_dir() / "bpae" / "bpae_actin.tif").astype(np.float32)
-    cy, cx = (img.shape[0] - CROP) // 2, (img.shape[1] - CROP) // 2
-    photons, g = LEVELS[level]
-    k = photons / float(img[cy:cy + CROP, cx:cx + CROP].mean())
-    return img, 1.0 / k, (g * float(img.std())) ** 2, (cy, cx)
+    """Clean field, true gain and intercept of the noise variance line, crop origin."""
+    img, origin, scale, gauss_std = field_noise(level)
+    return img, 1.0 / scale, gauss_std**2, origin
 
 
 def var_ratio(nm: Any, a: float, b: float) -> list[float]:
