@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from quietscope.calibration import calibrate_arrays
-from quietscope.errors import ConfigError
+from quietscope.errors import ConfigError, InputError
 from quietscope.io.reading import open_image
 from quietscope.io.stacking import open_stacked
 from quietscope.methods import build_method
@@ -242,6 +242,10 @@ def test_stacked_view_reads_like_the_parts(tmp_path):
     sp = (slice(3, 9), slice(10, 30))
     np.testing.assert_array_equal(s.read_tc(0, sp), np.stack([a[sp], b[sp]]))
     np.testing.assert_array_equal(s.read((slice(1, 2),) + sp), b[sp][None])
+    for c, part in enumerate((a, b)):  # one channel alone, from the part that holds it
+        np.testing.assert_array_equal(s.read_tc(0, sp, c), part[sp][None].astype(np.float32))
+    with pytest.raises(InputError, match="out of range"):
+        s.read_tc(0, sp, 2)
     tifffile.imwrite(tmp_path / "c.tif", a[:30])
     with pytest.raises(Exception, match="channel images differ"):
         open_stacked([tmp_path / "a.tif", tmp_path / "c.tif"])

@@ -158,8 +158,8 @@ def test_evaluate_reads_files_in_blocks(tmp_path, monkeypatch):
     largest = []
     original = reading.Image.read_tc
 
-    def spy(self, t, spatial):
-        out = original(self, t, spatial)
+    def spy(self, t, spatial, channel=None):
+        out = original(self, t, spatial, channel)
         largest.append(out.size)
         return out
 
@@ -169,3 +169,27 @@ def test_evaluate_reads_files_in_blocks(tmp_path, monkeypatch):
     row = ev.rows[0]
     assert row["psnr"] == pytest.approx(psnr(pred, gt)) and row["ssim"] == pytest.approx(ssim(pred, gt))
     assert row["ri_psnr"] == pytest.approx(range_invariant_psnr(pred, gt))
+
+
+def test_one_channel_of_a_multichannel_prediction_reads_only_that_channel(tmp_path, monkeypatch):
+    """``--channel`` compares one output: the other channels' data are never read."""
+    from quietscope.io import reading
+
+    gt = _clean((40, 50), seed=8)
+    rng = np.random.default_rng(9)
+    pred = np.stack([gt + rng.normal(0, 3, gt.shape), gt * 0 + 1e9]).astype(np.float32)  # channel 1: nonsense
+    write_ome_zarr_image(tmp_path / "gt.ome.zarr", gt, "yx", (20, 25))
+    write_ome_zarr_image(tmp_path / "p.ome.zarr", pred, "cyx", (1, 20, 25))
+    channels_read = []
+    original = reading.Image.read
+
+    def spy(self, slices):
+        out = original(self, slices)
+        if "c" in self.axes:
+            channels_read.append(out.shape[self.axes.index("c")])
+        return out
+
+    monkeypatch.setattr(reading.Image, "read", spy)
+    ev = evaluate(tmp_path / "p.ome.zarr", tmp_path / "gt.ome.zarr", channel=0)
+    assert channels_read and set(channels_read) == {1}
+    assert ev.rows[0]["psnr"] == pytest.approx(psnr(pred[0], gt))

@@ -103,8 +103,8 @@ def test_only_the_sampled_blocks_are_read(images, monkeypatch):
     read = []
     orig = Image.read_tc
 
-    def counting(self, t, spatial):
-        out = orig(self, t, spatial)
+    def counting(self, t, spatial, channel=None):
+        out = orig(self, t, spatial, channel)
         read.append(out.size)
         return out
 

@@ -60,6 +60,10 @@ def test_tiff_imagej_hyperstack_is_read_lazily_with_axes(tmp_path):
     assert img.shape == (2, 3, 20, 30)
     assert img.scale[2] == pytest.approx(0.2) and img.scale[1] == pytest.approx(2.5)
     np.testing.assert_array_equal(img.read((slice(1, 2), slice(None), slice(0, 5), slice(None))), data[:, 1:2, 0:5].transpose(1, 0, 2, 3))
+    sp = (slice(None), slice(2, 9), slice(4, 30))
+    np.testing.assert_array_equal(img.read_tc(0, sp, 1), img.read_tc(0, sp)[1:2])
+    with pytest.raises(InputError, match="out of range"):
+        img.read_tc(0, sp, 2)
 
 
 def test_rgb_tiff_samples_become_channels(tmp_path):

@@ -146,7 +146,7 @@ def evaluate(
     ev = Evaluation(str(prediction), str(ground_truth), p_img.axes, p_img.shape)
 
     def metrics_of(t: int, c: int) -> dict[str, float]:
-        return streamed_metrics(lambda sl: p_img.read_tc(t, sl)[p_c[c]], lambda sl: g_img.read_tc(t, sl)[c],
+        return streamed_metrics(lambda sl: p_img.read_tc(t, sl, p_c[c])[0], lambda sl: g_img.read_tc(t, sl, c)[0],
                                 p_img.spatial_shape, max_voxels=max_voxels)
 
     _fill(ev, metrics_of, p_img.n_timepoints, len(p_c))

@@ -104,14 +104,19 @@ class Image:
         out = np.asarray(self.array[tuple(src_slices)])
         return out.transpose(self.perm)
 
-    def read_tc(self, t: int, spatial: tuple[slice, ...]) -> np.ndarray:
-        """Read ``(C, *spatial)`` at time point ``t`` (C=1 when there is no channel axis)."""
+    def read_tc(self, t: int, spatial: tuple[slice, ...], channel: int | None = None) -> np.ndarray:
+        """Read ``(C, *spatial)`` at time point ``t`` (C=1 when there is no channel axis).
+
+        With ``channel`` only that channel is read (C=1): the others' chunks are never fetched.
+        """
+        if channel is not None and not 0 <= channel < self.n_channels:
+            raise InputError(f"channel {channel} is out of range: the image has {self.n_channels} channel(s)")
         sl: list[slice | int] = []
         for a in self.axes:
             if a == "t":
                 sl.append(slice(t, t + 1))
             elif a == "c":
-                sl.append(slice(None))
+                sl.append(slice(None) if channel is None else slice(channel, channel + 1))
             else:
                 sl.append(spatial[self.spatial_axes.index(a)])
         arr = self.read(tuple(sl))  # type: ignore[arg-type]

@@ -105,9 +105,20 @@ class StackedImage:
         return [os.path.basename(p.ref.uri.rstrip("/")) for p in self.parts]
 
     # ---- reading ----------------------------------------------------------------------
-    def read_tc(self, t: int, spatial: tuple[slice, ...]) -> np.ndarray:
-        """Read ``(C, *spatial)`` at time point ``t``: every part's channels, concatenated."""
-        return np.concatenate([p.read_tc(t, spatial).astype(self.dtype, copy=False) for p in self.parts], axis=0)
+    def read_tc(self, t: int, spatial: tuple[slice, ...], channel: int | None = None) -> np.ndarray:
+        """Read ``(C, *spatial)`` at time point ``t``: every part's channels, concatenated.
+
+        With ``channel`` only that channel is read (C=1), from the one part that holds it.
+        """
+        if channel is None:
+            return np.concatenate([p.read_tc(t, spatial).astype(self.dtype, copy=False) for p in self.parts], axis=0)
+        if not 0 <= channel < self.n_channels:
+            raise InputError(f"channel {channel} is out of range: the image has {self.n_channels} channel(s)")
+        for part in self.parts:
+            if channel < part.n_channels:
+                return part.read_tc(t, spatial, channel).astype(self.dtype, copy=False)
+            channel -= part.n_channels
+        raise AssertionError("unreachable: channel was checked against n_channels")
 
     def read(self, slices: tuple[slice, ...]) -> np.ndarray:
         """Read a region given as canonical-order slices (one per axis of :attr:`axes`)."""

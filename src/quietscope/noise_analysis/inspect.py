@@ -245,7 +245,7 @@ def read_blocks(image: Image, sample: BlockSample, channel: int = 0) -> list[np.
         raise ConfigError(
             f"--channel {channel} does not exist; the image has channels 0..{image.n_channels - 1}"
         )
-    return [image.read_tc(t, sl)[channel] for t, sl in zip(sample.t, sample.slices)]
+    return [image.read_tc(t, sl, channel)[0] for t, sl in zip(sample.t, sample.slices)]
 
 
 def predict_blocks(
@@ -303,7 +303,7 @@ def read_prediction(
             f"{image.n_timepoints}; pass the prediction of this image at the same level"
         )
     c = min(channel, pred.n_channels - 1)
-    return [pred.read_tc(t, sl)[c].astype(np.float32) for t, sl in zip(sample.t, sample.slices)]
+    return [pred.read_tc(t, sl, c)[0].astype(np.float32) for t, sl in zip(sample.t, sample.slices)]
 
 
 def residual_advice(
