@@ -20,8 +20,16 @@ protocol); PN2V (64 prior samples) trained on the field with it, same budget; bo
 192² centre crop (PSNR with the clean crop's range). PN2V's prior mean (``--estimate prior``,
 the centre pixel left out) is scored too, to separate the prior from the fold-in. A third PN2V
 is trained on the same bootstrapped pairs with their residuals rescaled to the data's own
-Poisson–Gaussian variance line (``noise-model bootstrap --variance-from-data``).
+Poisson–Gaussian variance line (``noise-model bootstrap --variance-from-data``). The N2V row
+also records what the best fold-in of the centre pixel into N2V's prediction could add if its
+weight may depend on intensity only (``centre_pixel.binned_fold_in_mse``, fitted with the clean
+crop: a bound, not a method).
 Results go to ``benchmarks/results/pn2v_field.json``.
+
+``--levels w2s`` runs the same rows on real camera noise: the whole 512² W2S frame fov081 ch1
+(one real noisy frame) as the field, scored on ``quality.py``'s 192² W2S test crop (y 160, x 60)
+against the 400-frame mean after an affine least-squares fit (the W2S images were stretched one
+by one, see shared/data/README.md). Write it to its own JSON with ``--output``.
 """
 
 from __future__ import annotations
@@ -64,14 +72,32 @@ def field_noise(level: str) -> tuple[np.ndarray, tuple[int, int], float, float]:
     return img, (cy, cx), photons / float(img[cy:cy + CROP, cx:cx + CROP].mean()), g * float(img.std())
 
 
+W2S_FOV, W2S_ORIGIN = "fov081_ch1", (160, 60)  # quality.py's W2S test crop
+
+
+def w2s_field() -> tuple[np.ndarray, np.ndarray]:
+    """The real noisy W2S frame and its 400-frame mean (float32, 512²)."""
+    from quietscope.sample_data import find_data_dir, read_tiff
+
+    data = find_data_dir()
+    if data is None:
+        raise SystemExit("shared/data not found (set QUIETSCOPE_DATA); this benchmark needs the real images")
+    return tuple(read_tiff(data / "w2s" / kind / f"{W2S_FOV}.tif").astype(np.float32)  # type: ignore[return-value]
+                 for kind in ("noisy", "clean"))
+
+
 def make_data(work: Path, level: str) -> dict[str, Any]:
     """The noisy field as OME-Zarr and the clean crop as npy; returns the crop's origin."""
     from quietscope.demo import write_ome_zarr_image
     from quietscope.simulate import poisson_gaussian
 
-    img, (cy, cx), scale, _ = field_noise(level)
-    _, g = LEVELS[level]
-    noisy = poisson_gaussian(img, scale, g, float(img.std()), seed=0).astype(np.float32)
+    if level == "w2s":
+        noisy, img = w2s_field()
+        cy, cx = W2S_ORIGIN
+    else:
+        img, (cy, cx), scale, _ = field_noise(level)
+        _, g = LEVELS[level]
+        noisy = poisson_gaussian(img, scale, g, float(img.std()), seed=0).astype(np.float32)
     d = work / level
     d.mkdir(parents=True, exist_ok=True)
     write_ome_zarr_image(d / "field.ome.zarr", noisy, "yx", (256, 256))
@@ -109,7 +135,8 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
-    from quietscope.metrics import psnr
+    from quietscope.metrics import affine_fit
+    from quietscope.metrics import psnr as _psnr
     from quietscope.noise_models import fit_gmm, pairs_from_prediction
 
     d, level, seed, steps = Path(task["dir"]), task["level"], task["seed"], task["steps"]
@@ -121,16 +148,28 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
     def crop(a: np.ndarray) -> np.ndarray:
         return a[cy:cy + CROP, cx:cx + CROP]
 
+    def psnr(pred: np.ndarray, gt: np.ndarray, data_range: float) -> float:
+        if level == "w2s":  # another gain/offset than the noisy frame: compare after an affine fit
+            return _psnr(affine_fit(np.asarray(pred, np.float64), gt), gt)
+        return _psnr(pred, gt, data_range=data_range)
+
     rows = []
     n2v_model = d / f"n2v_s{seed}.qs"
     reuse = bool(task.get("reuse"))
     t_n2v = _train(src, n2v_model, {"method": "n2v"}, steps, seed, reuse)
     n2v_field = _predict(n2v_model, src, d / f"n2v_s{seed}.ome.zarr")
-    rows.append({"level": level, "seed": seed, "row": "n2v (field)", "psnr": psnr(crop(n2v_field), clean, data_range=rng_),
-                 "train_s": t_n2v})
     from quietscope.io.reading import open_image
 
     noisy_field = np.asarray(open_image(str(src)).array).astype(np.float32)
+    # What any fold-in of the centre pixel into N2V's prediction can add when its weight may
+    # depend on intensity only (centre_pixel.binned_fold_in_mse), in the noisy data's units.
+    from centre_pixel import binned_fold_in_mse
+
+    n2v_c, noisy_c = crop(n2v_field).astype(np.float64), crop(noisy_field).astype(np.float64)
+    signal_c = affine_fit(clean.astype(np.float64), noisy_c) if level == "w2s" else clean.astype(np.float64)
+    bound_db = 10 * np.log10(float(np.mean((n2v_c - signal_c) ** 2)) / binned_fold_in_mse(n2v_c, noisy_c, signal_c))
+    rows.append({"level": level, "seed": seed, "row": "n2v (field)", "psnr": psnr(crop(n2v_field), clean, data_range=rng_),
+                 "train_s": t_n2v, "binned_fold_in_gain_db": float(bound_db)})
     s, x = pairs_from_prediction(n2v_field, noisy_field)
     t0 = time.perf_counter()
     full = (float(noisy_field.min()), float(noisy_field.max()))  # as noise-model bootstrap does
@@ -165,7 +204,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--levels", nargs="+", default=list(LEVELS), choices=list(LEVELS))
+    ap.add_argument("--levels", nargs="+", default=list(LEVELS), choices=[*LEVELS, "w2s"])
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/qs-pn2v-field")
     ap.add_argument("--output", default=str(RESULTS / "pn2v_field.json"))
@@ -198,6 +237,8 @@ def main() -> None:
             if r["level"] == level:
                 by_row.setdefault(r["row"], []).append(r["psnr"])
         seeds_done = sorted({r["seed"] for r in rows if r["level"] == level})
+        bounds = [r["binned_fold_in_gain_db"] for r in rows
+                  if r["level"] == level and r["row"] == "n2v (field)" and "binned_fold_in_gain_db" in r]
         diffs, diffs_v = [], []
         for s in seeds_done:
             got = {r["row"]: r["psnr"] for r in rows if r["level"] == level and r["seed"] == s}
@@ -207,15 +248,16 @@ def main() -> None:
                 diffs_v.append(got[VFD] - got["n2v (field)"])
 
         entry = {"level": level, "n": len(seeds_done), **{k: mean_and_sem(v) for k, v in by_row.items()},
-                 "pn2v_minus_n2v": mean_and_sem(diffs) if diffs else None, "pn2v_vfd_minus_n2v": mean_and_sem(diffs_v) if diffs_v else None}
+                 "pn2v_minus_n2v": mean_and_sem(diffs) if diffs else None, "pn2v_vfd_minus_n2v": mean_and_sem(diffs_v) if diffs_v else None,
+                 "binned_fold_in_bound": mean_and_sem(bounds) if bounds else None}
         summary.append(entry)
         table.append([level, str(len(seeds_done))] + [fmt_mean_sem(*entry[k]) if k in entry else "–"
                       for k in ("n2v (field)", "pn2v prior mean (field)", "pn2v-gmm bootstrapped (field)", VFD)]
-                     + [fmt_mean_sem(*entry[k]) if entry[k] else "–" for k in ("pn2v_minus_n2v", "pn2v_vfd_minus_n2v")])
+                     + [fmt_mean_sem(*entry[k]) if entry[k] else "–" for k in ("pn2v_minus_n2v", "pn2v_vfd_minus_n2v", "binned_fold_in_bound")])
     print(markdown_table(["noise", "seeds", "N2V (field)", "PN2V prior (field)", "PN2V-GMM boot. (field)",
-                          "… variance from data", "boot. − N2V", "var. from data − N2V"], table))
+                          "… variance from data", "boot. − N2V", "var. from data − N2V", "fold-in bound − N2V"], table))
     write_json(args.output, {"machine": machine(), "budget": {**BUDGET, "steps": args.steps, "seeds": args.seeds},
-                             "levels": {k: LEVELS[k] for k in args.levels}, "rows": rows, "summary": summary,
+                             "levels": {k: LEVELS.get(k, "real camera noise") for k in args.levels}, "rows": rows, "summary": summary,
                              "wall_seconds": time.perf_counter() - t_start})
     print(f"JSON: {args.output}")
 
