@@ -120,3 +120,31 @@ def test_patches_near_the_end_of_an_unaligned_volume_are_full_size(tmp_path):
     src = write_ome(tmp_path / "u.ome.zarr", np.ones((77, 91), np.float32), "yx", (32, 32))
     patches = PatchSampler(open_image(src), (32, 32)).sample(200, np.random.default_rng(0))
     assert patches.shape == (200, 1, 32, 32)
+
+
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_model_keeps_the_best_validation_weights_unless_told_last(tmp_path, monkeypatch, keep):
+    """With a validation loss that is best at the second of four checks, the model file holds
+    the weights of that check (``keep="best"``, the default) or of the last step."""
+    from quietscope.training import loop
+
+    rng = np.random.default_rng(0)
+    src = write_ome(tmp_path / "in.ome.zarr", (100 + 10 * rng.standard_normal((48, 48))).astype(np.float32), "yx", (16, 16))
+    scripted = iter([3.0, 1.0, 2.0, 5.0])
+    seen = []
+
+    def fake_validation_loss(method, batch, seed, device):
+        seen.append({k: v.detach().clone() for k, v in method.state_dict().items()})
+        return next(scripted)
+
+    monkeypatch.setattr(loop, "validation_loss", fake_validation_loss)
+    opts = {"patch": (16,), "batch": 2, "steps": 12, "val_every": 3, "pool_size": 8, "lr": 1e-2, "keep": keep}
+    res = train_model(src, tmp_path / "m.qs", {"method": "n2v", "net": {"depth": 1, "filters": 4}}, opts, progress=False)
+    assert len(seen) == 4 and res.best_step == 6
+    expect = seen[1] if keep == "best" else seen[3]  # the last check happens after the last step
+    m, _ = load_model(tmp_path / "m.qs")
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, expect[k]), k
+    assert any(not torch.equal(seen[1][k], seen[3][k]) for k in seen[1])  # training moved the weights
+    manifest = read_manifest(tmp_path / "m.qs")
+    assert manifest["kept_step"] == (6 if keep == "best" else 12) and manifest["best_step"] == 6

@@ -158,3 +158,4 @@ def test_validation_loss_learning_curve_and_early_stop(noisy_2d, tmp_path):
     curve = model.with_suffix(".learning_curve.png")
     assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "best validation loss" in r.output
+    assert f"keeps the weights of step {m['best_step']}" in r.output and m["kept_step"] == m["best_step"]

@@ -116,6 +116,8 @@ def info(input_uri: str, axes: str | None, level: int, as_json: bool) -> None:
 @click.option("--checkpoint-every", default=200, show_default=True, type=int)
 @click.option("--val-every", default=100, show_default=True, type=int, help="Validation loss every N steps.")
 @click.option("--early-stop", default=None, type=int, help="Stop after N validations without improvement.")
+@click.option("--keep", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="Weights the model file keeps: those of the best validation loss, or of the last step.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--noise-model", default=None, type=click.Path(dir_okay=False), help="pn2v/denoisplit: noise model file (JSON) from 'quietscope noise-model'.")
 @click.option("--samples", "n_samples", default=None, type=int, help="pn2v: prior samples predicted per pixel.")
@@ -134,7 +136,7 @@ def info(input_uri: str, axes: str | None, level: int, as_json: bool) -> None:
 @handle_errors
 def train(input_uri: str, output: str, method: str, patch: str, batch: int, steps: int, lr: float, seed: int,
           depth: int, filters: int, n2v2: bool, batch_norm: bool, z_pool: str, masked_percent: float, struct_mask: str | None,
-          val_fraction: float, foreground: float, checkpoint_every: int, val_every: int, early_stop: int | None,
+          val_fraction: float, foreground: float, checkpoint_every: int, val_every: int, early_stop: int | None, keep: str,
           device: str, noise_model: str | None, n_samples: int | None, psf_sigma: str | None, psf: str | None,
           positivity_lambda: float | None, gain: float | None, offset: float | None, noise_sigma: float | None,
           params: tuple[str, ...], channels: tuple[str, ...], overwrite: bool, resume: bool, axes: str | None, level: int) -> None:
@@ -164,11 +166,13 @@ def train(input_uri: str, output: str, method: str, patch: str, batch: int, step
     train_options = {
         "patch": parse_ints(patch, "--patch"), "batch": batch, "steps": steps, "lr": lr, "seed": seed,
         "val_fraction": val_fraction, "foreground": foreground, "checkpoint_every": checkpoint_every,
-        "val_every": val_every, "early_stop": early_stop, "device": device,
+        "val_every": val_every, "early_stop": early_stop, "keep": keep, "device": device,
     }
     res = train_model([input_uri, *channels] if channels else input_uri, output, method_options, train_options, axes=axes, level=level,
                       overwrite=overwrite, resume=resume)
     best = f", best validation loss {res.best_val:.5g} at step {res.best_step}" if res.best_val is not None else ""
+    if res.kept_step is not None and res.best_val is not None:
+        best += f"; keeps the weights of step {res.kept_step}"
     click.echo(f"model: {output} ({res.seconds:.0f} s{best})")
 
 

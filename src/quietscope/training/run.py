@@ -194,6 +194,7 @@ def train_model(
         "history": result.history,
         "best_val_loss": result.best_val,
         "best_step": result.best_step,
+        "kept_step": result.kept_step,
         "train_seconds": result.seconds,
         "created_by": f"quietscope {__version__}",
     }
