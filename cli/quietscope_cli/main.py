@@ -170,9 +170,8 @@ def train(input_uri: str, output: str, method: str, patch: str, batch: int, step
     }
     res = train_model([input_uri, *channels] if channels else input_uri, output, method_options, train_options, axes=axes, level=level,
                       overwrite=overwrite, resume=resume)
-    best = f", best validation loss {res.best_val:.5g} at step {res.best_step}" if res.best_val is not None else ""
-    if res.kept_step is not None and res.best_val is not None:
-        best += f"; keeps the weights of step {res.kept_step}"
+    best = (f", best validation loss {res.best_val:.5g} at step {res.best_step}; keeps the weights of step {res.kept_step}"
+            if res.best_val is not None else "")
     click.echo(f"model: {output} ({res.seconds:.0f} s{best})")
 
 

@@ -195,8 +195,8 @@ def train(
         prefetcher.close()
     kept_step = len(history)
     # The best validation weights, not the last (as CSBDeep keeps weights_best): a blind-spot
-    # net trained long on a small image memorises it. Measured: bayes-poisson on a 192² crop at
-    # 5 photons, which puts every pixel into the loss, peaks after ~500 steps and is 6 dB worse
+    # net trained long on a small image over-fits it. Measured: bayes-poisson on a 192² crop at
+    # 5 photons, which puts every pixel into the loss, peaks after ~500 steps and is 6.5 dB worse
     # after 3000 (docs/benchmarks.md, section 3); the held-apart validation slab sees it.
     if best[2] is not None and config.keep == "best":
         method.load_state_dict(best[2])
