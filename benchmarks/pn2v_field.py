@@ -58,15 +58,21 @@ VFD = "pn2v-gmm bootstrapped, variance from data (field)"
 BUDGET = {"batch": 16, "patch": 32, "depth": 2, "filters": 16, "lr": 1e-3, "mask_percent": 2.0}
 
 
-def field_noise(level: str) -> tuple[np.ndarray, tuple[int, int], float, float]:
-    """The clean BPAE actin field, the test crop's origin, the photon scale (photons per unit)
-    and the Gaussian std of noise ``level``: the true noise variance is ``s / scale + std**2``."""
-    from quietscope.sample_data import find_data_dir, read_tiff
+def _data_dir() -> Path:
+    from quietscope.sample_data import find_data_dir
 
     data = find_data_dir()
     if data is None:
         raise SystemExit("shared/data not found (set QUIETSCOPE_DATA); this benchmark needs the real images")
-    img = read_tiff(data / "bpae" / "bpae_actin.tif").astype(np.float32)
+    return data
+
+
+def field_noise(level: str) -> tuple[np.ndarray, tuple[int, int], float, float]:
+    """The clean BPAE actin field, the test crop's origin, the photon scale (photons per unit)
+    and the Gaussian std of noise ``level``: the true noise variance is ``s / scale + std**2``."""
+    from quietscope.sample_data import read_tiff
+
+    img = read_tiff(_data_dir() / "bpae" / "bpae_actin.tif").astype(np.float32)
     cy, cx = (img.shape[0] - CROP) // 2, (img.shape[1] - CROP) // 2
     photons, g = LEVELS[level]
     return img, (cy, cx), photons / float(img[cy:cy + CROP, cx:cx + CROP].mean()), g * float(img.std())
@@ -77,12 +83,9 @@ W2S_FOV, W2S_ORIGIN = "fov081_ch1", (160, 60)  # quality.py's W2S test crop
 
 def w2s_field() -> tuple[np.ndarray, np.ndarray]:
     """The real noisy W2S frame and its 400-frame mean (float32, 512²)."""
-    from quietscope.sample_data import find_data_dir, read_tiff
+    from quietscope.sample_data import read_tiff
 
-    data = find_data_dir()
-    if data is None:
-        raise SystemExit("shared/data not found (set QUIETSCOPE_DATA); this benchmark needs the real images")
-    return tuple(read_tiff(data / "w2s" / kind / f"{W2S_FOV}.tif").astype(np.float32)  # type: ignore[return-value]
+    return tuple(read_tiff(_data_dir() / "w2s" / kind / f"{W2S_FOV}.tif").astype(np.float32)  # type: ignore[return-value]
                  for kind in ("noisy", "clean"))
 
 
@@ -165,8 +168,8 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
     # depend on intensity only (centre_pixel.binned_fold_in_mse), in the noisy data's units.
     from centre_pixel import binned_fold_in_mse
 
-    n2v_c, noisy_c = crop(n2v_field).astype(np.float64), crop(noisy_field).astype(np.float64)
-    signal_c = affine_fit(clean.astype(np.float64), noisy_c) if level == "w2s" else clean.astype(np.float64)
+    n2v_c, noisy_c, clean_c = (a.astype(np.float64) for a in (crop(n2v_field), crop(noisy_field), clean))
+    signal_c = affine_fit(clean_c, noisy_c) if level == "w2s" else clean_c
     bound_db = 10 * np.log10(float(np.mean((n2v_c - signal_c) ** 2)) / binned_fold_in_mse(n2v_c, noisy_c, signal_c))
     rows.append({"level": level, "seed": seed, "row": "n2v (field)", "psnr": psnr(crop(n2v_field), clean, data_range=rng_),
                  "train_s": t_n2v, "binned_fold_in_gain_db": float(bound_db)})
