@@ -349,3 +349,28 @@ def test_bayes_gauss_training_learns_the_noise_level_and_denoises():
     mse_out = np.mean((out - clean) ** 2)
     # Measured 0.05 of the noisy MSE and sigma 10.4; the bounds leave room for platforms.
     assert mse_out < 0.3 * mse_noisy, (mse_out, mse_noisy)
+
+
+@pytest.mark.parametrize("name", ["bayes-poisson", "bayes-gauss"])
+def test_estimate_prior_writes_the_blind_prior_mean_and_mmse_the_posterior(name):
+    torch.manual_seed(4)
+    extra = {"noise_sigma": 0.7} if name == "bayes-gauss" else {"gain": 2.0, "offset": 10.0}
+    m = build_method({"method": name, "spatial_ndim": 2, "net": TINY_NET, **extra}).double()
+    m.set_normalization([16.0], [4.0])
+    x = (torch.poisson(torch.full((1, 1, 16, 16), 3.0, dtype=torch.float64)) * 2 + 10).requires_grad_()
+    first, second = m.prior_parameters(x)
+    prior_mean = (first / second) * 2 + 10 if name == "bayes-poisson" else first
+    post = m.predict(x)
+    m.set_inference(estimate="prior")
+    prior = m.predict(x)
+    np.testing.assert_allclose(prior.detach().numpy(), prior_mean.detach().numpy(), rtol=1e-12)
+    # The prior estimate never sees the pixel; the posterior does, and differs from the prior.
+    c = (0, 0, 8, 8)
+    (d_prior,) = torch.autograd.grad(prior[c], x)
+    assert d_prior[c] == 0 and d_prior[0, 0, 7, 8] != 0
+    assert not torch.allclose(post, prior)
+    assert m.summary()["estimate"] == "prior"
+    m.set_inference(estimate="mmse")
+    torch.testing.assert_close(m.predict(x), post)
+    with pytest.raises(ConfigError, match="mmse or prior"):
+        m.set_inference(estimate="median")

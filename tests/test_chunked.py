@@ -52,6 +52,37 @@ def test_chunked_equals_whole_2d(tmp_path, shape, chunks, block, method):
     assert np.abs(got - ref[0]).max() / 20 <= TOL
 
 
+@pytest.mark.parametrize(
+    "method, estimate, shape, chunks, block",
+    [
+        ("bayes-poisson", "mmse", (75, 93), (16, 32), (32, 32)),
+        ("bayes-poisson", "prior", (75, 93), (25, 31), (25, 62)),
+        ("bayes-gauss", "mmse", (13, 37, 29), (8, 16, 16), (8, 16, 16)),
+    ],
+)
+def test_chunked_equals_whole_bayesian_blind_spot(tmp_path, method, estimate, shape, chunks, block):
+    """The four/six-branch blind-spot net reaches further than a U-Net of the same depth; the
+    measured halo must still cover it, for the posterior and for the prior estimate."""
+    rng = np.random.default_rng(5)
+    data = (100 + 20 * rng.standard_normal(shape)).astype(np.float32)
+    src = write_zarr_array(tmp_path / "in.zarr", data, chunks)
+    model = random_model(tmp_path / "m.qs", len(shape), method=method, depth=1, filters=4)
+    out = tmp_path / "out.ome.zarr"
+    res = predict(model, src, out, PredictOptions(chunks=chunks, block=block, progress=False),
+                  inference={"estimate": estimate})
+    got = zarr.open_array(store=str(out / "0"), mode="r")[...]
+    method_, _ = load_model(model)
+    method_.set_inference(estimate=estimate)
+    ref = predict_whole(lambda t: predict_tile(method_, t), data[None], method_halo(method_),
+                        method_.downsampling_factor)[0]
+    assert res.n_blocks > 1 and res.halo == method_halo(method_)
+    assert np.abs(got - ref).max() / 20 <= TOL
+    method_.set_inference(estimate="prior" if estimate == "mmse" else "mmse")
+    other = predict_whole(lambda t: predict_tile(method_, t), data[None], method_halo(method_),
+                          method_.downsampling_factor)[0]
+    assert np.abs(got - other).max() / 20 > 100 * TOL  # the option reached the workers
+
+
 @pytest.mark.parametrize("ndim, shape, chunks, block", [(2, (75, 93), (16, 32), (32, 32)), (3, (9, 37, 29), (8, 16, 16), (8, 16, 16))])
 def test_tta_chunked_equals_whole_tta(tmp_path, ndim, shape, chunks, block):
     """--tta: non-square blocks, rotated and flipped, stitch to the rotated/flipped whole image."""

@@ -190,7 +190,7 @@ def _struct_mask(text: str, input_uri: str, axes: str | None, level: int) -> lis
 @click.argument("model")
 @click.argument("input_uri", metavar="INPUT")
 @click.option("-o", "--output", required=True, help="Output .ome.zarr (or .tif for small data).")
-@click.option("--estimate", default=None, type=click.Choice(["mmse", "prior"]), help="pn2v: which estimate is written (default mmse).")
+@click.option("--estimate", default=None, type=click.Choice(["mmse", "prior"]), help="pn2v, bayes-poisson, bayes-gauss: the posterior mean (mmse, default) or the blind-spot prior mean alone (prior).")
 @click.option("--samples", "n_samples", default=None, type=int, help="Sampling methods: posterior samples per pixel.")
 @click.option("--tta", is_flag=True, help="Test-time augmentation: average the 8 flips/rotations in y/x (8x compute).")
 @predict_options

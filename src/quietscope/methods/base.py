@@ -133,6 +133,9 @@ class Method(torch.nn.Module):
 
     #: Prediction-time options a method accepts (``quietscope predict --estimate/--samples``).
     inference_options: ClassVar[tuple[str, ...]] = ()
+    #: Values of the ``estimate`` option, when the method has one: ``"mmse"`` (the posterior
+    #: mean, the pixel folded back in) and ``"prior"`` (the blind-spot prediction alone).
+    estimate_choices: ClassVar[tuple[str, ...]] = ()
     #: Whether ``predict --tta`` (mean over flips/rotations in y/x) is meaningful: False for
     #: outputs that are not a per-pixel estimate (e.g. a sample standard deviation).
     supports_tta: ClassVar[bool] = True
@@ -146,6 +149,10 @@ class Method(torch.nn.Module):
                 raise ConfigError(
                     f"method {self.name!r} has no prediction option {key!r}"
                     + (f" (it accepts: {', '.join(self.inference_options)})" if self.inference_options else "")
+                )
+            if key == "estimate" and value not in self.estimate_choices:
+                raise ConfigError(
+                    f"--estimate {value!r} is unknown for {self.name}; use {' or '.join(self.estimate_choices)}"
                 )
             setattr(self, key, value)
 

@@ -21,7 +21,7 @@ Two noise models:
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -173,10 +173,20 @@ class BayesGaussConfig(_BayesConfig):
 
 # ---- methods -------------------------------------------------------------------------------
 class _BlindSpotBayes(Method):
-    """Shared plumbing: the blind-spot net predicts two maps per input channel."""
+    """Shared plumbing: the blind-spot net predicts two maps per input channel.
+
+    ``estimate`` (``quietscope predict --estimate``) picks the output: ``"mmse"``, the
+    posterior mean (default), or ``"prior"``, the prior mean, which never sees the pixel
+    itself (what a blind-spot method without a noise model returns): writing both shows
+    what folding the pixel back in adds.
+    """
+
+    inference_options: ClassVar[tuple[str, ...]] = ("estimate",)
+    estimate_choices: ClassVar[tuple[str, ...]] = ("mmse", "prior")
 
     def __init__(self, config: _BayesConfig) -> None:
         super().__init__(config)
+        self.estimate: Literal["mmse", "prior"] = "mmse"
         c = config.in_channels
         self.net = BlindSpotNet(
             config.spatial_ndim,
@@ -268,12 +278,16 @@ class BayesPoisson(_BlindSpotBayes):
         return negative_binomial_nll(photons, alpha, beta).mean().to(batch.dtype)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Posterior mean ``(alpha + x) / (beta + 1)`` of the photon rate, in input units."""
+        """Posterior mean ``(alpha + x) / (beta + 1)`` of the photon rate (or, with
+        ``estimate="prior"``, the prior mean ``alpha / beta``), in input units."""
         alpha, beta = self._prior(x, x.dtype)
+        if self.estimate == "prior":
+            return self.from_photons(alpha / beta)
         return self.from_photons(gamma_poisson_posterior_mean(self.to_photons(x), alpha, beta))
 
     def summary(self) -> dict[str, Any]:
-        return {"gain": self.gain, "offset": self.config.offset, "noise_model": "poisson"}
+        return {"gain": self.gain, "offset": self.config.offset, "noise_model": "poisson",
+                "estimate": self.estimate}
 
 
 @register
@@ -337,8 +351,11 @@ class BayesGauss(_BlindSpotBayes):
         return nll
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Posterior mean of the clean value, in input units."""
+        """Posterior mean of the clean value (or, with ``estimate="prior"``, the prior mean),
+        in input units."""
         mu, prior_var = self._prior_normalised(x)
+        if self.estimate == "prior":
+            return self.denormalize(mu)
         sigma_n = self._bcast(self._noise_sigma_normalised(), x.ndim)
         post = gaussian_posterior_mean(self.normalize(x), mu, prior_var, sigma_n**2)
         return self.denormalize(post)
@@ -348,4 +365,5 @@ class BayesGauss(_BlindSpotBayes):
             "noise_model": "gauss",
             "noise_sigma": [float(s) for s in self.noise_sigma],
             "noise_sigma_learned": self.learns_noise,
+            "estimate": self.estimate,
         }

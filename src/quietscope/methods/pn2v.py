@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from quietscope.errors import ConfigError
 from quietscope.methods.base import Method, register
 from quietscope.methods.n2v import N2V, N2VConfig
 from quietscope.noise_models import noise_model_from_dict
@@ -121,6 +120,7 @@ class PN2V(N2V):
     name: ClassVar[str] = "pn2v"
     Config = PN2VConfig
     inference_options: ClassVar[tuple[str, ...]] = ("estimate",)
+    estimate_choices: ClassVar[tuple[str, ...]] = ("mmse", "prior")
 
     def __init__(self, config: PN2VConfig) -> None:
         Method.__init__(self, config)
@@ -142,13 +142,6 @@ class PN2V(N2V):
         self.noise_model = noise_model_from_dict(config.noise_model)
         self.estimate: Literal["mmse", "prior"] = "mmse"
         self._range_checked = False
-
-    # ---- options ---------------------------------------------------------------------------
-    def set_inference(self, **options: Any) -> None:
-        estimate = options.get("estimate")
-        if estimate is not None and estimate not in ("mmse", "prior"):
-            raise ConfigError(f"--estimate {estimate!r} is unknown for pn2v; use mmse or prior")
-        super().set_inference(**options)
 
     @property
     def memory_per_voxel(self) -> int:
