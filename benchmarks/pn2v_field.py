@@ -115,9 +115,10 @@ def _train(src: Path, model: Path, options: dict[str, Any], steps: int, seed: in
     if reuse and model.exists():
         return None  # trained by an earlier run of this script with the same options
     t0 = time.perf_counter()
+    # Only the masking methods take a masked share; the Bayesian blind-spot nets use every pixel.
+    masking = {"masked_pixel_percentage": BUDGET["mask_percent"]} if options["method"] in ("n2v", "pn2v") else {}
     train_model(str(src), model,
-                {"net": {"depth": BUDGET["depth"], "filters": BUDGET["filters"]},
-                 "masked_pixel_percentage": BUDGET["mask_percent"], **options},
+                {"net": {"depth": BUDGET["depth"], "filters": BUDGET["filters"]}, **masking, **options},
                 {"patch": (BUDGET["patch"],), "batch": BUDGET["batch"], "steps": steps, "lr": BUDGET["lr"], "seed": seed,
                  "val_every": max(steps // 10, 1), "checkpoint_every": max(steps // 10, 1), "pool_size": 256, "device": "cpu"},
                 overwrite=True, progress=False)
