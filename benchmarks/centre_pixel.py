@@ -11,9 +11,14 @@ left in its work directory (run that first) and, for each photon level and seed,
   the same prior, choosing ``w`` per pixel *knowing the clean value*: expected MSE
   ``e^2 lambda / (e^2 + lambda)`` with ``e`` the prior's error and ``lambda`` the Poisson variance.
   The Poisson/Gamma posterior mean is of this form, so no Gamma prior with this mean beats it;
+* ``binned fold-in``: the best ``prior + w * (x - prior)`` with one ``w`` per bin of the prior's
+  value, fitted knowing the clean image (:func:`binned_fold_in_mse`): a weight that depends on
+  what a model sees, so a bound a learned fold-in can approach, unlike the per-pixel oracle,
+  which needs each pixel's own error;
 * ``n2v``: the N2V row of the same run, for the issue's target (bayes-poisson >= N2V + 1 dB).
 
-The oracle gain over the prior is the most the centre pixel is worth at that photon count.
+The oracle gain over the prior is the most the centre pixel is worth at that photon count; the
+binned gain is what a fold-in driven by intensity can reach.
 
 ``--section sim`` asks the same of PN2V on the simulated Poisson+Gaussian BPAE datasets: the prior
 is N2V's prediction (a blind-spot estimate), the noise variance ``v(s) = a s + b`` is measured on
@@ -79,6 +84,7 @@ def analyse(d: Path, seed: int) -> dict[str, float] | None:
         "prior": psnr_from_mse(float(np.mean((prior - clean) ** 2)), rng),
         "posterior": psnr_from_mse(float(np.mean((post - clean) ** 2)), rng),
         "oracle_fold_in": psnr_from_mse(oracle_mse, rng),
+        "binned_fold_in": psnr_from_mse(binned_fold_in_mse(prior, noisy.astype(np.float64), clean), rng),
     }
     if n2v_out.exists():
         n2v = np.asarray(zarr.open_array(store=str(n2v_out / "0"), mode="r")[...], dtype=np.float64).reshape(clean.shape)
@@ -183,28 +189,37 @@ def write_report(work: Path, levels: list[Path], analyse_fn, header: str, cells,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", default="/tmp/quietscope-bench-quality", help="quality.py's --workdir")
+    ap.add_argument("--workdir", nargs="+", default=["/tmp/quietscope-bench-quality"],
+                    help="quality.py's --workdir (several: each photon level from the first that has its models)")
     ap.add_argument("--section", choices=["photon", "sim"], default="photon")
     ap.add_argument("--output", default=None, help="default: results/centre_pixel.json (centre_pixel_sim.json)")
     args = ap.parse_args(argv)
-    work = Path(args.workdir)
+    work = Path(args.workdir[0])
     if args.section == "sim":
         return main_sim(work, args.output or str(RESULTS / "centre_pixel_sim.json"))
     args.output = args.output or str(RESULTS / "centre_pixel.json")
-    levels = sorted((p for p in work.glob("photon-peak*") if p.is_dir()), key=lambda p: int(p.name.split("peak")[1]))
+    found: dict[str, Path] = {}
+    for w in map(Path, args.workdir):
+        for p in w.glob("photon-peak*"):
+            if p.is_dir() and p.name not in found and any(p.glob("bayes-poisson_s*.qs")):
+                found[p.name] = p
+    levels = sorted(found.values(), key=lambda p: int(p.name.split("peak")[1]))
     if not levels:
-        print(f"no photon-peak* folders in {work}: run benchmarks/quality.py --sections photon first", file=sys.stderr)
+        print(f"no photon-peak* folders with bayes-poisson models in {', '.join(args.workdir)}: "
+              "run benchmarks/quality.py --sections photon first", file=sys.stderr)
         return 2
-    header = ("| photons (peak) | N2V | bayes prior (blind) | bayes posterior | oracle fold-in (bound) "
-              "| centre pixel: learned / oracle gain | bayes − N2V |")
+    header = ("| photons (peak) | N2V | bayes prior (blind) | bayes posterior | fold-in bounds: weight per intensity bin / "
+              "per-pixel oracle | centre pixel: learned / binned / oracle gain | bayes − N2V |")
 
     def cells(d: Path, rows: list[dict]) -> list[str]:
-        col = {k: [r[k] for r in rows if k in r] for k in ("n2v", "prior", "posterior", "oracle_fold_in")}
+        col = {k: [r[k] for r in rows if k in r] for k in ("n2v", "prior", "posterior", "oracle_fold_in", "binned_fold_in")}
         learned = [r["posterior"] - r["prior"] for r in rows]
         oracle = [r["oracle_fold_in"] - r["prior"] for r in rows]
+        binned = [r["binned_fold_in"] - r["prior"] for r in rows]
         vs_n2v = [r["posterior"] - r["n2v"] for r in rows if "n2v" in r]
-        return [d.name.split("peak")[1], ms(col["n2v"]), ms(col["prior"]), ms(col["posterior"]), ms(col["oracle_fold_in"]),
-                f"{ms(learned, True)} / {ms(oracle, True)}", ms(vs_n2v, True)]
+        return [d.name.split("peak")[1], ms(col["n2v"]), ms(col["prior"]), ms(col["posterior"]),
+                f"{ms(col['binned_fold_in'])} / {ms(col['oracle_fold_in'])}",
+                f"{ms(learned, True)} / {ms(binned, True)} / {ms(oracle, True)}", ms(vs_n2v, True)]
 
     return write_report(work, levels, analyse, header, cells, args.output)
 
