@@ -148,3 +148,30 @@ def test_model_keeps_the_best_validation_weights_unless_told_last(tmp_path, monk
     assert any(not torch.equal(seen[1][k], seen[3][k]) for k in seen[1])  # training moved the weights
     manifest = read_manifest(tmp_path / "m.qs")
     assert manifest["kept_step"] == (6 if keep == "best" else 12) and manifest["best_step"] == 6
+
+
+def test_validation_scores_enough_masked_pixels_for_a_stable_estimate():
+    from quietscope.methods.base import build_method
+    from quietscope.training.loop import VAL_MIN_PIXELS, validation_draws, validation_loss
+
+    # N2V's 2 % of 32 patches of 32²: ~655 pixels a draw, so 31 draws reach 20 000.
+    assert validation_draws(0.02, 32 * 32 * 32) == 31
+    assert validation_draws(1.0, 32 * 32 * 32) == 1  # losses over every pixel: one pass
+    assert validation_draws(0.02, 32 * 16 * 64 * 64) == 1  # 3D patches: one draw is plenty
+    assert validation_draws(0.02, 1000) == 50  # small patches: about every pixel once, no more
+    assert validation_draws(0.002, 32 * 64 * 64) == 64  # the default 0.2 %: capped
+
+    torch.manual_seed(0)
+    m = build_method({"method": "n2v", "spatial_ndim": 2, "masked_pixel_percentage": 2.0,
+                      "net": {"depth": 1, "filters": 4}})
+    m.set_normalization([0.0], [1.0])
+    assert m.loss_pixel_fraction == pytest.approx(0.02)
+    batch = torch.randn(32, 1, 32, 32)
+    calls = []
+    real = m.training_loss
+    m.training_loss = lambda b, g: calls.append(b.shape[0]) or real(b, g)
+    v1 = validation_loss(m, batch, seed=0, device=torch.device("cpu"))
+    n_draws = validation_draws(0.02, 32 * 32 * 32)
+    assert n_draws == 31 and sum(calls) == 32 * n_draws and n_draws * 0.02 * 32 * 32 * 32 >= VAL_MIN_PIXELS
+    # Fixed masks: the same model scores the same, so checks are comparable over time.
+    assert validation_loss(m, batch, seed=0, device=torch.device("cpu")) == v1

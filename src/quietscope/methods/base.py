@@ -136,6 +136,13 @@ class Method(torch.nn.Module):
     #: Values of the ``estimate`` option, when the method has one: ``"mmse"`` (the posterior
     #: mean, the pixel folded back in) and ``"prior"`` (the blind-spot prediction alone).
     estimate_choices: ClassVar[tuple[str, ...]] = ()
+    @property
+    def loss_pixel_fraction(self) -> float:
+        """Share of a batch's pixels that one evaluation of :meth:`training_loss` scores:
+        1 for losses over every pixel, the masked share for masking methods. Validation
+        repeats the loss over more mask draws when one draw scores too few pixels."""
+        return 1.0
+
     #: Whether ``predict --tta`` (mean over flips/rotations in y/x) is meaningful: False for
     #: outputs that are not a per-pixel estimate (e.g. a sample standard deviation).
     supports_tta: ClassVar[bool] = True

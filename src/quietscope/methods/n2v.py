@@ -65,6 +65,10 @@ class N2V(Method):
     def downsampling_factor(self) -> int | tuple[int, ...]:
         return self.net.downsampling_factor
 
+    @property
+    def loss_pixel_fraction(self) -> float:
+        return self.config.masked_pixel_percentage / 100.0
+
     def _struct(self) -> np.ndarray | None:
         s = self.config.struct_mask
         return None if s is None else np.asarray(s, dtype=bool)

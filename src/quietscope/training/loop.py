@@ -219,14 +219,54 @@ def train(
     )
 
 
+#: Pixels a validation scores at least, when its patches hold that many. One N2V mask draw at
+#: the usual 2 % over 32 patches of 32² scores ~650 pixels, and the loss then moves more from
+#: check to check than the model does: keeping the "best" of such checks kept N2V weights
+#: 0.65 and 0.73 dB worse than its last step in two of six runs (docs/benchmarks.md, section 3).
+VAL_MIN_PIXELS = 20_000
+#: ... but no more draws than this: each is a forward pass over every validation patch.
+VAL_MAX_DRAWS = 64
+
+
+def validation_draws(
+    fraction: float, n_pixels: int, min_pixels: int = VAL_MIN_PIXELS, max_draws: int = VAL_MAX_DRAWS
+) -> int:
+    """How many loss evaluations (mask draws) a validation averages.
+
+    Parameters
+    ----------
+    fraction : float
+        Share of the pixels one evaluation scores (:attr:`Method.loss_pixel_fraction`).
+    n_pixels : int
+        Spatial pixels in the validation patches, all patches together.
+    min_pixels : int
+        Scored pixels to reach; never more draws than it takes to score each pixel about once.
+    max_draws : int
+        Upper bound on the draws (N2V's default 0.2 % on 32 patches of 64² would need 77).
+
+    Returns
+    -------
+    int
+        At least 1.
+    """
+    per_draw = max(fraction * n_pixels, 1.0)
+    return int(max(1, min(max_draws, math.ceil(1.0 / fraction), math.ceil(min_pixels / per_draw))))
+
+
 def validation_loss(method: Method, batch: torch.Tensor, seed: int, device: torch.device) -> float:
-    """The self-supervised loss on held-apart patches with a fixed mask (comparable over time)."""
+    """The self-supervised loss on held-apart patches, over fixed masks (comparable over time).
+
+    Masking methods score only their masked pixels, so the loss is averaged over as many fixed
+    mask draws as :func:`validation_draws` asks for.
+    """
     method.eval()
     gen = torch.Generator().manual_seed(seed + 12345)
+    draws = validation_draws(method.loss_pixel_fraction, batch.shape[0] * math.prod(batch.shape[2:]))
     losses = []
     with torch.no_grad():
-        for i in range(0, batch.shape[0], 8):
-            losses.append(float(method.training_loss(batch[i : i + 8].to(device), gen)))
+        for _ in range(draws):
+            for i in range(0, batch.shape[0], 8):
+                losses.append(float(method.training_loss(batch[i : i + 8].to(device), gen)))
     return float(np.mean(losses))
 
 
