@@ -29,11 +29,9 @@ Results go to ``benchmarks/results/bayes_field.json``.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +39,7 @@ import numpy as np
 
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, fmt_mean_sem, machine, markdown_table, write_json  # noqa: E402
+from common import RESULTS, fmt_mean_sem, machine, markdown_table, run_in_processes, write_json  # noqa: E402
 from pn2v_field import BUDGET, CROP, _data_dir, _predict, _train  # noqa: E402
 
 from quietscope.metrics import mean_and_sem  # noqa: E402
@@ -173,18 +171,7 @@ def main() -> None:
     # bayes-poisson costs ~4x N2V per step (four branches): submitted first.
     tasks = [{"ds": ds, "method": m, "seed": s, "steps": args.steps, "reuse": args.reuse}
              for m in ("bayes-poisson", "n2v") for ds in data for s in args.seeds]
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as ex:
-        futures = [ex.submit(run_task, t) for t in tasks]
-        for f in as_completed(futures):
-            try:
-                got = f.result()
-            except Exception as exc:  # one failed task must not lose the others' results
-                print(f"task failed: {exc!r}", flush=True)
-                continue
-            rows.extend(got)
-            for r in got:
-                print(r, flush=True)
+    rows += run_in_processes(run_task, tasks, args.jobs)
     summary, table = summarise(rows, args.photons)
     print(markdown_table(["photons (peak)", "seeds", "Gaussian (tuned)", "N2V", "bayes-poisson prior", "bayes-poisson",
                           "bayes − N2V", "fold-in bound on N2V", "fold-in bound on the prior"], table))

@@ -80,3 +80,25 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def run_in_processes(fn: Any, tasks: list[dict[str, Any]], jobs: int) -> list[dict[str, Any]]:
+    """Run ``fn(task)`` (which returns a list of rows) for every task in ``jobs`` spawned
+    processes; print and collect the rows as they finish. A failed task is reported and
+    skipped, so it does not lose the others' results."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    rows: list[dict[str, Any]] = []
+    # spawn, not fork: a forked child inherits the parent's threads' locks (dask, torch).
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+        for f in as_completed([ex.submit(fn, t) for t in tasks]):
+            try:
+                got = f.result()
+            except Exception as exc:
+                print(f"task failed: {exc!r}", flush=True)
+                continue
+            rows.extend(got)
+            for r in got:
+                print(r, flush=True)
+    return rows

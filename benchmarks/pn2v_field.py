@@ -36,11 +36,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +46,7 @@ import numpy as np
 
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, fmt_mean_sem, machine, markdown_table, write_json  # noqa: E402
+from common import RESULTS, fmt_mean_sem, machine, markdown_table, run_in_processes, write_json  # noqa: E402
 
 from quietscope.metrics import mean_and_sem  # noqa: E402
 
@@ -220,19 +218,7 @@ def main() -> None:
     tasks = [{"dir": data[lv]["dir"], "origin": data[lv]["origin"], "level": lv, "seed": s, "steps": args.steps,
               "reuse": args.reuse}
              for s in args.seeds for lv in args.levels]
-    rows: list[dict[str, Any]] = []
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as ex:
-        futures = [ex.submit(run_task, t) for t in tasks]
-        for f in as_completed(futures):
-            try:
-                got = f.result()
-            except Exception as exc:  # one failed task must not lose the others' results
-                print(f"task failed: {exc!r}", flush=True)
-                continue
-            rows.extend(got)
-            for r in got:
-                print(r, flush=True)
+    rows = run_in_processes(run_task, tasks, args.jobs)
 
     table, summary = [], []
     for level in args.levels:
