@@ -133,7 +133,7 @@ def test_model_keeps_the_best_validation_weights_unless_told_last(tmp_path, monk
     scripted = iter([3.0, 1.0, 2.0, 5.0])
     seen = []
 
-    def fake_validation_loss(method, batch, seed, device):
+    def fake_validation_loss(method, batch, seed, device, max_draws=64):
         seen.append({k: v.detach().clone() for k, v in method.state_dict().items()})
         return next(scripted)
 
@@ -152,7 +152,7 @@ def test_model_keeps_the_best_validation_weights_unless_told_last(tmp_path, monk
 
 def test_validation_scores_enough_masked_pixels_for_a_stable_estimate():
     from quietscope.methods.base import build_method
-    from quietscope.training.loop import VAL_MIN_PIXELS, validation_draws, validation_loss
+    from quietscope.training.loop import VAL_MIN_PIXELS, validation_draw_budget, validation_draws, validation_loss
 
     # N2V's 2 % of 32 patches of 32²: ~655 pixels a draw, so 31 draws reach 20 000.
     assert validation_draws(0.02, 32 * 32 * 32) == 31
@@ -160,6 +160,12 @@ def test_validation_scores_enough_masked_pixels_for_a_stable_estimate():
     assert validation_draws(0.02, 32 * 16 * 64 * 64) == 1  # 3D patches: one draw is plenty
     assert validation_draws(0.02, 1000) == 50  # small patches: about every pixel once, no more
     assert validation_draws(0.002, 32 * 64 * 64) == 64  # the default 0.2 %: capped
+    assert validation_draws(0.002, 32 * 64 * 64, max_draws=25) == 25
+    # A validation costs at most ~1/6 of the training between checks: with the defaults
+    # (every 100 steps, batch 16, 32 patches) 25 draws; checking every 300 steps, 64.
+    assert validation_draw_budget(100, 16, 32) == 25
+    assert validation_draw_budget(300, 16, 32) == 64
+    assert validation_draw_budget(1, 1, 32) == 1
 
     torch.manual_seed(0)
     m = build_method({"method": "n2v", "spatial_ndim": 2, "masked_pixel_percentage": 2.0,

@@ -123,6 +123,12 @@ def train(
     if val_region is not None:
         val_sampler = PatchSampler(image, patch, val_region, augment=False)
         val_batch = torch.from_numpy(val_sampler.sample(config.val_patches, np.random.default_rng(config.seed + 1)))
+    val_draws = validation_draw_budget(config.val_every, config.batch, config.val_patches)
+    if val_batch is not None:
+        n_val = val_batch.shape[0] * math.prod(val_batch.shape[2:])
+        draws = validation_draws(method.loss_pixel_fraction, n_val, max_draws=val_draws)
+        log.info("validation every %d steps on %d held-apart patches: %d mask draw(s), ~%d pixels scored",
+                 config.val_every, val_batch.shape[0], draws, round(draws * method.loss_pixel_fraction * n_val))
 
     opt = torch.optim.Adam(method.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
@@ -177,7 +183,7 @@ def train(
             opt.step()
             rec = {"step": step + 1, "loss": float(loss.item())}
             if val_batch is not None and ((step + 1) % config.val_every == 0 or step + 1 == config.steps):
-                rec["val_loss"] = validation_loss(method, val_batch, config.seed, device)
+                rec["val_loss"] = validation_loss(method, val_batch, config.seed, device, val_draws)
                 if rec["val_loss"] < best[0]:
                     best = (rec["val_loss"], step + 1, {k: v.detach().cpu().clone() for k, v in method.state_dict().items()})
                     bad_vals = 0
@@ -228,6 +234,13 @@ VAL_MIN_PIXELS = 20_000
 VAL_MAX_DRAWS = 64
 
 
+def validation_draw_budget(val_every: int, batch: int, val_patches: int) -> int:
+    """Most mask draws a validation may take so that it costs about a sixth of the training
+    between two checks (a draw is a forward pass over ``val_patches`` patches; a training
+    step a forward and backward pass, ~3 forwards, over ``batch`` patches)."""
+    return max(1, min(VAL_MAX_DRAWS, (val_every * batch) // (2 * val_patches)))
+
+
 def validation_draws(
     fraction: float, n_pixels: int, min_pixels: int = VAL_MIN_PIXELS, max_draws: int = VAL_MAX_DRAWS
 ) -> int:
@@ -253,15 +266,18 @@ def validation_draws(
     return int(max(1, min(max_draws, math.ceil(1.0 / fraction), math.ceil(min_pixels / per_draw))))
 
 
-def validation_loss(method: Method, batch: torch.Tensor, seed: int, device: torch.device) -> float:
+def validation_loss(
+    method: Method, batch: torch.Tensor, seed: int, device: torch.device, max_draws: int = VAL_MAX_DRAWS
+) -> float:
     """The self-supervised loss on held-apart patches, over fixed masks (comparable over time).
 
     Masking methods score only their masked pixels, so the loss is averaged over as many fixed
-    mask draws as :func:`validation_draws` asks for.
+    mask draws as :func:`validation_draws` asks for, at most ``max_draws``.
     """
     method.eval()
     gen = torch.Generator().manual_seed(seed + 12345)
-    draws = validation_draws(method.loss_pixel_fraction, batch.shape[0] * math.prod(batch.shape[2:]))
+    n_pixels = batch.shape[0] * math.prod(batch.shape[2:])
+    draws = validation_draws(method.loss_pixel_fraction, n_pixels, max_draws=max_draws)
     losses = []
     with torch.no_grad():
         for _ in range(draws):
