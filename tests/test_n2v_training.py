@@ -133,7 +133,7 @@ def test_model_keeps_the_best_validation_weights_unless_told_last(tmp_path, monk
     scripted = iter([3.0, 1.0, 2.0, 5.0])
     seen = []
 
-    def fake_validation_loss(method, batch, seed, device, max_draws=64):
+    def fake_validation_loss(method, batch, seed, device, draws=1):
         seen.append({k: v.detach().clone() for k, v in method.state_dict().items()})
         return next(scripted)
 
@@ -176,8 +176,9 @@ def test_validation_scores_enough_masked_pixels_for_a_stable_estimate():
     calls = []
     real = m.training_loss
     m.training_loss = lambda b, g: calls.append(b.shape[0]) or real(b, g)
-    v1 = validation_loss(m, batch, seed=0, device=torch.device("cpu"))
-    n_draws = validation_draws(0.02, 32 * 32 * 32)
+    n_draws = validation_draws(m.loss_pixel_fraction, 32 * 32 * 32)
+    v1 = validation_loss(m, batch, seed=0, device=torch.device("cpu"), draws=n_draws)
     assert n_draws == 31 and sum(calls) == 32 * n_draws and n_draws * 0.02 * 32 * 32 * 32 >= VAL_MIN_PIXELS
     # Fixed masks: the same model scores the same, so checks are comparable over time.
-    assert validation_loss(m, batch, seed=0, device=torch.device("cpu")) == v1
+    assert validation_loss(m, batch, seed=0, device=torch.device("cpu"), draws=n_draws) == v1
+    assert validation_loss(m, batch, seed=0, device=torch.device("cpu"), draws=1) != v1

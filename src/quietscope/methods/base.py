@@ -136,6 +136,7 @@ class Method(torch.nn.Module):
     #: Values of the ``estimate`` option, when the method has one: ``"mmse"`` (the posterior
     #: mean, the pixel folded back in) and ``"prior"`` (the blind-spot prediction alone).
     estimate_choices: ClassVar[tuple[str, ...]] = ()
+
     @property
     def loss_pixel_fraction(self) -> float:
         """Share of a batch's pixels that one evaluation of :meth:`training_loss` scores:

@@ -119,16 +119,15 @@ def train(
         image, patch, train_region, foreground=config.foreground,
         threshold=stats["foreground_threshold"] if config.foreground > 0 else None, augment=config.augment,
     )
-    val_batch = None
+    val_batch, val_draws = None, 1
     if val_region is not None:
         val_sampler = PatchSampler(image, patch, val_region, augment=False)
         val_batch = torch.from_numpy(val_sampler.sample(config.val_patches, np.random.default_rng(config.seed + 1)))
-    val_draws = validation_draw_budget(config.val_every, config.batch, config.val_patches)
-    if val_batch is not None:
         n_val = val_batch.shape[0] * math.prod(val_batch.shape[2:])
-        draws = validation_draws(method.loss_pixel_fraction, n_val, max_draws=val_draws)
+        val_draws = validation_draws(method.loss_pixel_fraction, n_val,
+                                     max_draws=validation_draw_budget(config.val_every, config.batch, config.val_patches))
         log.info("validation every %d steps on %d held-apart patches: %d mask draw(s), ~%d pixels scored",
-                 config.val_every, val_batch.shape[0], draws, round(draws * method.loss_pixel_fraction * n_val))
+                 config.val_every, val_batch.shape[0], val_draws, round(val_draws * method.loss_pixel_fraction * n_val))
 
     opt = torch.optim.Adam(method.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
@@ -266,18 +265,14 @@ def validation_draws(
     return int(max(1, min(max_draws, math.ceil(1.0 / fraction), math.ceil(min_pixels / per_draw))))
 
 
-def validation_loss(
-    method: Method, batch: torch.Tensor, seed: int, device: torch.device, max_draws: int = VAL_MAX_DRAWS
-) -> float:
+def validation_loss(method: Method, batch: torch.Tensor, seed: int, device: torch.device, draws: int = 1) -> float:
     """The self-supervised loss on held-apart patches, over fixed masks (comparable over time).
 
-    Masking methods score only their masked pixels, so the loss is averaged over as many fixed
-    mask draws as :func:`validation_draws` asks for, at most ``max_draws``.
+    Masking methods score only their masked pixels, so the loss is averaged over ``draws``
+    fixed mask draws (:func:`validation_draws` says how many).
     """
     method.eval()
     gen = torch.Generator().manual_seed(seed + 12345)
-    n_pixels = batch.shape[0] * math.prod(batch.shape[2:])
-    draws = validation_draws(method.loss_pixel_fraction, n_pixels, max_draws=max_draws)
     losses = []
     with torch.no_grad():
         for _ in range(draws):
