@@ -273,11 +273,13 @@ def validation_loss(method: Method, batch: torch.Tensor, seed: int, device: torc
     """
     method.eval()
     gen = torch.Generator().manual_seed(seed + 12345)
+    # Copied to the device once per validation, not once per draw.
+    chunks = [batch[i : i + 8].to(device) for i in range(0, batch.shape[0], 8)]
     losses = []
     with torch.no_grad():
         for _ in range(draws):
-            for i in range(0, batch.shape[0], 8):
-                losses.append(float(method.training_loss(batch[i : i + 8].to(device), gen)))
+            for chunk in chunks:
+                losses.append(float(method.training_loss(chunk, gen)))
     return float(np.mean(losses))
 
 
