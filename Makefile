@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 # The CPU wheel of torch 2.13.0 (local on the project's machines; GPU users: see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo lint test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,13 @@ venv: $(VENV)/.installed
 demo: venv
 	$(BIN)/quietscope demo --output demo_output --overwrite
 
-test: venv
+# The layering (import-linter contracts in pyproject.toml) and style (ruff) are checked first:
+# an upward import or a lint error fails the build before any test runs.
+lint: venv
+	$(BIN)/lint-imports
+	$(BIN)/ruff check src cli tests benchmarks
+
+test: venv lint
 	$(BIN)/python -m pytest -q
 
 bench: venv

@@ -7,14 +7,14 @@ Run with the project's venv (about 15 minutes on 2 CPU cores with the defaults):
     .venv/bin/python benchmarks/anisotropic.py [--steps 600] [--seeds 0 1] [--no-yeast]
 
 **Synthetic, with ground truth.** A clean volume is drawn on an isotropic 0.4 µm grid
-(``quietscope.sample_data.synthetic_clean``: blobs and filaments), blurred along z by a
+(``quietscope.io.sample_data.synthetic_clean``: blobs and filaments), blurred along z by a
 Gaussian axial PSF (σ = 3 voxels = 1.2 µm, as a light-sheet or confocal axial response is
 several times wider than the lateral one) and sampled every 5th plane: a 20 × 160 × 160 stack
 with voxel size 2.0 × 0.4 × 0.4 µm, written with that scale. Noise: Poisson with 10 photons at
 the mean signal plus Gaussian of 0.05 × the volume's std (seeded). N2V (U-Net depth 2, 16 filters,
 batch 8, 8 × 32 × 32 patches, 2 % masked, Adam lr 1e-3 cosine, same steps) is trained with
 ``z_pool`` *auto* (off here) and *yes*, and predicted through the chunked pipeline
-(``quietscope.predict.predict``, input chunks 10 × 64 × 64, default blocks). Reported: PSNR and
+(``quietscope.chunked.predict``, input chunks 10 × 64 × 64, default blocks). Reported: PSNR and
 SSIM against the clean stack, the self-supervised validation loss, the measured halo, the
 halo factor and the prediction time.
 
@@ -40,7 +40,6 @@ import numpy as np
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, fmt_mean_sem, machine, markdown_table, write_json  # noqa: E402
-
 from quietscope.metrics import mean_and_sem  # noqa: E402
 
 ISO_SHAPE = (100, 160, 160)  # isotropic 0.4 µm grid
@@ -57,9 +56,9 @@ def make_synthetic(work: Path, seed: int = 0) -> dict[str, Any]:
     """Clean and noisy anisotropic stacks (OME-Zarr with the physical scale; clean as npy)."""
     from scipy import ndimage as ndi
 
-    from quietscope.demo import write_ome_zarr_image
-    from quietscope.sample_data import synthetic_clean
+    from quietscope.io.sample_data import synthetic_clean
     from quietscope.simulate import poisson_gaussian
+    from quietscope.workflows.demo import write_ome_zarr_image
 
     iso = synthetic_clean(ISO_SHAPE, seed=seed)
     iso = ndi.gaussian_filter(iso, (AXIAL_SIGMA, 0, 0))
@@ -74,9 +73,10 @@ def make_synthetic(work: Path, seed: int = 0) -> dict[str, Any]:
 
 
 def train_and_predict(src: str, work: Path, name: str, z_pool: Any, seed: int, steps: int) -> dict[str, Any]:
-    from quietscope.modelfile import load_model
-    from quietscope.predict import PredictOptions, predict
-    from quietscope.training.run import train_model
+    from quietscope.chunked import PredictOptions
+    from quietscope.methods.modelfile import load_model
+    from quietscope.workflows.predict import predict
+    from quietscope.workflows.train import train_model
 
     model = work / f"{name}.qs"
     b = BUDGET
@@ -139,7 +139,7 @@ def main() -> None:
             print(runs[-1] | {"factor": str(r["factor"])}, flush=True)
 
     if not args.no_yeast:
-        from quietscope.sample_data import find_data_dir
+        from quietscope.io.sample_data import find_data_dir
 
         root = find_data_dir()
         if root is None:

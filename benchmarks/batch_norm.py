@@ -39,9 +39,9 @@ BUDGET = {"batch": 16, "patch": 32, "depth": 2, "filters": 16, "lr": 1e-3, "mask
 
 def make_data(work: Path) -> dict[str, Any]:
     """Noisy field and crop as OME-Zarr, clean and held-out crops as npy."""
-    from quietscope.demo import write_ome_zarr_image
-    from quietscope.sample_data import find_data_dir, read_tiff
+    from quietscope.io.sample_data import find_data_dir, read_tiff
     from quietscope.simulate import poisson_gaussian
+    from quietscope.workflows.demo import write_ome_zarr_image
 
     data = find_data_dir()
     if data is None:
@@ -85,8 +85,9 @@ def filters(work: Path) -> list[dict[str, Any]]:
 
 
 def _predict_crop(model: Path, src: Path, out: Path, origin: tuple[int, int] | None) -> np.ndarray:
+    from quietscope.chunked import PredictOptions
     from quietscope.io.reading import open_image
-    from quietscope.predict import PredictOptions, predict
+    from quietscope.workflows.predict import predict
 
     predict(model, src, out, PredictOptions(progress=False, overwrite=True, n_levels=1, threads=1, device="cpu"))
     arr = np.asarray(open_image(str(out)).array).squeeze()
@@ -101,7 +102,7 @@ def recalibrate_batch_norm(model: Path, src: Path, out_model: Path, batches: int
     import torch
 
     from quietscope.io.reading import open_image
-    from quietscope.modelfile import load_model, save_model
+    from quietscope.methods.modelfile import load_model, save_model
     from quietscope.training.sampler import PatchSampler
 
     method, info = load_model(model)
@@ -122,7 +123,7 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
     import torch
 
     torch.set_num_threads(1)
-    from quietscope.training.run import train_model
+    from quietscope.workflows.train import train_model
 
     work, train_on, bn, seed, steps = Path(task["work"]), task["train_on"], task["bn"], task["seed"], task["steps"]
     src = work / f"{train_on}.ome.zarr"

@@ -41,7 +41,6 @@ os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, fmt_mean_sem, machine, markdown_table, run_in_processes, write_json  # noqa: E402
 from pn2v_field import BUDGET, CROP, _data_dir, _predict, _train  # noqa: E402
-
 from quietscope.metrics import mean_and_sem  # noqa: E402
 
 GAUSS_SIGMAS = (0.5, 0.75, 1.0, 1.5, 2.0, 2.5)  # quality.py's grid
@@ -49,9 +48,9 @@ GAUSS_SIGMAS = (0.5, 0.75, 1.0, 1.5, 2.0, 2.5)  # quality.py's grid
 
 def make_data(work: Path, photons: float) -> dict[str, Any]:
     """The noisy field (photons) as OME-Zarr, the clean field as npy; the crops' origins."""
-    from quietscope.demo import write_ome_zarr_image
-    from quietscope.sample_data import read_tiff
+    from quietscope.io.sample_data import read_tiff
     from quietscope.simulate import poisson_gaussian
+    from quietscope.workflows.demo import write_ome_zarr_image
 
     img = read_tiff(_data_dir() / "bpae" / "bpae_actin.tif").astype(np.float32)
     cy, cx = (img.shape[0] - CROP) // 2, (img.shape[1] - CROP) // 2
@@ -105,7 +104,7 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
 
     torch.set_num_threads(1)
     from quietscope.io.reading import open_image
-    from quietscope.modelfile import load_model
+    from quietscope.methods.modelfile import load_model
 
     ds, method, seed, steps = task["ds"], task["method"], task["seed"], task["steps"]
     d, origin = Path(ds["dir"]), ds["origin"]

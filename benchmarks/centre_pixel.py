@@ -60,7 +60,7 @@ def analyse(d: Path, seed: int) -> dict[str, float] | None:
     import torch
     import zarr
 
-    from quietscope.modelfile import load_model
+    from quietscope.methods.modelfile import load_model
 
     model_path, n2v_out = d / f"bayes-poisson_s{seed}.qs", d / f"n2v_s{seed}.ome.zarr"
     if not model_path.exists():
@@ -121,7 +121,8 @@ def binned_fold_in_mse(prior: np.ndarray, noisy: np.ndarray, clean: np.ndarray, 
 
 def analyse_sim(d: Path, seed: int) -> dict[str, float] | None:
     """N2V prior, PN2V (bootstrapped GMM) prior and MMSE, and the oracle fold-in on N2V."""
-    from quietscope.predict import PredictOptions, predict
+    from quietscope.chunked import PredictOptions
+    from quietscope.workflows.predict import predict
 
     n2v_out, pn2v_model = d / f"n2v_s{seed}.ome.zarr", d / f"pn2v_boot_s{seed}.qs"
     if not n2v_out.exists():

@@ -26,7 +26,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
     import zarr
 
-    from quietscope.demo import run_demo
+    from quietscope.workflows.demo import run_demo
 
     with tempfile.TemporaryDirectory() as d:
         summary = run_demo(Path(d) / "demo", steps=args.steps, progress=False)

@@ -4,7 +4,7 @@ Run with the project's venv (under a minute)::
 
     .venv/bin/python benchmarks/inspect_real.py
 
-For each dataset the library driver (:func:`quietscope.noise_analysis.inspect.inspect_noise`,
+For each dataset the library driver (:func:`quietscope.workflows.inspect_noise.inspect_noise`,
 the code behind ``quietscope inspect-noise``) reads a random sample of blocks, writes its
 report and plots into a scratch folder, and the plots are copied to
 ``docs/images/inspect_<name>_{mean_variance,autocorrelation}.png``. A markdown page,
@@ -67,8 +67,8 @@ def _row(name: str, desc: str, res: Any) -> list[str]:
 
 
 def main() -> int:
-    from quietscope.noise_analysis.inspect import inspect_noise
-    from quietscope.sample_data import find_data_dir
+    from quietscope.io.sample_data import find_data_dir
+    from quietscope.workflows.inspect_noise import inspect_noise
 
     data = find_data_dir()
     if data is None:

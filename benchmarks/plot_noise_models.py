@@ -8,7 +8,7 @@
   frame, then ``noise-model bootstrap`` (no calibration data, no clean image).
 
 Usage: ``python benchmarks/plot_noise_models.py [--steps 300] [--out docs/images]``. Needs
-``/work/shared/data`` (``quietscope.sample_data.find_data_dir``). Budget: about 3-4 minutes on 2 CPU cores.
+``/work/shared/data`` (``quietscope.io.sample_data.find_data_dir``). Budget: about 3-4 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from quietscope.noise_models.sources import bootstrap, fit_from_pairs
-from quietscope.predict import PredictOptions
-from quietscope.sample_data import find_data_dir
-from quietscope.training.run import train_model
+from quietscope.chunked import PredictOptions
+from quietscope.io.sample_data import find_data_dir
+from quietscope.workflows.noise_model import bootstrap, fit_from_pairs
+from quietscope.workflows.train import train_model
 
 
 def w2s_stacks(data: Path, work: Path) -> tuple[Path, Path]:
@@ -52,7 +52,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     data = find_data_dir()
     if data is None:
-        raise SystemExit("real data not found (see quietscope.sample_data.find_data_dir); nothing to plot")
+        raise SystemExit("real data not found (see quietscope.io.sample_data.find_data_dir); nothing to plot")
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

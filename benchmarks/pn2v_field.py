@@ -47,7 +47,6 @@ import numpy as np
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, fmt_mean_sem, machine, markdown_table, run_in_processes, write_json  # noqa: E402
-
 from quietscope.metrics import mean_and_sem  # noqa: E402
 
 CROP = 192
@@ -57,7 +56,7 @@ BUDGET = {"batch": 16, "patch": 32, "depth": 2, "filters": 16, "lr": 1e-3, "mask
 
 
 def _data_dir() -> Path:
-    from quietscope.sample_data import find_data_dir
+    from quietscope.io.sample_data import find_data_dir
 
     data = find_data_dir()
     if data is None:
@@ -68,7 +67,7 @@ def _data_dir() -> Path:
 def field_noise(level: str) -> tuple[np.ndarray, tuple[int, int], float, float]:
     """The clean BPAE actin field, the test crop's origin, the photon scale (photons per unit)
     and the Gaussian std of noise ``level``: the true noise variance is ``s / scale + std**2``."""
-    from quietscope.sample_data import read_tiff
+    from quietscope.io.sample_data import read_tiff
 
     img = read_tiff(_data_dir() / "bpae" / "bpae_actin.tif").astype(np.float32)
     cy, cx = (img.shape[0] - CROP) // 2, (img.shape[1] - CROP) // 2
@@ -81,7 +80,7 @@ W2S_FOV, W2S_ORIGIN = "fov081_ch1", (160, 60)  # quality.py's W2S test crop
 
 def w2s_field() -> tuple[np.ndarray, np.ndarray]:
     """The real noisy W2S frame and its 400-frame mean (float32, 512²)."""
-    from quietscope.sample_data import read_tiff
+    from quietscope.io.sample_data import read_tiff
 
     return tuple(read_tiff(_data_dir() / "w2s" / kind / f"{W2S_FOV}.tif").astype(np.float32)  # type: ignore[return-value]
                  for kind in ("noisy", "clean"))
@@ -89,8 +88,8 @@ def w2s_field() -> tuple[np.ndarray, np.ndarray]:
 
 def make_data(work: Path, level: str) -> dict[str, Any]:
     """The noisy field as OME-Zarr and the clean crop as npy; returns the crop's origin."""
-    from quietscope.demo import write_ome_zarr_image
     from quietscope.simulate import poisson_gaussian
+    from quietscope.workflows.demo import write_ome_zarr_image
 
     if level == "w2s":
         noisy, img = w2s_field()
@@ -108,7 +107,7 @@ def make_data(work: Path, level: str) -> dict[str, Any]:
 
 
 def _train(src: Path, model: Path, options: dict[str, Any], steps: int, seed: int, reuse: bool = False) -> float | None:
-    from quietscope.training.run import train_model
+    from quietscope.workflows.train import train_model
 
     if reuse and model.exists():
         return None  # trained by an earlier run of this script with the same options
@@ -124,8 +123,9 @@ def _train(src: Path, model: Path, options: dict[str, Any], steps: int, seed: in
 
 
 def _predict(model: Path, src: Path, out: Path, inference: dict | None = None) -> np.ndarray:
+    from quietscope.chunked import PredictOptions
     from quietscope.io.reading import open_image
-    from quietscope.predict import PredictOptions, predict
+    from quietscope.workflows.predict import predict
 
     predict(model, src, out, PredictOptions(progress=False, overwrite=True, n_levels=1, threads=1, device="cpu"),
             inference=inference)
@@ -188,7 +188,7 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
         # The same bootstrap with its residuals rescaled to the data's own Poisson-Gaussian
         # variance line (noise-model bootstrap --variance-from-data).
         from quietscope.noise_models import match_variance_line
-        from quietscope.noise_models.sources import data_variance_line
+        from quietscope.workflows.noise_model import data_variance_line
 
         gain, intercept = data_variance_line(str(src), seed=seed)
         x_fit, _, factor = match_variance_line(s, x, gain, intercept)

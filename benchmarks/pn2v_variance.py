@@ -48,7 +48,7 @@ def var_ratio(nm: Any, a: float, b: float) -> list[float]:
 def prior_calibration(model_path: Path, noisy: np.ndarray, clean: np.ndarray) -> list[dict[str, float]]:
     import torch
 
-    from quietscope.modelfile import load_model
+    from quietscope.methods.modelfile import load_model
 
     method, _ = load_model(model_path)
     pad = 32
@@ -84,8 +84,14 @@ def main() -> None:
     ap.add_argument("--output", default=str(RESULTS / "pn2v_variance.json"))
     args = ap.parse_args()
     from quietscope.io.reading import open_image
-    from quietscope.noise_models import fit_gmm, load_noise_model, match_variance_line, pairs_from_calibration, pairs_from_prediction
-    from quietscope.noise_models.sources import data_variance_line
+    from quietscope.noise_models import (
+        fit_gmm,
+        load_noise_model,
+        match_variance_line,
+        pairs_from_calibration,
+        pairs_from_prediction,
+    )
+    from quietscope.workflows.noise_model import data_variance_line
 
     result: dict[str, Any] = {"machine": machine(), "probe_signals": PROBE.tolist(), "levels": {}}
     seed = args.seed

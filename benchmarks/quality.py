@@ -4,8 +4,8 @@ Run with the project's venv (about 30 minutes on 2 CPU cores; ``--quick`` for a 
 
     .venv/bin/python benchmarks/quality.py [--quick] [--only n2v,gaussian] [--jobs 2]
 
-Sections (each row goes through the real pipeline: ``quietscope.training.run.train_model`` ->
-``quietscope.predict.predict`` on an OME-Zarr, filters through ``quietscope.methods.filters.
+Sections (each row goes through the real pipeline: ``quietscope.workflows.train.train_model`` ->
+``quietscope.chunked.predict`` on an OME-Zarr, filters through ``quietscope.methods.filters.
 filter_image``):
 
 * ``sim``: BPAE crops (shared/data/bpae) with denoiSplit-style Poisson+Gaussian noise at two
@@ -79,10 +79,10 @@ def build_datasets(work: Path, sections: list[str], quick: bool, images: tuple[s
     """Write every dataset's noisy test/held-out images (OME-Zarr) and clean references (npy)."""
     from scipy import ndimage as ndi
 
-    from quietscope.demo import write_ome_zarr_image
+    from quietscope.io.sample_data import find_data_dir, read_tiff
     from quietscope.metrics import affine_fit
-    from quietscope.sample_data import find_data_dir, read_tiff
     from quietscope.simulate import poisson_gaussian
+    from quietscope.workflows.demo import write_ome_zarr_image
 
     data = find_data_dir()
     if data is None:
@@ -188,9 +188,10 @@ def _read_output(path: Path, name: str = "denoised") -> np.ndarray:
 # ---- filters -------------------------------------------------------------------------------
 def run_filters(ds: dict[str, Any], kinds: list[str], work: Path) -> list[dict[str, Any]]:
     """Tune each filter on the held-out crop, apply the best through the chunked pipeline."""
-    from quietscope.methods.filters import filter_array, filter_image
+    from quietscope.chunked import PredictOptions
+    from quietscope.methods.filters import filter_array
     from quietscope.metrics import psnr
-    from quietscope.predict import PredictOptions
+    from quietscope.workflows.filter import filter_image
 
     d = Path(ds["dir"])
     ch, nh = np.load(d / "clean_heldout.npy"), np.load(d / "noisy_heldout.npy")
@@ -227,8 +228,9 @@ def _worker_init() -> None:
 
 def _train_predict(ds: dict[str, Any], row: str, seed: int, method_options: dict[str, Any],
                    budget: dict[str, Any], tag: str, inference: dict | None = None) -> tuple[dict[str, Any], Path]:
-    from quietscope.predict import PredictOptions, predict
-    from quietscope.training.run import train_model
+    from quietscope.chunked import PredictOptions
+    from quietscope.workflows.predict import predict
+    from quietscope.workflows.train import train_model
 
     d = Path(ds["dir"])
     model = d / f"{tag}_s{seed}.qs"

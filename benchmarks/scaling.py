@@ -56,8 +56,8 @@ def write_image(path: Path, shape: tuple[int, ...], chunks: tuple[int, ...], dty
 
 
 def predict_with(src: str, out: str, proc, halo, factor, opts: dict):
+    from quietscope.chunked import PredictOptions, run_prediction
     from quietscope.io.reading import open_image
-    from quietscope.predict import PredictOptions, run_prediction
 
     image = open_image(src)
     return run_prediction(image, out, proc, ["out"], halo, factor, PredictOptions(**opts), {"benchmark": "scaling"})

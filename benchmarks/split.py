@@ -86,7 +86,8 @@ def read_out(uri: str | Path) -> np.ndarray:
 
 
 def run_predict(model: str, inp: str, out: Path, **kw) -> np.ndarray:
-    from quietscope.predict import PredictOptions, predict
+    from quietscope.chunked import PredictOptions
+    from quietscope.workflows.predict import predict
 
     inference = kw.pop("inference", None)
     predict(model, inp, out, PredictOptions(progress=False, overwrite=True, threads=2, **kw), inference=inference)
@@ -94,7 +95,7 @@ def run_predict(model: str, inp: str, out: Path, **kw) -> np.ndarray:
 
 
 def train(inputs, model: Path, options: dict, steps: int) -> float:
-    from quietscope.training.run import train_model
+    from quietscope.workflows.train import train_model
 
     res = train_model(inputs, model, options, {**TRAIN_OPTS, "steps": steps}, overwrite=True, progress=False)
     return res.seconds
@@ -163,7 +164,7 @@ def run_level(name: str, pscale: float, grel: float, clean: np.ndarray, work: Pa
         log.info("%s %s: %s", name, key, res["methods"][key])
 
     # Calibration of denoiSplit's std: fit on the calibration field, check on the test field.
-    from quietscope.calibration import calibrate_arrays, ence, plot_calibration
+    from quietscope.workflows.calibrate import calibrate_arrays, ence, plot_calibration
 
     out_ca = run_predict(str(w / "denoisplit.qs"), calib_in, w / "calib.ome.zarr", inference={"n_samples": 8})
     cal = calibrate_arrays(out_ca[:2], out_ca[2:4], gt_ca, n_bins=20, names=["actin", "mito"])
@@ -226,7 +227,7 @@ def main() -> int:
 
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    for noisy in ("distributed", "quietscope.predict", "quietscope.runner"):
+    for noisy in ("distributed", "quietscope.chunked", "quietscope.runner"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not DATA.exists():
         print(f"skipping: {DATA} not found (see ../shared/data/README.md)")

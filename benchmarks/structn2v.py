@@ -92,10 +92,10 @@ def train_and_predict(
     tif: Path, work: Path, name: str, struct: list[list[int]] | None, args: argparse.Namespace, seed: int
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Train one model through ``train_model`` and predict the whole crop in one tile."""
+    from quietscope.inference import method_halo, predict_tile, predict_whole
     from quietscope.io import open_image
-    from quietscope.modelfile import load_model
-    from quietscope.predict import method_halo, predict_tile, predict_whole
-    from quietscope.training.run import train_model
+    from quietscope.methods.modelfile import load_model
+    from quietscope.workflows.train import train_model
 
     options: dict[str, Any] = {"method": "n2v", "net": {"depth": args.depth, "filters": args.filters}}
     if struct is not None:
@@ -142,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     import tifffile
     import torch
 
+    from quietscope.io.sample_data import real_clean_2d
+    from quietscope.methods.struct_mask import parse_struct_mask, struct_mask
     from quietscope.metrics import psnr
     from quietscope.noise_analysis import analyse_noise, residual_quality
-    from quietscope.sample_data import real_clean_2d
-    from quietscope.training.struct_mask import parse_struct_mask, struct_mask
 
     torch.set_num_threads(args.threads)
     real = real_clean_2d(args.size)

@@ -43,9 +43,9 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 def make_volume(path: Path, shape: tuple[int, ...], chunks: tuple[int, ...], seed: int = 0) -> str:
     """Write a noisy synthetic volume chunk by chunk (never the whole array in memory)."""
-    from quietscope.demo import write_ome_zarr_image  # noqa: F401  (same writer family)
     from quietscope.io.writing import OutputSpec, create_ome_zarr, open_level
     from quietscope.tiling import plan_blocks
+    from quietscope.workflows.demo import write_ome_zarr_image  # noqa: F401  (same writer family)
 
     axes = "yx" if len(shape) == 2 else "zyx"
     spec = OutputSpec(path=str(path), axes=axes, shape=shape, chunks=chunks, dtype="uint16", n_levels=1,
@@ -62,9 +62,9 @@ def make_volume(path: Path, shape: tuple[int, ...], chunks: tuple[int, ...], see
 
 def raw_forward(model_path: str, src: str, block, chunks, threads: int) -> dict:
     """(a): forward passes over the plan's tiles (with halos), tiles already in memory."""
+    from quietscope.inference import method_halo, predict_tile
     from quietscope.io import open_image
-    from quietscope.modelfile import load_model
-    from quietscope.predict import method_halo, predict_tile
+    from quietscope.methods.modelfile import load_model
     from quietscope.runner.executor import read_padded
     from quietscope.tiling import plan_blocks, read_window
 
@@ -89,7 +89,7 @@ def raw_forward(model_path: str, src: str, block, chunks, threads: int) -> dict:
 
 
 def pipeline_run(model_path: str, src: str, out: str, chunks) -> dict:
-    """(b) and (d): ``quietscope.predict.predict`` in a fresh child process.
+    """(b) and (d): ``quietscope.chunked.predict`` in a fresh child process.
 
     Returns the pipeline's own timings (level 0 = read -> predict -> write; then the pyramid),
     the whole job's wall time including start-up (imports, cluster, halo measurement), and the
@@ -98,7 +98,8 @@ def pipeline_run(model_path: str, src: str, out: str, chunks) -> dict:
     code = f"""
 import json, resource, time
 t0 = time.perf_counter()
-from quietscope.predict import PredictOptions, predict
+from quietscope.chunked import PredictOptions
+from quietscope.workflows.predict import predict
 r = predict({model_path!r}, {src!r}, {out!r}, PredictOptions(chunks={tuple(chunks)!r}, overwrite=True, progress=False))
 print(json.dumps({{"level0_s": r.seconds_level0, "pyramid_s": r.seconds_pyramid, "job_s": time.perf_counter() - t0,
                   "n_blocks": r.n_blocks, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
@@ -110,9 +111,9 @@ print(json.dumps({{"level0_s": r.seconds_level0, "pyramid_s": r.seconds_pyramid,
 
 
 def measure(kind: str, shape, chunks, model_path: str, tmp: Path, threads: int) -> dict:
+    from quietscope.inference import method_halo
     from quietscope.io import open_image
-    from quietscope.modelfile import load_model
-    from quietscope.predict import method_halo
+    from quietscope.methods.modelfile import load_model
     from quietscope.tiling import choose_block_shape, halo_factor
 
     src = make_volume(tmp / f"{kind}.ome.zarr", shape, chunks)

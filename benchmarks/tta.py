@@ -5,7 +5,7 @@ Run after ``benchmarks/quality.py`` (no training; each model is predicted twice)
     .venv/bin/python benchmarks/tta.py --workdir /tmp/quietscope-bench-quality
 
 For every trained model that ``quality.py`` left in its ``--workdir`` (``<dataset>/<row>_s<seed>.qs``),
-the noisy test image is predicted through ``quietscope.predict.predict`` without and with
+the noisy test image is predicted through ``quietscope.chunked.predict`` without and with
 ``tta=True`` and scored like ``quality.py`` scores it (PSNR against the clean crop; for W2S after
 an affine fit). Results go to ``benchmarks/results/tta.json``.
 """
@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from quietscope.predict import PredictOptions, predict
+    from quietscope.chunked import PredictOptions
+    from quietscope.workflows.predict import predict
 
     torch.set_num_threads(1)
     rows: list[dict[str, Any]] = []

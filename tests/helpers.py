@@ -8,13 +8,13 @@ import numpy as np
 import torch
 import zarr
 
-from quietscope.demo import write_ome_zarr_image
 from quietscope.methods import build_method
-from quietscope.modelfile import save_model
+from quietscope.methods.modelfile import save_model
+from quietscope.workflows.demo import write_ome_zarr_image
 
 
 def blobs(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
-    from quietscope.sample_data import synthetic_clean
+    from quietscope.io.sample_data import synthetic_clean
 
     return synthetic_clean(shape, seed)
 

@@ -7,16 +7,10 @@ import pytest
 import zarr
 
 from helpers import random_model, write_ome, write_zarr_array
-from quietscope.modelfile import load_model
-from quietscope.predict import (
-    PredictOptions,
-    dihedral_mean,
-    method_halo,
-    predict,
-    predict_tile,
-    predict_whole,
-    tta_halo,
-)
+from quietscope.chunked import PredictOptions
+from quietscope.inference import dihedral_mean, method_halo, predict_tile, predict_whole, tta_halo
+from quietscope.methods.modelfile import load_model
+from quietscope.workflows.predict import predict
 
 TOL = 1e-4  # in normalised units (std 20 below)
 

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import zarr
 
+from box_job import run_box_job
 from helpers import read_levels, write_zarr_array
 from quietscope.errors import ConfigError
+from quietscope.inference import predict_whole
 from quietscope.io.writing import OutputSpec, block_local_levels, build_pyramid, create_ome_zarr, open_level
-from quietscope.predict import predict_whole
 from quietscope.runner.cluster import dask_client, load_profile, slurm_cluster, thread_budget
 from quietscope.runner.executor import count_blocks, iter_blocks, iter_tasks
-from quietscope.runner.testing import BoxProcessor, run_box_job
+from quietscope.runner.testing import BoxProcessor
 from quietscope.tiling import plan_blocks
 
 

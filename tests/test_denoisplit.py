@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from quietscope.calibration import calibrate_arrays
 from quietscope.errors import ConfigError, InputError
 from quietscope.io.reading import open_image
 from quietscope.io.stacking import open_stacked
 from quietscope.methods import build_method
 from quietscope.methods.denoisplit import kl_loss
 from quietscope.noise_models import fit_gmm
+from quietscope.workflows.calibrate import calibrate_arrays
 
 tifffile = pytest.importorskip("tifffile")
 
@@ -109,7 +109,7 @@ def test_sampling_random_without_seed_identical_with_seed():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
     """A denoisplit model trained a few steps through train_model on two stacked TIFFs."""
-    from quietscope.training.run import train_model
+    from quietscope.workflows.train import train_model
 
     d = tmp_path_factory.mktemp("dsplit")
     clean = _structures((96, 96), 2)
@@ -138,7 +138,7 @@ def trained(tmp_path_factory) -> dict:
 
 
 def test_trained_model_stores_noise_models_and_stacked_data(trained):
-    from quietscope.modelfile import read_manifest
+    from quietscope.methods.modelfile import read_manifest
 
     man = read_manifest(trained["model"])
     assert man["method"]["in_channels"] == 2
@@ -148,8 +148,10 @@ def test_trained_model_stores_noise_models_and_stacked_data(trained):
 
 
 def test_chunked_prediction_shape_no_nan_and_matches_whole_on_mean_path(trained, tmp_path):
-    from quietscope.modelfile import load_model
-    from quietscope.predict import PredictOptions, method_halo, predict, predict_tile, predict_whole
+    from quietscope.chunked import PredictOptions
+    from quietscope.inference import method_halo, predict_tile, predict_whole
+    from quietscope.methods.modelfile import load_model
+    from quietscope.workflows.predict import predict
 
     out = tmp_path / "p.ome.zarr"
     res = predict(trained["model"], trained["test"], out, PredictOptions(chunks=(16, 16), block=(32, 32), progress=False),
@@ -207,7 +209,7 @@ def test_calibration_never_maps_a_std_to_zero():
 def test_calibrate_cli_writes_model_that_scales_std(trained, tmp_path):
     from click.testing import CliRunner
 
-    from quietscope.modelfile import load_model, read_manifest
+    from quietscope.methods.modelfile import load_model, read_manifest
     from quietscope_cli.main import cli
 
     out_model, report = tmp_path / "cal.qs", tmp_path / "calib.json"
@@ -254,7 +256,7 @@ def test_stacked_view_reads_like_the_parts(tmp_path):
 def test_cli_train_stacks_channels(trained, tmp_path):
     from click.testing import CliRunner
 
-    from quietscope.modelfile import read_manifest
+    from quietscope.methods.modelfile import read_manifest
     from quietscope_cli.main import cli
 
     d = trained["dir"]

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from quietscope.demo import write_ome_zarr_image
 from quietscope.errors import ConfigError, InputError
-from quietscope.evaluate import evaluate, evaluate_arrays
 from quietscope.io.reading import open_image
 from quietscope.io.writing import open_level
 from quietscope.metrics import mean_and_sem, psnr, range_invariant_psnr, snr, ssim
-from quietscope.simulate_image import channel_std, simulate_array, simulate_image
+from quietscope.workflows.demo import write_ome_zarr_image
+from quietscope.workflows.evaluate import evaluate, evaluate_arrays
+from quietscope.workflows.simulate import channel_std, simulate_array, simulate_image
 
 
 def _clean(shape, seed=0):

@@ -7,17 +7,12 @@ import pytest
 from click.testing import CliRunner
 from scipy import ndimage as ndi
 
-from quietscope.demo import write_ome_zarr_image
+from quietscope.chunked import PredictOptions
 from quietscope.errors import ConfigError
 from quietscope.io.writing import open_level
-from quietscope.methods.filters import (
-    FilterProcessor,
-    filter_array,
-    filter_image,
-    filter_processor,
-    filter_radius,
-)
-from quietscope.predict import PredictOptions
+from quietscope.methods.filters import FilterProcessor, filter_array, filter_processor, filter_radius
+from quietscope.workflows.demo import write_ome_zarr_image
+from quietscope.workflows.filter import filter_image
 
 
 def _whole(a: np.ndarray, kind: str, value: float) -> np.ndarray:

@@ -13,13 +13,13 @@ from scipy import ndimage
 
 from quietscope.errors import ConfigError, InputError
 from quietscope.io import open_image
-from quietscope.noise_analysis.inspect import (
+from quietscope.io.sample_data import find_data_dir, synthetic_clean
+from quietscope.workflows.inspect_noise import (
     block_shape_for,
     inspect_noise,
     read_blocks,
     sample_blocks,
 )
-from quietscope.sample_data import find_data_dir, synthetic_clean
 from quietscope_cli.main import cli
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -174,7 +174,7 @@ def test_prediction_residual_is_judged(images, tmp_path, pred, expect):
 
 
 def test_model_residual(images, tmp_path):
-    from quietscope.training.run import train_model
+    from quietscope.workflows.train import train_model
 
     model = tmp_path / "m.qs"
     train_model(

@@ -8,10 +8,11 @@ import tifffile
 import zarr
 
 from helpers import random_model, write_ome, write_zarr_array
+from quietscope.chunked import PredictOptions
 from quietscope.errors import InputError
 from quietscope.io import OutputSpec, create_ome_zarr, open_image
 from quietscope.io.writing import build_pyramid, open_level
-from quietscope.predict import PredictOptions, predict
+from quietscope.workflows.predict import predict
 
 
 def test_plain_zarr_array_with_and_without_dimension_names(tmp_path):

@@ -13,7 +13,7 @@ import torch
 from helpers import random_model
 from quietscope import __version__
 from quietscope.errors import ModelError
-from quietscope.modelfile import load_model, read_manifest
+from quietscope.methods.modelfile import load_model, read_manifest
 
 
 def test_round_trip_is_exact_and_self_describing(tmp_path):

@@ -172,11 +172,13 @@ def test_convolve_psf_in_3d_matches_scipy():
 def test_chunked_prediction_equals_whole_image_and_writes_two_named_channels(tmp_path):
     import zarr
 
-    from quietscope.demo import write_ome_zarr_image
+    from quietscope.chunked import PredictOptions
+    from quietscope.inference import predict_tile, predict_whole
     from quietscope.io.writing import open_level
-    from quietscope.modelfile import load_model
-    from quietscope.predict import PredictOptions, predict, predict_tile, predict_whole
-    from quietscope.training.run import train_model
+    from quietscope.methods.modelfile import load_model
+    from quietscope.workflows.demo import write_ome_zarr_image
+    from quietscope.workflows.predict import predict
+    from quietscope.workflows.train import train_model
 
     rng = np.random.default_rng(0)
     shape = (77, 91)  # odd: blocks at the far edges are partial

@@ -8,12 +8,13 @@ import torch
 import zarr
 
 from helpers import write_ome
+from quietscope.chunked import PredictOptions
+from quietscope.io.sample_data import find_data_dir, read_tiff, real_clean_2d
+from quietscope.methods.modelfile import load_model, read_manifest
 from quietscope.metrics import psnr
-from quietscope.modelfile import load_model, read_manifest
-from quietscope.predict import PredictOptions, predict
-from quietscope.sample_data import find_data_dir, read_tiff, real_clean_2d
 from quietscope.simulate import poisson_gaussian
-from quietscope.training.run import train_model
+from quietscope.workflows.predict import predict
+from quietscope.workflows.train import train_model
 
 N2V = {"method": "n2v", "net": {"depth": 2, "filters": 16}, "masked_pixel_percentage": 2.0}
 

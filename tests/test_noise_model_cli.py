@@ -11,15 +11,15 @@ import zarr
 from click.testing import CliRunner
 
 from quietscope.errors import ConfigError, InputError
+from quietscope.io.sample_data import synthetic_clean
 from quietscope.noise_models import load_noise_model
-from quietscope.noise_models.sources import (
+from quietscope.workflows.noise_model import (
     calibration_pairs,
     data_range,
     fit_from_calibration,
     fit_from_pairs,
     sample_pairs,
 )
-from quietscope.sample_data import synthetic_clean
 from quietscope_cli.main import cli
 
 GAIN, READ_SIGMA = 2.0, 3.0  # x = GAIN * Poisson(s / GAIN) + N(0, READ_SIGMA^2)
@@ -185,7 +185,7 @@ def test_bootstrapped_gmm_accepts_the_brightest_pixels_it_was_not_fitted_on(tmp_
     """The 0.5 % pairs with the highest pseudo-signal are dropped before fitting; the GMM must
     still accept those pixels' values, or PN2V training refuses the data whenever a batch
     holds one (it did, at random, on the BPAE field)."""
-    from quietscope.noise_models import sources
+    from quietscope.workflows import noise_model as sources
 
     rng = np.random.default_rng(4)
     clean = np.tile(np.linspace(20.0, 80.0, 96, dtype=np.float32), (96, 1))

@@ -10,7 +10,6 @@ import torch
 from scipy.stats import norm
 
 from quietscope.errors import InputError, ModelError
-from quietscope.noise_models.histogram import pool_sparse_rows
 from quietscope.noise_models import (
     GMMNoiseModel,
     HistogramNoiseModel,
@@ -24,6 +23,7 @@ from quietscope.noise_models import (
     pairs_from_prediction,
     plot_noise_model,
 )
+from quietscope.noise_models.histogram import pool_sparse_rows
 
 GAIN, READ_SIGMA = 2.0, 10.0
 S_LOW, S_HIGH = 100.0, 2000.0

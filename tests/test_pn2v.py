@@ -10,14 +10,16 @@ import tifffile
 import torch
 from scipy import stats
 
+from quietscope.chunked import PredictOptions
 from quietscope.errors import ConfigError, InputError
+from quietscope.inference import method_halo, predict_tile, predict_whole
+from quietscope.io.sample_data import synthetic_clean
 from quietscope.methods import build_method
+from quietscope.methods.masking import n2v_mask
 from quietscope.methods.pn2v import PN2V, marginal_nll, mmse_estimate, prior_mean
 from quietscope.noise_models import GMMNoiseModel, fit_histogram
-from quietscope.predict import PredictOptions, method_halo, predict, predict_tile, predict_whole
-from quietscope.sample_data import synthetic_clean
-from quietscope.training.masking import n2v_mask
-from quietscope.training.run import train_model
+from quietscope.workflows.predict import predict
+from quietscope.workflows.train import train_model
 
 TINY = {"depth": 1, "filters": 8}
 SIGMA = 4.0  # std of the Gaussian test noise model, raw units

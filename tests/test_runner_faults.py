@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 import zarr
 
+from box_job import run_box_job
 from helpers import read_levels, write_zarr_array
-from quietscope.predict import predict_whole
+from quietscope.inference import predict_whole
 from quietscope.runner.cluster import dask_client, worker_info
 from quietscope.runner.executor import BlockTask, blocks_per_task, group_tasks, iter_tasks
 from quietscope.runner.ledger import Ledger
-from quietscope.runner.testing import BoxProcessor, run_box_job, torch_threads
+from quietscope.runner.testing import BoxProcessor, torch_threads
 
 SHAPE, CHUNKS, BLOCK = (96, 128), (16, 16), (32, 32)  # 12 blocks; levels 1 streamed, 2..3 after
 OPTS = dict(chunks=CHUNKS, block=BLOCK, progress=False)
@@ -115,7 +116,7 @@ def test_client_killed_after_k_blocks_then_resume_is_bit_identical(source, tmp_p
     out = tmp_path / "out.ome.zarr"
     job = {"input_uri": src, "output": str(out), "options": {**OPTS, "threads": 2, "blocks_per_task": group},
            "processor": {"sleep": 0.15}}
-    proc = subprocess.Popen([sys.executable, "-m", "quietscope.runner.testing", json.dumps(job)],
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("box_job.py")), json.dumps(job)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done_dir = out / ".quietscope" / "done"
     deadline = time.monotonic() + 60

@@ -10,7 +10,7 @@ import tifffile
 import torch
 
 from quietscope.errors import ConfigError, InputError
-from quietscope.training.struct_mask import (
+from quietscope.methods.struct_mask import (
     apply_struct_mask,
     load_struct_mask,
     parse_struct_mask,

@@ -8,9 +8,9 @@ import tifffile
 import torch
 from click.testing import CliRunner
 
-from quietscope.modelfile import read_manifest
-from quietscope.training.masking import n2v_mask
-from quietscope.training.struct_mask import struct_mask
+from quietscope.methods.masking import n2v_mask
+from quietscope.methods.modelfile import read_manifest
+from quietscope.methods.struct_mask import struct_mask
 from quietscope_cli.main import cli
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from quietscope.errors import ConfigError
-from quietscope.training.run import resolve_z_pool
+from quietscope.workflows.train import resolve_z_pool
 
 UM = {"z": "micrometer", "y": "micrometer", "x": "micrometer"}
 

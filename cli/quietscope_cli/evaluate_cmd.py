@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import click
 
+from quietscope.workflows.evaluate import evaluate as run
+from quietscope.workflows.evaluate import write_json
+from quietscope.workflows.simulate import simulate_image
 from quietscope_cli.main import handle_errors
 from quietscope_cli.options import axes_option, level_option, parse_ints
 
@@ -24,7 +27,6 @@ from quietscope_cli.options import axes_option, level_option, parse_ints
 def simulate(clean: str, output: str, poisson_scale: float | None, gauss_rel: float | None, seed: int,
              chunks: str | None, ngff: str, n_levels: int | None, overwrite: bool, axes: str | None, level: int) -> None:
     """Add seeded Poisson-Gaussian noise to CLEAN, chunk by chunk (same result for any chunking)."""
-    from quietscope.simulate_image import simulate_image
 
     res = simulate_image(clean, output, poisson_scale, gauss_rel, seed=seed, chunks=parse_ints(chunks, "--chunks"),
                          overwrite=overwrite, axes=axes, level=level, ngff=ngff, n_levels=n_levels)
@@ -44,8 +46,6 @@ def simulate(clean: str, output: str, poisson_scale: float | None, gauss_rel: fl
 def evaluate(prediction: str, ground_truth: str, json_path: str | None, per_image: bool, channel: int | None,
              gt_axes: str | None, axes: str | None, level: int) -> None:
     """PSNR, range-invariant PSNR, SSIM and SNR of PRED against GT (mean ± standard error)."""
-    from quietscope.evaluate import evaluate as run
-    from quietscope.evaluate import write_json
 
     ev = run(prediction, ground_truth, axes=axes, gt_axes=gt_axes, level=level, channel=channel)
     click.echo(ev.table(per_image=per_image))

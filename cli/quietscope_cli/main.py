@@ -7,11 +7,16 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
+from quietscope.errors import QuietscopeError
+from quietscope.workflows.demo import run_demo
+from quietscope.workflows.info import describe, list_methods
+from quietscope.workflows.predict import predict as run
+from quietscope.workflows.train import train_model
 from quietscope_cli.options import (
     axes_option,
     level_option,
@@ -35,7 +40,6 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from quietscope.errors import QuietscopeError
 
         ctx = click.get_current_context()
         debug = bool(ctx.find_root().params.get("debug"))
@@ -78,15 +82,7 @@ def cli(verbose: int, quiet: bool, debug: bool) -> None:
 @handle_errors
 def info(input_uri: str, axes: str | None, level: int, as_json: bool) -> None:
     """Describe INPUT (OME-Zarr, zarr array or TIFF), or a model file (.qs)."""
-    if input_uri.endswith(".qs"):
-        from quietscope.modelfile import read_manifest
-
-        m = read_manifest(input_uri)
-        desc = {k: m.get(k) for k in ("quietscope_version", "torch_version", "method", "train", "axes", "data_stats", "best_val_loss", "best_step", "noise_models", "calibration") if m.get(k) is not None}
-    else:
-        from quietscope.io import open_image
-
-        desc = open_image(input_uri, level=level, axes=axes).describe()
+    desc = describe(input_uri, axes=axes, level=level)
     if as_json:
         click.echo(json.dumps(desc, indent=2, default=str))
         return
@@ -141,20 +137,14 @@ def train(input_uri: str, output: str, method: str, patch: str, batch: int, step
           positivity_lambda: float | None, gain: float | None, offset: float | None, noise_sigma: float | None,
           params: tuple[str, ...], channels: tuple[str, ...], overwrite: bool, resume: bool, axes: str | None, level: int) -> None:
     """Train a self-supervised model on INPUT (patches are sampled; the volume is never loaded)."""
-    from quietscope.training.run import method_extras, train_model
 
     method_options: dict[str, Any] = {"method": method, "net": {"depth": depth, "filters": filters, "n2v2": n2v2, "batch_norm": batch_norm,
-                                                            "z_pool": {"yes": True, "no": False}.get(z_pool, "auto")}}
-    method_options.update(method_extras(
-        noise_model=noise_model, n_samples=n_samples, psf_sigma=psf_sigma, psf=psf,
-        positivity_lambda=positivity_lambda, gain=gain, offset=offset, noise_sigma=noise_sigma,
-    ))
-    from quietscope.methods import get_method_class
-
-    if "masked_pixel_percentage" in get_method_class(method).Config.model_fields:
-        method_options["masked_pixel_percentage"] = masked_percent
-    if struct_mask:
-        method_options["struct_mask"] = _struct_mask(struct_mask, input_uri, axes, level)
+                                                            "z_pool": {"yes": True, "no": False}.get(z_pool, "auto")},
+                                      "masked_pixel_percentage": masked_percent}
+    given = {"noise_model": noise_model, "n_samples": n_samples, "psf": psf, "positivity_lambda": positivity_lambda,
+             "gain": gain, "offset": offset, "noise_sigma": noise_sigma, "struct_mask": struct_mask or None,
+             "psf_sigma": _floats(psf_sigma, "--psf-sigma")}
+    method_options.update({k: v for k, v in given.items() if v is not None})
     for p in params:
         if "=" not in p:
             raise click.BadParameter(f"{p!r}: expected KEY=VALUE", param_hint="--param")
@@ -175,15 +165,13 @@ def train(input_uri: str, output: str, method: str, patch: str, batch: int, step
     click.echo(f"model: {output} ({res.seconds:.0f} s{best})")
 
 
-def _struct_mask(text: str, input_uri: str, axes: str | None, level: int) -> list:
-    from quietscope.io import open_image
-    from quietscope.training import struct_mask as sm
-
-    if Path(text).suffix.lower() in (".npy", ".tif", ".tiff"):
-        return sm.load_struct_mask(text).astype(int).tolist()
-    image = open_image(input_uri, level=level, axes=axes)
-    axis, length = sm.parse_struct_mask(text, image.spatial_axes)
-    return sm.struct_mask(len(image.spatial_axes), axis, length).astype(int).tolist()
+def _floats(text: str | None, name: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in str(text).split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} must be a number or comma-separated numbers", param_hint=name) from None
 
 
 @cli.command()
@@ -200,7 +188,6 @@ def _struct_mask(text: str, input_uri: str, axes: str | None, level: int) -> lis
 def predict(model: str, input_uri: str, output: str, estimate: str | None, n_samples: int | None, tta: bool,
             axes: str | None, level: int, **kw: Any) -> None:
     """Denoise INPUT with MODEL, block by block, into a multiscale OME-Zarr."""
-    from quietscope.predict import predict as run
 
     inference = {"estimate": estimate, "n_samples": n_samples}
     res = run(model, input_uri, output, predict_options_from(kw), axes=axes, level=level, inference=inference, tta=tta)
@@ -215,7 +202,6 @@ def predict(model: str, input_uri: str, output: str, estimate: str | None, n_sam
 @handle_errors
 def demo(output: str, steps: int, seed: int, overwrite: bool) -> None:
     """Build a noisy sample, train N2V, predict chunked, report PSNR before/after."""
-    from quietscope.demo import run_demo
 
     s = run_demo(output, steps=steps, seed=seed, overwrite=overwrite)
     click.echo("")
@@ -229,11 +215,9 @@ def demo(output: str, steps: int, seed: int, overwrite: bool) -> None:
 @cli.command()
 def methods() -> None:
     """List the available methods."""
-    from quietscope.methods import available_methods, get_method_class
 
-    for name in available_methods():
-        doc = (get_method_class(name).__doc__ or "").strip().splitlines()
-        click.echo(f"{name:<14} {doc[0] if doc else ''}")
+    for name, summary in list_methods():
+        click.echo(f"{name:<14} {summary}")
 
 
 def _register_optional_commands() -> None:

@@ -7,12 +7,14 @@ from typing import Any
 
 import click
 
+from quietscope.errors import ConfigError, OutputError, validation_message
+from quietscope.workflows import noise_model as sources
+from quietscope.workflows.predict import PredictOptions
 from quietscope_cli.main import handle_errors
 from quietscope_cli.options import axes_option
 
 
 def _refuse_overwrite(path: str, overwrite: bool) -> None:
-    from quietscope.errors import OutputError
 
     if Path(path).exists() and not overwrite:
         raise OutputError(f"{path!r} already exists; pass --overwrite to replace it")
@@ -71,7 +73,6 @@ def noise_model() -> None:
 @handle_errors
 def fit(stack: str | None, pairs: tuple[str, str] | None, stack_axis: str | None, output: str, **kw: Any) -> None:
     """Fit a noise model on a calibration stack or on noisy/clean pairs."""
-    from quietscope.noise_models import sources
 
     if (stack is None) == (not pairs):
         raise click.UsageError("give exactly one of --calibration STACK or --pairs NOISY CLEAN")
@@ -105,9 +106,6 @@ def fit(stack: str | None, pairs: tuple[str, str] | None, stack_axis: str | None
 def bootstrap(model: str, data: str, output: str, clip_percent: float, work_dir: str | None, device: str,
               max_tile_voxels: int, threads: int | None, no_progress: bool, variance_from_data: bool, **kw: Any) -> None:
     """Fit a noise model on DATA with MODEL's prediction (e.g. N2V) as pseudo-signal."""
-    from quietscope.errors import ConfigError, validation_message
-    from quietscope.noise_models import sources
-    from quietscope.predict import PredictOptions
 
     _refuse_overwrite(output, kw["overwrite"])
     try:
@@ -137,21 +135,15 @@ def bootstrap(model: str, data: str, output: str, clip_percent: float, work_dir:
 def plot(noise_model_file: str, output: str, data: str | None, signal: str | None, channel: int | None,
          max_pairs: int, overwrite: bool, axes: str | None) -> None:
     """Draw NOISE_MODEL as a PNG (heat map of p(x|s) and slices), optionally over data."""
-    from quietscope.noise_models import load_noise_model, plot_noise_model, sources
 
     if signal is not None and data is None:
         raise click.UsageError("--signal needs --data (the noisy image it belongs to)")
     _refuse_overwrite(output, overwrite)
-    model = load_noise_model(noise_model_file)
-    s = x = None
-    if data is not None:
-        lo, hi = sources.data_range(data, channel=channel, axes=axes, max_pairs=max_pairs)
-        model.check_range(lo, hi)
-        m_lo, m_hi = model.observation_range
+    covered = sources.plot_model_file(noise_model_file, output, data=data, signal=signal, channel=channel,
+                                      max_pairs=max_pairs, axes=axes)
+    if covered is not None:
+        (lo, hi), (m_lo, m_hi) = covered
         click.echo(f"data range [{lo:.6g}, {hi:.6g}] is covered by the model's range [{m_lo:.6g}, {m_hi:.6g}]")
-        if signal is not None:
-            s, x = sources.sample_pairs(signal, data, max_pairs=max_pairs, channel=channel, axes=axes)
-    plot_noise_model(model, s, x, path=output)
     click.echo(f"plot: {output}")
 
 

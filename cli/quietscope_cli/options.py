@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
+
+from quietscope.errors import ConfigError, validation_message
+from quietscope.workflows.predict import PredictOptions
 
 
 def parse_ints(text: str | None, name: str) -> tuple[int, ...] | None:
@@ -65,9 +69,6 @@ def predict_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def predict_options_from(kw: dict[str, Any]) -> Any:
     """Build validated ``PredictOptions`` from the parsed click options (consumes them from ``kw``)."""
-    from quietscope.errors import ConfigError
-    from quietscope.errors import validation_message
-    from quietscope.predict import PredictOptions
 
     values = {
         "chunks": parse_ints(kw.pop("chunks"), "--chunks"),

@@ -1,6 +1,7 @@
 """quietscope: self-supervised denoising and splitting of microscopy volumes larger than memory."""
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
     __version__ = _version("quietscope")

@@ -17,9 +17,9 @@ both paths, provided ``halo`` covers the receptive-field radius.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import product
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -185,3 +185,29 @@ def reflect_indices(start: int, stop: int, n: int) -> np.ndarray:
 def trim_slices(start: Shape, stop: Shape, rstart: Shape) -> tuple[slice, ...]:
     """Slices that cut the output region out of a prediction of the read window."""
     return tuple(slice(a - r, b - r) for a, b, r in zip(start, stop, rstart))
+
+
+def axes_layout(out_axes: str, spatial_axes: str, spatial_values: Sequence[int], t: int = 1, c: int = 1) -> Shape:
+    """Lay per-spatial-axis values out over an image's axes, filling in ``t`` and ``c``.
+
+    Parameters
+    ----------
+    out_axes : str
+        The target axes, e.g. ``"tczyx"`` or ``"cyx"``.
+    spatial_axes : str
+        The axes ``spatial_values`` are given for, e.g. ``"zyx"``.
+    spatial_values : sequence of int
+        One value per spatial axis (a shape, chunks, a block...).
+    t, c : int
+        The value for the time and channel axes.
+
+    Returns
+    -------
+    tuple of int
+
+    Examples
+    --------
+    >>> axes_layout("tcyx", "yx", (256, 128), t=1, c=2)
+    (1, 2, 256, 128)
+    """
+    return tuple(t if a == "t" else c if a == "c" else int(spatial_values[spatial_axes.index(a)]) for a in out_axes)

@@ -3,11 +3,13 @@
 Importing this package registers every method under its ``--method`` name.
 """
 
-from quietscope.methods import bayes  # noqa: F401  (registers bayes-poisson, bayes-gauss)
-from quietscope.methods import denoisplit  # noqa: F401  (registers denoisplit, musplit)
-from quietscope.methods import n2v  # noqa: F401  (registers n2v, n2v2)
-from quietscope.methods import n2v_deconv  # noqa: F401  (registers n2v-deconv)
-from quietscope.methods import pn2v  # noqa: F401  (registers pn2v)
+from quietscope.methods import (
+    bayes,  # noqa: F401  (registers bayes-poisson, bayes-gauss)
+    denoisplit,  # noqa: F401  (registers denoisplit, musplit)
+    n2v,  # noqa: F401  (registers n2v, n2v2)
+    n2v_deconv,  # noqa: F401  (registers n2v-deconv)
+    pn2v,  # noqa: F401  (registers pn2v)
+)
 from quietscope.methods.base import (
     Method,
     MethodConfig,

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from quietscope.errors import ConfigError
 from quietscope.methods.base import Method, MethodConfig, register
 from quietscope.nets.ladder_vae import LadderVAE, LevelStats
+from quietscope.noise_models import load_noise_model, noise_model_from_dict
 
 
 class ChannelCalibration(BaseModel):
@@ -73,12 +74,11 @@ class DenoiSplitConfig(MethodConfig):
         # File paths are read here so the config (and the model file) holds their content.
         if v is None:
             return v
-        from quietscope.noise_models import load_noise_model
 
         return [load_noise_model(d).to_dict() if isinstance(d, str) else d for d in v]
 
     @model_validator(mode="after")
-    def _check(self) -> "DenoiSplitConfig":
+    def _check(self) -> DenoiSplitConfig:
         c = self.in_channels
         for name in ("mixing", "noise_models", "channel_names", "calibration"):
             v = getattr(self, name)
@@ -142,7 +142,6 @@ class DenoiSplit(Method):
         )
         self.noise_models = torch.nn.ModuleList()
         if not gaussian and config.noise_models is not None:
-            from quietscope.noise_models import noise_model_from_dict
 
             self.noise_models.extend(noise_model_from_dict(d) for d in config.noise_models)
 

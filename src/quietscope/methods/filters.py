@@ -1,9 +1,10 @@
-"""Classic denoising filters (box, Gaussian, median) run through the chunked prediction path.
+"""Classic denoising filters (box, Gaussian, median) run through the chunked prediction path
+(driven by :mod:`quietscope.workflows.filter`).
 
 Filters are "methods without training": they need no model file, so they do not enter the
 ``--method`` registry of trainable :class:`~quietscope.methods.base.Method` classes. They do
 share everything else with the trained methods — block plan, halo, runner, resume ledger,
-multiscale OME-Zarr output — through :func:`quietscope.predict.run_prediction`, and serve as
+multiscale OME-Zarr output — through :func:`quietscope.chunked.run_prediction`, and serve as
 the baselines of ``benchmarks/quality.py``.
 
 Boundary handling: the prediction path pads at the volume border like ``numpy.pad(mode=
@@ -17,9 +18,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -117,7 +117,7 @@ def apply_filter(tile: np.ndarray, kind: str, sizes: tuple[int, ...], sigmas: tu
 
 @dataclass(frozen=True)
 class FilterProcessor:
-    """Picklable processor factory for :func:`quietscope.predict.run_prediction`."""
+    """Picklable processor factory for :func:`quietscope.chunked.run_prediction`."""
 
     kind: str
     sizes: tuple[int, ...]
@@ -151,60 +151,3 @@ def filter_array(array: np.ndarray, kind: str, size: int | None = None, sigma: f
     a = np.asarray(array)
     proc = filter_processor(kind, a.ndim, size, sigma, truncate)
     return proc.build()(a[None])[0]
-
-
-def filter_image(
-    input_uri: str | Path,
-    output: str | Path,
-    kind: str,
-    size: int | None = None,
-    sigma: float | None = None,
-    options: Any = None,
-    truncate: float = DEFAULT_TRUNCATE,
-    axes: str | None = None,
-    level: int = 0,
-) -> Any:
-    """``quietscope filter``: apply a classic filter block by block into a multiscale OME-Zarr.
-
-    Parameters
-    ----------
-    input_uri : str or Path
-        OME-Zarr, zarr array or TIFF.
-    output : str or Path
-        ``.ome.zarr`` (or ``.tif`` for small data).
-    kind : {"box", "box3d", "gaussian", "median"}
-        See :func:`filter_sizes`.
-    size, sigma : optional
-        Footprint edge (box/box3d/median) or Gaussian std in voxels (gaussian).
-    options : PredictOptions, optional
-        Chunks, block, dtype, scheduler, ... as for ``quietscope predict``.
-    truncate : float, optional
-        Gaussian cut-off in sigmas; the halo is ``ceil(truncate * sigma)``.
-
-    Returns
-    -------
-    PredictResult
-    """
-    from quietscope import __version__
-    from quietscope.io.reading import open_image
-    from quietscope.io.validation import check_finite_sample
-    from quietscope.io.writing import check_output_path
-    from quietscope.predict import PredictOptions, run_prediction
-
-    options = options or PredictOptions()
-    image = open_image(input_uri, level=level, axes=axes)
-    proc = filter_processor(kind, len(image.spatial_axes), size, sigma, truncate)
-    if not options.resume or not Path(output).exists():
-        check_output_path(output, [image.ref.uri], options.overwrite)
-    check_finite_sample(image)
-    names = ["filtered"] if image.n_channels == 1 else [f"filtered_ch{i}" for i in range(image.n_channels)]
-    provenance = {
-        "quietscope_version": __version__,
-        "filter": {"kind": kind, "size": size, "sigma": sigma, "truncate": truncate},
-        "input": str(input_uri),
-        "input_level": level,
-    }
-    log.info("filter %s, footprint %s, sigma %s, halo = filter radius %s", kind,
-             dict(zip(image.spatial_axes, proc.sizes)), dict(zip(image.spatial_axes, proc.sigmas)),
-             dict(zip(image.spatial_axes, proc.halo)))
-    return run_prediction(image, output, proc, names, proc.halo, 1, options, provenance, halo_reason="filter radius")

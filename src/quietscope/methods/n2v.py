@@ -14,8 +14,8 @@ import torch
 from pydantic import Field, model_validator
 
 from quietscope.methods.base import Method, MethodConfig, register
+from quietscope.methods.masking import n2v_mask
 from quietscope.nets.unet import UNet
-from quietscope.training.masking import n2v_mask
 
 
 class N2VConfig(MethodConfig):
@@ -28,7 +28,7 @@ class N2VConfig(MethodConfig):
     )
 
     @model_validator(mode="after")
-    def _n2v2_defaults(self) -> "N2VConfig":
+    def _n2v2_defaults(self) -> N2VConfig:
         if self.roi_size % 2 == 0:
             raise ValueError("roi_size must be odd")
         if self.method == "n2v2":

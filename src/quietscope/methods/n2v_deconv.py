@@ -68,7 +68,7 @@ class N2VDeconvConfig(N2VConfig):
     )
 
     @model_validator(mode="after")
-    def _one_psf(self) -> "N2VDeconvConfig":
+    def _one_psf(self) -> N2VDeconvConfig:
         if (self.psf_sigma is None) == (self.psf is None):
             raise ConfigError(
                 "n2v-deconv needs exactly one PSF: give --psf-sigma (Gaussian, voxels) or --psf (a TIFF), not "

@@ -29,6 +29,7 @@ from pydantic import Field, field_validator
 
 from quietscope.methods.base import Method, register
 from quietscope.methods.n2v import N2V, N2VConfig
+from quietscope.nets.unet import UNet
 from quietscope.noise_models import noise_model_from_dict
 from quietscope.noise_models.base import NoiseModel
 
@@ -125,7 +126,6 @@ class PN2V(N2V):
     def __init__(self, config: PN2VConfig) -> None:
         Method.__init__(self, config)
         n = config.net
-        from quietscope.nets.unet import UNet
 
         self.net = UNet(
             config.spatial_ndim,

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
+
+from quietscope.tiling import per_axis
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ def measure_receptive_radius(
     factor
         Down-sampling factor (one int, or one per spatial axis): tile sizes are multiples of it.
     """
-    from quietscope.tiling import per_axis
+
 
     f = per_axis(factor, spatial_ndim)
     n_phase = max(f)

@@ -14,6 +14,7 @@ from typing import Any
 
 from quietscope.errors import ModelError
 from quietscope.noise_models.base import NoiseModel
+from quietscope.noise_models.fit import DEFAULT_MAX_PAIRS, fit_noise_model
 from quietscope.noise_models.gmm import GMMNoiseModel, fit_gmm
 from quietscope.noise_models.histogram import HistogramNoiseModel, fit_histogram
 from quietscope.noise_models.pairs import (
@@ -69,6 +70,8 @@ def load_noise_model(path: str | Path) -> NoiseModel:
 
 
 __all__ = [
+    "DEFAULT_MAX_PAIRS",
+    "fit_noise_model",
     "GMMNoiseModel",
     "HistogramNoiseModel",
     "NoiseModel",

@@ -16,14 +16,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from distributed import WorkerPlugin
 from pydantic import BaseModel, ConfigDict, Field
 
-from quietscope.errors import ConfigError
+from quietscope.errors import ConfigError, validation_message
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,6 @@ def load_profile(path: str | Path) -> ClusterProfile:
     """Parse and validate a YAML cluster profile."""
     import yaml
 
-    from quietscope.errors import validation_message
 
     p = Path(path)
     if not p.is_file():
@@ -204,99 +204,128 @@ def slurm_cluster(profile: ClusterProfile, security: Any | None = None) -> Any:
 
 
 # ---- the client ----------------------------------------------------------------------------
+class ClusterOptions(BaseModel):
+    """Where the blocks run: the options of :func:`client_for` (validated at the edge)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scheduler: str | None = Field(None, description="address of a running scheduler (tcp:// or tls://)")
+    threads: int | None = Field(None, ge=1, description="task threads (per worker process with workers)")
+    cluster: str = Field("local", pattern="^(local|slurm)$", description="local (this machine) or slurm (dask-jobqueue)")
+    workers: int | None = Field(None, ge=1, description="local: worker processes; slurm: jobs (one GPU each)")
+    profile: str | None = Field(None, description="SLURM profile (YAML)")
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker process")
+
+
 @contextmanager
-def dask_client(
-    scheduler: str | None = None,
-    threads: int | None = None,
-    *,
-    cluster: str = "local",
-    workers: int | None = None,
-    profile: str | Path | None = None,
-    tls_ca: str | None = None,
-    tls_cert: str | None = None,
-    tls_key: str | None = None,
-    torch_threads: int | None = None,
-) -> Iterator[Any]:
-    """Yield a ``distributed.Client`` (see the module docstring for the kinds of cluster).
+def dask_client(scheduler: str | None = None, threads: int | None = None, **options: Any) -> Iterator[Any]:
+    """Yield a ``distributed.Client``; keyword form of :func:`client_for` (fields of
+    :class:`ClusterOptions`)."""
+    with client_for(ClusterOptions(scheduler=scheduler, threads=threads, **options)) as client:
+        yield client
 
-    ``torch_threads`` sets the intra-op threads of local worker processes (default: see
-    :func:`thread_budget`).
+
+@contextmanager
+def client_for(options: ClusterOptions) -> Iterator[Any]:
+    """Yield a ``distributed.Client`` for ``options`` (see the module docstring for the kinds).
+
+    Parameters
+    ----------
+    options : ClusterOptions
+        Scheduler address, or local/SLURM cluster settings.
+
+    Yields
+    ------
+    distributed.Client
+        Closed (with its cluster) when the block exits.
+
+    Raises
+    ------
+    ConfigError
+        Unknown cluster kind, TLS files missing for tls://, an unreachable scheduler, or SLURM
+        without a profile.
     """
-    from distributed import Client, LocalCluster
-
-    if cluster not in ("local", "slurm"):
-        raise ConfigError(f"--cluster {cluster!r} is unknown; use local or slurm")
-    prof = load_profile(profile) if profile else None
+    if options.cluster not in ("local", "slurm"):
+        raise ConfigError(f"--cluster {options.cluster!r} is unknown; use local or slurm")
+    prof = load_profile(options.profile) if options.profile else None
     security = make_security(
-        tls_ca or (prof.tls_ca if prof else None),
-        tls_cert or (prof.tls_cert if prof else None),
-        tls_key or (prof.tls_key if prof else None),
+        options.tls_ca or (prof.tls_ca if prof else None),
+        options.tls_cert or (prof.tls_cert if prof else None),
+        options.tls_key or (prof.tls_key if prof else None),
     )
-    if scheduler:
-        if scheduler.startswith("tls://") and security is None:
-            raise ConfigError(f"--scheduler {scheduler} uses TLS: give --tls-ca, --tls-cert and --tls-key")
-        try:
-            client = Client(scheduler, timeout="20s", security=security)
-        except (OSError, TimeoutError) as exc:
-            raise ConfigError(f"cannot reach the dask scheduler at {scheduler!r} ({exc}); check the address (and TLS files)") from None
-        log.info("connected to scheduler %s (%d workers)", scheduler, len(client.scheduler_info()["workers"]))
-        try:
-            yield client
-        finally:
-            client.close()
-        return
-    if cluster == "slurm":
-        if prof is None:
-            raise ConfigError("--cluster slurm needs --cluster-profile FILE (YAML; see docs/cluster.md)")
-        jobs = workers or prof.jobs
-        slurm = slurm_cluster(prof, security)
-        client = Client(slurm, security=security)
-        client.register_plugin(_torch_plugin(1 if prof.gpus else prof.cores))
-        slurm.scale(jobs=jobs)
-        log.info("SLURM cluster: %d job(s) of %d cores%s; dashboard %s", jobs, prof.cores,
-                 ", 1 GPU each" if prof.gpus else "", slurm.dashboard_link)
-        try:
-            client.wait_for_workers(1, timeout=None)
-            yield client
-        finally:
-            client.close()
-            slurm.close()
-        return
-    if workers:
-        task_threads, torch_threads = thread_budget(workers, threads, torch_threads=torch_threads)
-        env = {v: str(torch_threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-        local = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=task_threads,
-            processes=True,
-            host=LOOPBACK,
-            dashboard_address=f"{LOOPBACK}:0",
-            worker_dashboard_address=f"{LOOPBACK}:0",
-            env=env,
-            silence_logs=logging.WARNING,
-        )
-        client = Client(local)
-        client.register_plugin(_torch_plugin(torch_threads))
-        log.info("local cluster: %d worker processes x %d threads, %d torch thread(s) each; on %s only; dashboard %s",
-                 workers, task_threads, torch_threads, LOOPBACK, local.dashboard_link)
+    if options.scheduler:
+        opened = _remote_client(options.scheduler, security)
+    elif options.cluster == "slurm":
+        opened = _slurm_client(options, prof, security)
     else:
-        n_threads = threads or 2
-        local = LocalCluster(
-            n_workers=1,
-            threads_per_worker=n_threads,
-            processes=False,
-            # distributed always starts HTTP servers; never expose them on a public interface.
-            dashboard_address=f"{LOOPBACK}:0",
-            worker_dashboard_address=f"{LOOPBACK}:0",
-            silence_logs=logging.WARNING,
-        )
-        client = Client(local)
-        log.info("local in-process dask cluster: 1 worker, %d threads (HTTP on %s only)", n_threads, LOOPBACK)
+        opened = _local_client(options)
+    client, owned = opened
     try:
         yield client
     finally:
         client.close()
-        local.close()
+        if owned is not None:
+            owned.close()
+
+
+def _remote_client(scheduler: str, security: Any | None) -> tuple[Any, None]:
+    from distributed import Client
+
+    if scheduler.startswith("tls://") and security is None:
+        raise ConfigError(f"--scheduler {scheduler} uses TLS: give --tls-ca, --tls-cert and --tls-key")
+    try:
+        client = Client(scheduler, timeout="20s", security=security)
+    except (OSError, TimeoutError) as exc:
+        raise ConfigError(f"cannot reach the dask scheduler at {scheduler!r} ({exc}); check the address (and TLS files)") from None
+    log.info("connected to scheduler %s (%d workers)", scheduler, len(client.scheduler_info()["workers"]))
+    return client, None
+
+
+def _slurm_client(options: ClusterOptions, prof: ClusterProfile | None, security: Any | None) -> tuple[Any, Any]:
+    from distributed import Client
+
+    if prof is None:
+        raise ConfigError("--cluster slurm needs --cluster-profile FILE (YAML; see docs/cluster.md)")
+    jobs = options.workers or prof.jobs
+    slurm = slurm_cluster(prof, security)
+    client = Client(slurm, security=security)
+    client.register_plugin(_torch_plugin(1 if prof.gpus else prof.cores))
+    slurm.scale(jobs=jobs)
+    log.info("SLURM cluster: %d job(s) of %d cores%s; dashboard %s", jobs, prof.cores,
+             ", 1 GPU each" if prof.gpus else "", slurm.dashboard_link)
+    try:
+        client.wait_for_workers(1, timeout=None)
+    except BaseException:
+        client.close()
+        slurm.close()
+        raise
+    return client, slurm
+
+
+def _local_client(options: ClusterOptions) -> tuple[Any, Any]:
+    from distributed import Client, LocalCluster
+
+    # distributed always starts HTTP servers; never expose them on a public interface.
+    common = dict(host=LOOPBACK, dashboard_address=f"{LOOPBACK}:0", worker_dashboard_address=f"{LOOPBACK}:0",
+                  silence_logs=logging.WARNING)
+    if options.workers:
+        task_threads, torch_threads = thread_budget(options.workers, options.threads, torch_threads=options.torch_threads)
+        env = {v: str(torch_threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+        local = LocalCluster(n_workers=options.workers, threads_per_worker=task_threads, processes=True, env=env, **common)
+        client = Client(local)
+        client.register_plugin(_torch_plugin(torch_threads))
+        log.info("local cluster: %d worker processes x %d threads, %d torch thread(s) each; on %s only; dashboard %s",
+                 options.workers, task_threads, torch_threads, LOOPBACK, local.dashboard_link)
+        return client, local
+    n_threads = options.threads or 2
+    common.pop("host")
+    local = LocalCluster(n_workers=1, threads_per_worker=n_threads, processes=False, **common)
+    client = Client(local)
+    log.info("local in-process dask cluster: 1 worker, %d threads (HTTP on %s only)", n_threads, LOOPBACK)
+    return client, local
 
 
 def gpu_resources(client: Any) -> bool:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import islice
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from distributed import WorkerPlugin
@@ -21,6 +22,7 @@ from distributed import WorkerPlugin
 from quietscope.io.reading import ImageRef, open_image
 from quietscope.io.validation import check_finite
 from quietscope.io.writing import PYRAMID_AXES, cast_to, downsample2, open_level
+from quietscope.runner.cluster import gpu_resources, worker_info
 from quietscope.runner.ledger import Ledger
 from quietscope.tiling import Block, count_blocks, iter_blocks, read_window, reflect_indices, trim_slices  # noqa: F401  (re-exported)
 
@@ -277,7 +279,6 @@ def run_blocks(
     tasks never share a device (pass ``resources`` to override). ``group`` blocks go into one
     distributed task (default: :func:`blocks_per_task`).
     """
-    from quietscope.runner.cluster import gpu_resources, worker_info
 
     client.register_plugin(ProcessorPlugin(factory), name=factory.token)
     if resources is None and gpu_resources(client):

@@ -15,9 +15,9 @@ import hashlib
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -133,21 +133,3 @@ def torch_threads() -> int:
     import torch
 
     return int(torch.get_num_threads())
-
-
-def run_box_job(input_uri: str, output: str, options: dict, processor: dict | None = None):
-    """Predict ``input_uri`` with a :class:`BoxProcessor` through the real prediction path."""
-    from quietscope.io.reading import open_image
-    from quietscope.predict import PredictOptions, run_prediction
-
-    image = open_image(input_uri)
-    proc = BoxProcessor(**(processor or {}))
-    return run_prediction(image, output, proc, ["box"], (1,) * len(image.spatial_axes), 1,
-                          PredictOptions(**options), {"test": "box"})
-
-
-if __name__ == "__main__":  # python -m quietscope.runner.testing '{"input_uri": ..., "output": ..., "options": {...}}'
-    import json
-    import sys
-
-    run_box_job(**json.loads(sys.argv[1]))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from quietscope.device import resolve_device
 from quietscope.errors import ConfigError, ModelError
 from quietscope.io.reading import Image
 from quietscope.methods.base import Method
@@ -64,19 +65,6 @@ class TrainResult:
     seconds: float = 0.0
     stopped_early: bool = False
     kept_step: int | None = None
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda requested but no CUDA GPU is visible; use --device cpu or auto")
-    return dev
 
 
 def lr_at(step: int, total: int, base: float, warmup: int = 50) -> float:

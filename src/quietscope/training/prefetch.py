@@ -74,7 +74,7 @@ class PoolPrefetcher:
         self._outer.shutdown(wait=True)
         self._pool.shutdown(wait=True)
 
-    def __enter__(self) -> "PoolPrefetcher":
+    def __enter__(self) -> PoolPrefetcher:
         return self
 
     def __exit__(self, *exc: Any) -> None:

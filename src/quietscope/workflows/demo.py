@@ -13,14 +13,20 @@ from typing import Any
 
 import numpy as np
 
+from quietscope.chunked import PredictOptions
 from quietscope.errors import OutputError
+from quietscope.io.sample_data import real_clean_2d, synthetic_clean
+from quietscope.io.writing import OutputSpec, create_ome_zarr, open_level, remove_output
+from quietscope.metrics import psnr
+from quietscope.simulate import poisson_gaussian
+from quietscope.workflows.predict import predict
+from quietscope.workflows.train import train_model
 
 log = logging.getLogger(__name__)
 
 
 def write_ome_zarr_image(path: str | Path, data: np.ndarray, axes: str, chunks: tuple[int, ...], scale=None) -> None:
     """Write a small in-memory array as a (single-level) OME-Zarr image."""
-    from quietscope.io.writing import OutputSpec, create_ome_zarr, open_level
 
     lo, hi = float(np.percentile(data, 0.5)), float(np.percentile(data, 99.5))
     spec = OutputSpec(
@@ -40,12 +46,6 @@ def run_demo(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the whole pipeline on a small sample and return a summary (paths and PSNRs)."""
-    from quietscope.io.writing import open_level, remove_output
-    from quietscope.metrics import psnr
-    from quietscope.predict import PredictOptions, predict
-    from quietscope.sample_data import real_clean_2d, synthetic_clean
-    from quietscope.simulate import poisson_gaussian
-    from quietscope.training.run import train_model
 
     out = Path(output_dir)
     if out.exists():

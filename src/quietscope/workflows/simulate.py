@@ -17,7 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from quietscope import __version__
+from quietscope.chunked import default_chunks
 from quietscope.errors import ConfigError
+from quietscope.io.reading import open_image
+from quietscope.io.writing import OutputSpec, build_pyramid, check_output_path, create_ome_zarr, open_level, remove_output
 from quietscope.simulate import poisson_gaussian
 
 log = logging.getLogger(__name__)
@@ -157,10 +161,6 @@ def simulate_image(
     """
     import dask.array as da
 
-    from quietscope import __version__
-    from quietscope.io.reading import open_image
-    from quietscope.io.writing import OutputSpec, build_pyramid, check_output_path, create_ome_zarr, open_level, remove_output
-    from quietscope.predict import default_chunks
 
     if poisson_scale is None and gauss_rel is None:
         raise ConfigError("no noise requested; pass --poisson SCALE and/or --gauss REL")

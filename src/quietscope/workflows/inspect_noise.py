@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 
 from quietscope.errors import ConfigError, InputError, OutputError
+from quietscope.inference import load_for_inference, predict_whole
 from quietscope.io.reading import Image, open_image
+from quietscope.io.sampling import BlockSample, block_shape_for, read_blocks, sample_blocks
 from quietscope.noise_analysis.correlation import (
     DEFAULT_THRESHOLD,
     NoiseStructure,
@@ -39,32 +41,6 @@ log = logging.getLogger(__name__)
 RESIDUAL_TOLERANCE = 0.1
 #: |correlation of residual and prediction| beyond which signal is said to leak.
 SIGNAL_LEAK = 0.1
-#: Smallest block edge the analysis accepts (the noise-model filters need 16 pixels).
-MIN_BLOCK = 16
-#: Smallest block depth along z (the autocorrelation needs a few lags).
-MIN_Z_BLOCK = 4
-
-
-@dataclass
-class BlockSample:
-    """Where the analysed blocks come from.
-
-    Attributes
-    ----------
-    t : list of int
-        Time point of each block.
-    slices : list of tuple of slice
-        Spatial slices of each block (in the image's spatial axis order).
-    """
-
-    t: list[int]
-    slices: list[tuple[slice, ...]]
-
-    def to_dict(self) -> list[dict[str, Any]]:
-        return [
-            {"t": t, "start": [s.start for s in sl], "stop": [s.stop for s in sl]}
-            for t, sl in zip(self.t, self.slices)
-        ]
 
 
 @dataclass
@@ -147,114 +123,13 @@ class InspectResult:
         return head + "\n\n" + self.report.to_text()
 
 
-def block_shape_for(
-    spatial_shape: Sequence[int], block_size: Sequence[int] | int
-) -> tuple[int, ...]:
-    """Block shape: ``block_size`` per axis (one value for all, or one per axis), clipped to the image.
-
-    Parameters
-    ----------
-    spatial_shape : sequence of int
-        Spatial shape of the image.
-    block_size : int or sequence of int
-        Wanted edge length(s).
-
-    Returns
-    -------
-    tuple of int
-
-    Raises
-    ------
-    ConfigError
-        Wrong number of values, or a block edge below :data:`MIN_BLOCK`.
-    InputError
-        The image itself is smaller than :data:`MIN_BLOCK` along y or x.
-    """
-    nd = len(spatial_shape)
-    sizes = (block_size,) * nd if isinstance(block_size, int) else tuple(block_size)
-    if len(sizes) == 1:
-        sizes = sizes * nd
-    if len(sizes) != nd:
-        raise ConfigError(
-            f"--block-size has {len(sizes)} values but the data has {nd} spatial axes; give 1 or {nd}"
-        )
-    if any(s < MIN_BLOCK for s in sizes[-2:]) or any(s < MIN_Z_BLOCK for s in sizes[:-2]):
-        raise ConfigError(
-            f"--block-size {list(sizes)} is too small; use at least {MIN_BLOCK} along y and x "
-            f"and {MIN_Z_BLOCK} along z"
-        )
-    shape = tuple(min(int(b), int(s)) for b, s in zip(sizes, spatial_shape))
-    if min(shape[-2:]) < MIN_BLOCK or min(shape[:-2], default=MIN_Z_BLOCK) < MIN_Z_BLOCK:
-        raise InputError(
-            f"the image is only {'x'.join(map(str, spatial_shape))} pixels; the noise analysis needs "
-            f"at least {MIN_BLOCK} along y and x and {MIN_Z_BLOCK} along z"
-        )
-    return shape
-
-
-def sample_blocks(
-    spatial_shape: Sequence[int],
-    block: Sequence[int],
-    n_blocks: int,
-    n_timepoints: int = 1,
-    seed: int = 0,
-) -> BlockSample:
-    """Pick up to ``n_blocks`` distinct, non-overlapping blocks at random.
-
-    The image (and its time points) is cut into a grid of whole blocks and cells are drawn
-    without replacement, so no voxel is read twice and the sample spreads over the volume.
-
-    Parameters
-    ----------
-    spatial_shape : sequence of int
-        Spatial shape of the image.
-    block : sequence of int
-        Block shape (at most ``spatial_shape`` per axis).
-    n_blocks : int
-        Number of blocks wanted; fewer are returned when the grid has fewer cells.
-    n_timepoints : int
-        Time points to draw from.
-    seed : int
-        Seed of the draw.
-
-    Returns
-    -------
-    BlockSample
-    """
-    if n_blocks < 1:
-        raise ConfigError(f"--blocks {n_blocks} must be at least 1 (default 16)")
-    counts = [max(1, s // b) for s, b in zip(spatial_shape, block)]
-    # Centre the grid so that the leftover border is split between both sides.
-    starts = [(s - c * b) // 2 for s, c, b in zip(spatial_shape, counts, block)]
-    total = n_timepoints * math.prod(counts)
-    rng = np.random.default_rng(seed)
-    picks = np.sort(rng.choice(total, size=min(n_blocks, total), replace=False))
-    ts, slices = [], []
-    for p in picks:
-        t, *idx = np.unravel_index(int(p), [n_timepoints, *counts])
-        ts.append(int(t))
-        slices.append(
-            tuple(slice(o + int(i) * b, o + (int(i) + 1) * b) for o, i, b in zip(starts, idx, block))
-        )
-    return BlockSample(t=ts, slices=slices)
-
-
-def read_blocks(image: Image, sample: BlockSample, channel: int = 0) -> list[np.ndarray]:
-    """Read one channel of each sampled block, keeping the stored dtype (clipping is detected from it)."""
-    if not 0 <= channel < image.n_channels:
-        raise ConfigError(
-            f"--channel {channel} does not exist; the image has channels 0..{image.n_channels - 1}"
-        )
-    return [image.read_tc(t, sl, channel)[0] for t, sl in zip(sample.t, sample.slices)]
-
-
 def predict_blocks(
     model_path: str | Path, image: Image, sample: BlockSample, channel: int = 0, device: str = "cpu"
 ) -> list[np.ndarray]:
     """A model's prediction of each sampled block, each predicted on its own (reflect-padded).
 
     Blocks are small, so each is predicted in one tile with a halo equal to the model's
-    measured receptive field (:func:`quietscope.predict.predict_whole`).
+    measured receptive field (:func:`quietscope.chunked.predict_whole`).
 
     Parameters
     ----------
@@ -274,19 +149,13 @@ def predict_blocks(
     list of numpy.ndarray
         float32 predictions, one per block, spatial shape of the block.
     """
-    from quietscope.modelfile import check_matches, load_model
-    from quietscope.predict import method_halo, predict_tile, predict_whole
-    from quietscope.training.loop import resolve_device
-
-    dev = resolve_device(device)
-    method, manifest = load_model(model_path, dev)
-    check_matches(manifest, image.spatial_axes, image.n_channels, f"input {image.ref.uri!r}")
-    halo = method_halo(method)
-    factor = method.downsampling_factor
+    model = load_for_inference(model_path, device, spatial_axes=image.spatial_axes, n_channels=image.n_channels,
+                               where=f"input {image.ref.uri!r}")
+    fn = model.tile_function()
     out = []
     for t, sl in zip(sample.t, sample.slices):
         block = image.read_tc(t, sl).astype(np.float32)
-        pred = predict_whole(lambda tile: predict_tile(method, tile, dev), block, halo, factor)
+        pred = predict_whole(fn, block, model.halo, model.factor)
         out.append(pred[min(channel, pred.shape[0] - 1)])
     return out
 

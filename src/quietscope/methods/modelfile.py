@@ -22,6 +22,7 @@ import torch
 
 from quietscope import __version__
 from quietscope.errors import ModelError
+from quietscope.methods import build_method
 
 FORMAT = "quietscope-model"
 FORMAT_VERSION = 1
@@ -57,7 +58,6 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load a model file: returns ``(method, manifest)``; the method is in eval mode."""
-    from quietscope.methods import build_method
 
     manifest, tensors = _open(path, tensors=True)
     method = build_method(manifest["method"])

@@ -20,7 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from quietscope.chunked import PredictOptions
 from quietscope.errors import ConfigError, InputError, OutputError
+from quietscope.io.reading import open_image
+from quietscope.methods.denoisplit import ChannelCalibration
+from quietscope.methods.modelfile import load_model, save_model
+from quietscope.workflows.predict import predict
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +148,6 @@ def plot_calibration(result: CalibrationResult, path: str | Path, title: str = "
 
 
 def _read_all(uri: str | Path, axes: str | None, level: int) -> np.ndarray:
-    from quietscope.io.reading import open_image
 
     img = open_image(uri, level=level, axes=axes)
     if img.n_timepoints != 1:
@@ -170,8 +174,6 @@ def calibrate_model(
     The calibrated model is written to ``output_model`` (config ``calibration`` and manifest
     ``calibration`` with the curves).
     """
-    from quietscope.modelfile import load_model, save_model
-    from quietscope.predict import PredictOptions, predict
 
     output_model = Path(output_model)
     if output_model.exists() and not overwrite:
@@ -195,7 +197,6 @@ def calibrate_model(
         if out.shape[1:] != clean.shape[1:]:
             raise InputError(f"data has spatial shape {out.shape[1:]} but the clean images {clean.shape[1:]}; give the same field")
         result = calibrate_arrays(out[:c], out[c:2 * c], clean, n_bins, method.channel_names)
-        from quietscope.methods.denoisplit import ChannelCalibration
 
         method.config.calibration = [ChannelCalibration(**f) for f in result.factors]
         info["calibration"] = {"data": str(data_uri), "clean": [str(u) for u in clean_uris], **result.to_dict()}

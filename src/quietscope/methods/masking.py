@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from quietscope.training.struct_mask import apply_struct_mask
+from quietscope.methods.struct_mask import apply_struct_mask
 
 
 def stratified_coordinates(
@@ -99,7 +99,7 @@ def n2v_mask(
     Every channel is masked at the same positions with its own replacement values.
     ``struct_mask`` (structN2V) additionally replaces the pixels under a centred boolean
     kernel around each masked pixel with random values
-    (:func:`quietscope.training.struct_mask.apply_struct_mask`), so that noise correlated
+    (:func:`quietscope.methods.struct_mask.apply_struct_mask`), so that noise correlated
     along the kernel cannot be predicted from the neighbours; the blind spot's own
     replacement is then drawn only from neighbours outside the kernel.
     """

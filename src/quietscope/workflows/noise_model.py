@@ -19,12 +19,17 @@ from typing import Any, Literal
 
 import numpy as np
 
+from quietscope.chunked import PredictOptions
 from quietscope.errors import ConfigError, InputError
 from quietscope.io.reading import Image, open_image
+from quietscope.io.sampling import block_shape_for, read_blocks, sample_blocks
+from quietscope.noise_analysis.poisson_gaussian import estimate_poisson_gaussian
+from quietscope.noise_models import load_noise_model
 from quietscope.noise_models.base import NoiseModel
-from quietscope.noise_models.gmm import fit_gmm
-from quietscope.noise_models.histogram import MIN_ROW_PAIRS, fit_histogram
-from quietscope.noise_models.pairs import pairs_from_paired, pairs_from_prediction
+from quietscope.noise_models.fit import DEFAULT_MAX_PAIRS, Kind, fit_noise_model
+from quietscope.noise_models.pairs import match_variance_line, pairs_from_paired, pairs_from_prediction
+from quietscope.noise_models.plot import plot_noise_model
+from quietscope.workflows.predict import predict
 
 log = logging.getLogger(__name__)
 
@@ -42,63 +47,9 @@ __all__ = [
     "sample_pairs",
 ]
 
-#: Pairs sampled from big data by default: enough for a 256-bin histogram or a 3-component
-#: GMM (PPN2V fits on ~10^6 pixels), a few MB of memory.
-DEFAULT_MAX_PAIRS = 1_000_000
-
 #: Region read at a time when sampling: whole chunks are cheap to read, single pixels are not.
 _TILE_2D = (256, 256)
 _TILE_3D = (16, 128, 128)
-
-Kind = Literal["gmm", "histogram"]
-
-
-# ---- fitting -----------------------------------------------------------------------------
-def fit_noise_model(
-    signal: np.ndarray,
-    observation: np.ndarray,
-    kind: Kind = "gmm",
-    *,
-    n_gaussian: int = 3,
-    n_coeff: int = 2,
-    bins: int = 256,
-    min_row_pairs: int = MIN_ROW_PAIRS,
-    n_iterations: int = 2000,
-    seed: int = 0,
-    observed_range: tuple[float, float] | None = None,
-) -> NoiseModel:
-    """Fit a noise model of ``kind`` to ``(signal, observation)`` pairs.
-
-    Parameters
-    ----------
-    signal, observation : np.ndarray
-        Flat arrays of equal length, raw units.
-    kind : {"gmm", "histogram"}
-        Gaussian mixture (PPN2V, smooth, few parameters) or 2D histogram (PN2V, needs many
-        pairs but assumes no shape).
-    n_gaussian, n_coeff, n_iterations : int
-        GMM components, polynomial coefficients per parameter, optimisation steps.
-    bins : int
-        Histogram bins per axis.
-    min_row_pairs : int
-        Histogram: sparse signal rows borrow shifted neighbours up to this many pairs
-        (:func:`~quietscope.noise_models.histogram.pool_sparse_rows`; 0 = plain PN2V rows).
-    seed : int
-        Seeds the GMM fit.
-    observed_range : (float, float), optional
-        GMM: observations it must accept beyond ``observation``'s range.
-
-    Returns
-    -------
-    NoiseModel
-    """
-    if kind == "gmm":
-        return fit_gmm(signal, observation, n_gaussian, n_coeff, n_iterations=n_iterations, seed=seed,
-                       observed_range=observed_range)
-    if kind == "histogram":
-        return fit_histogram(signal, observation, bins=bins, min_row_pairs=min_row_pairs)
-    raise ConfigError(f"noise model kind {kind!r} is unknown; use gmm or histogram")
-
 
 def _finish(
     s: np.ndarray, x: np.ndarray, kind: Kind, plot_path: str | Path | None, fit: dict[str, Any]
@@ -106,7 +57,6 @@ def _finish(
     log.info("fitting a %s noise model on %d pairs (signal %.6g..%.6g)", kind, s.size, s.min(), s.max())
     model = fit_noise_model(s, x, kind, **fit)
     if plot_path is not None:
-        from quietscope.noise_models.plot import plot_noise_model
 
         plot_noise_model(model, s, x, path=plot_path)
     return model
@@ -362,7 +312,7 @@ def bootstrap_pairs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Bootstrapped pairs: a trained denoiser's prediction of DATA as pseudo-signal.
 
-    DATA is predicted through the chunked pipeline (:func:`quietscope.predict.predict`) into a
+    DATA is predicted through the chunked pipeline (:func:`quietscope.chunked.predict`) into a
     temporary OME-Zarr, so data of any size works; pairs are then sampled from prediction and
     data, and those whose pseudo-signal lies in the lowest or highest ``clip_percentile``
     percent are dropped (:func:`~quietscope.noise_models.pairs_from_prediction`).
@@ -380,7 +330,7 @@ def bootstrap_pairs(
     work_dir : str or Path, optional
         Where the temporary prediction is written (default: the system's temporary folder);
         it needs room for one float32 copy of DATA and is removed afterwards.
-    predict_options : quietscope.predict.PredictOptions, optional
+    predict_options : quietscope.chunked.PredictOptions, optional
         Options of the prediction (device, tile size, threads, ...).
 
     Returns
@@ -397,11 +347,11 @@ def _predicted_pairs(
     work_dir: str | Path | None, predict_options: Any, seed: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(prediction, data) pairs of :func:`bootstrap_pairs` before clipping."""
-    from quietscope.predict import PredictOptions, predict
 
     _check_max_pairs(max_pairs)
     opts = predict_options or PredictOptions()
-    opts = opts.model_copy(update={"n_levels": 1, "overwrite": True, "resume": False, "dtype": "float32"})
+    opts = opts.model_copy(update={"output": opts.output.model_copy(
+        update={"n_levels": 1, "overwrite": True, "resume": False, "dtype": "float32"})})
     tmp = Path(tempfile.mkdtemp(prefix="quietscope-bootstrap-", dir=None if work_dir is None else str(work_dir)))
     try:
         out = tmp / "prediction.ome.zarr"
@@ -509,7 +459,6 @@ def bootstrap(
         fit = {"observed_range": (float(x_all.min()), float(x_all.max())), **fit}
     if not variance_from_data:
         return _finish(s, x, kind, plot_path, {"seed": seed, **fit})
-    from quietscope.noise_models.pairs import match_variance_line
 
     gain, intercept = data_variance_line(data_uri, channel=channel, axes=axes, seed=seed)
     x_fit, bin_s, factor = match_variance_line(s, x, gain, intercept)
@@ -532,8 +481,6 @@ def data_variance_line(
 ) -> tuple[float, float]:
     """``(gain, intercept)`` of DATA's noise variance line ``var = gain * mean + intercept``,
     estimated from local residuals of ``n_blocks`` sampled blocks (as ``inspect-noise`` does)."""
-    from quietscope.noise_analysis.inspect import block_shape_for, read_blocks, sample_blocks
-    from quietscope.noise_analysis.poisson_gaussian import estimate_poisson_gaussian
 
     image = open_image(data_uri, axes=axes)
     ch = _channel(image, channel, str(data_uri))
@@ -546,3 +493,55 @@ def data_variance_line(
             f"{est.gain:.4g}); it is not Poisson–Gaussian, so bootstrap without --variance-from-data"
         )
     return float(est.gain), float(est.intercept)
+
+
+def plot_model_file(
+    noise_model_file: str | Path,
+    output: str | Path,
+    data: str | Path | None = None,
+    signal: str | Path | None = None,
+    channel: int | None = None,
+    max_pairs: int = DEFAULT_MAX_PAIRS,
+    axes: str | None = None,
+) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """Draw a noise-model file as a PNG, optionally over data (``quietscope noise-model plot``).
+
+    Parameters
+    ----------
+    noise_model_file : str or pathlib.Path
+        JSON noise model.
+    output : str or pathlib.Path
+        PNG to write.
+    data : str or pathlib.Path, optional
+        Noisy data the model is meant for: its range is checked against the model's.
+    signal : str or pathlib.Path, optional
+        With ``data``: its clean or denoised counterpart; the pairs are drawn under the model.
+    channel : int, optional
+        Channel of multi-channel data.
+    max_pairs : int
+        Pixels sampled from the data.
+    axes : str, optional
+        Axes of the data when its metadata lacks them.
+
+    Returns
+    -------
+    ((float, float), (float, float)) or None
+        The data's range and the model's observation range, when ``data`` was given.
+
+    Raises
+    ------
+    ModelError
+        The model file is unreadable, or the data lie outside the model's range.
+    """
+    model = load_noise_model(noise_model_file)
+    s = x = None
+    covered = None
+    if data is not None:
+        lo, hi = data_range(data, channel=channel, axes=axes, max_pairs=max_pairs)
+        model.check_range(lo, hi)
+        covered = ((lo, hi), tuple(model.observation_range))
+        if signal is not None:
+            s, x = sample_pairs(signal, data, max_pairs=max_pairs, channel=channel, axes=axes)
+    plot_noise_model(model, s, x, path=output)
+    return covered
+

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from quietscope.errors import InputError
+from quietscope.io.reading import open_image
 from quietscope.metrics import mean_and_sem, psnr, range_invariant_psnr, snr, ssim
 from quietscope.metrics.streaming import streamed_metrics
 
@@ -125,7 +126,6 @@ def evaluate(
     -------
     Evaluation
     """
-    from quietscope.io.reading import open_image
 
     p_img = open_image(prediction, level=level, axes=axes)
     g_img = open_image(ground_truth, level=level, axes=gt_axes)

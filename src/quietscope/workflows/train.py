@@ -1,0 +1,197 @@
+"""``quietscope train``: open data, build the method, train on sampled patches, write the model file."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from quietscope import __version__
+from quietscope.errors import ConfigError, OutputError, validation_message
+from quietscope.io.reading import Image
+from quietscope.io.sample_data import read_tiff
+from quietscope.io.stacking import open_stacked
+from quietscope.io.validation import check_finite_sample
+from quietscope.methods import build_method, get_method_class
+from quietscope.methods.base import Method, NetConfig
+from quietscope.methods.modelfile import save_model
+from quietscope.methods.struct_mask import load_struct_mask, parse_struct_mask, struct_mask
+from quietscope.noise_models import load_noise_model
+from quietscope.training.config import expand_patch, resolve_z_pool
+from quietscope.training.curves import plot_learning_curve
+from quietscope.training.loop import TrainConfig, TrainResult, train
+
+__all__ = ["checkpoint_path", "resolve_method_files", "resolve_z_pool", "train_model"]
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_path(model_path: str | Path) -> Path:
+    """The training checkpoint kept next to a model file until training ends."""
+    p = Path(model_path)
+    return p.with_name(p.name + ".ckpt")
+
+
+def resolve_method_files(method_options: dict[str, Any], image: Image) -> dict[str, Any]:
+    """Method options with the files they name read in, so the model file holds their content.
+
+    Parameters
+    ----------
+    method_options : dict
+        Method config fields. ``noise_model`` may be a path to a noise-model JSON file, ``psf``
+        a path to a PSF TIFF, ``struct_mask`` a mask file (``.npy``/``.tif``) or ``AXIS:LENGTH``.
+        ``masked_pixel_percentage`` is dropped for methods that do not mask.
+    image : Image
+        The training data (the axes a ``struct_mask`` like ``x:5`` refers to).
+
+    Returns
+    -------
+    dict
+        A copy, ready for :func:`quietscope.methods.build_method`.
+
+    Raises
+    ------
+    ConfigError
+        A named file is missing or malformed.
+    """
+    out = dict(method_options)
+    if "masked_pixel_percentage" not in get_method_class(str(out.get("method", "n2v"))).Config.model_fields:
+        out.pop("masked_pixel_percentage", None)
+    if isinstance(out.get("noise_model"), (str, Path)):
+        out["noise_model"] = load_noise_model(out["noise_model"]).to_dict()
+    if isinstance(out.get("psf"), (str, Path)):
+        if not Path(out["psf"]).exists():
+            raise ConfigError(f"--psf {str(out['psf'])!r} does not exist; give a TIFF of the point-spread function")
+        out["psf"] = np.asarray(read_tiff(Path(out["psf"])), dtype=float).tolist()
+    mask = out.get("struct_mask")
+    if isinstance(mask, str):
+        if Path(mask).suffix.lower() in (".npy", ".tif", ".tiff"):
+            out["struct_mask"] = load_struct_mask(mask).astype(int).tolist()
+        else:
+            axis, length = parse_struct_mask(mask, image.spatial_axes)
+            out["struct_mask"] = struct_mask(len(image.spatial_axes), axis, length).astype(int).tolist()
+    return out
+
+
+def _validated(model: type, values: dict[str, Any], what: str) -> Any:
+    try:
+        return model.model_validate(values)
+    except Exception as exc:
+        raise ConfigError(f"invalid {what}: {validation_message(exc)}") from None
+
+
+def _build(image: Image, method_options: dict[str, Any], tcfg: TrainConfig) -> Method:
+    """Decide z pooling, check the patch against the pooling, seed, and build the method."""
+    nd = len(image.spatial_axes)
+    net = dict(method_options.get("net", {}))
+    z_pool, why = resolve_z_pool(net.get("z_pool", "auto"), str(method_options.get("method", "n2v")),
+                                 image.spatial_axes, dict(zip(image.axes, image.scale)), dict(zip(image.axes, image.units)))
+    net["z_pool"] = z_pool
+    if nd == 3:
+        log.info("z pooling %s: %s", "on" if z_pool else "off", why)
+    net_cfg = _validated(NetConfig, net, "network options")
+    factor_needed = tuple(p**net_cfg.depth for p in net_cfg.pool(nd))
+    if any(p % f for p, f in zip(tcfg.patch, factor_needed)):
+        raise ConfigError(f"--patch {tcfg.patch} must be a multiple of {factor_needed} (2**depth on every pooled axis)")
+    config = {"spatial_ndim": nd, "in_channels": image.n_channels, **method_options, "net": net}
+    # Seed before building: the initial weights are part of what --seed makes reproducible.
+    torch.manual_seed(tcfg.seed)
+    return build_method(config)
+
+
+def _save(model_path: Path, result: TrainResult, tcfg: TrainConfig, image: Image, input_uri: Any, level: int) -> None:
+    info = {
+        "train": tcfg.model_dump(mode="json"),
+        "axes": image.axes,
+        "spatial_axes": image.spatial_axes,
+        "scale": list(image.scale),
+        "data_stats": result.stats,
+        "training_data": {"uri": str(input_uri), "level": level, "shape": list(image.shape), "dtype": str(image.dtype)},
+        "history": result.history,
+        "best_val_loss": result.best_val,
+        "best_step": result.best_step,
+        "kept_step": result.kept_step,
+        "train_seconds": result.seconds,
+        "created_by": f"quietscope {__version__}",
+    }
+    save_model(model_path, result.method, info)
+    checkpoint_path(model_path).unlink(missing_ok=True)
+    try:
+        plot_learning_curve(result.history, model_path.with_suffix(".learning_curve.png"))
+    except Exception as exc:  # a plot must never lose a trained model
+        log.warning("could not write the learning-curve plot: %s", exc)
+
+
+def train_model(
+    input_uri: str | Path | list[str | Path],
+    model_path: str | Path,
+    method_options: dict[str, Any],
+    train_options: dict[str, Any],
+    axes: str | None = None,
+    level: int = 0,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a model on ``input_uri`` and save it to ``model_path`` (one self-describing file).
+
+    Parameters
+    ----------
+    input_uri : str, pathlib.Path or list of them
+        The noisy data; several inputs are stacked as the channels of one image (splitting
+        methods).
+    model_path : str or pathlib.Path
+        ``.qs`` file to write; its checkpoint ``<model>.ckpt`` lives beside it until the end.
+    method_options : dict
+        ``method`` (a name from ``quietscope methods``), ``net`` (:class:`NetConfig` fields) and
+        the method's config fields; files are named by path (:func:`resolve_method_files`).
+    train_options : dict
+        :class:`~quietscope.training.loop.TrainConfig` fields (``patch``, ``batch``, ``steps``...).
+    axes : str, optional
+        Axes of the input when its metadata lacks them.
+    level : int
+        Resolution level of a multiscale input.
+    overwrite, resume : bool
+        Replace an existing model file; continue from its checkpoint.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    TrainResult
+        The trained method, history, best/kept step and time.
+
+    Raises
+    ------
+    OutputError
+        The model file exists (without ``overwrite`` or ``resume``).
+    ConfigError
+        Invalid options, or a patch that does not fit the network or the data.
+    InputError
+        Missing or unreadable data, NaNs.
+
+    Examples
+    --------
+    >>> train_model("noisy.ome.zarr", "n2v.qs", {"method": "n2v"},
+    ...             {"patch": (64,), "steps": 2000})           # doctest: +SKIP
+    """
+    model_path = Path(model_path)
+    if model_path.exists() and not (overwrite or resume):
+        raise OutputError(f"model file {str(model_path)!r} already exists; pass --overwrite to replace it")
+    image = open_stacked(input_uri, level=level, axes=axes)
+    # Created now, not at the first checkpoint: a missing folder must not cost a training run.
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    check_finite_sample(image)
+    train_options = dict(train_options)
+    train_options["patch"] = expand_patch(tuple(train_options.get("patch", (64,))), len(image.spatial_axes))
+    tcfg = _validated(TrainConfig, train_options, "training options")
+    method = _build(image, resolve_method_files(method_options, image), tcfg)
+    log.info("training %s on %s: axes %s, shape %s, patch %s, batch %d, %d steps",
+             method.name, input_uri, image.axes, image.shape, tcfg.patch, tcfg.batch, tcfg.steps)
+    result = train(image, method, tcfg, checkpoint=checkpoint_path(model_path), resume=resume, progress=progress)
+    _save(model_path, result, tcfg, image, input_uri, level)
+    log.info("model written to %s (%.1f s)", model_path, result.seconds)
+    return result
