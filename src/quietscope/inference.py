@@ -224,6 +224,7 @@ class ModelProcessor:
     tta: bool = False
 
     def build(self) -> TileFunction:
+        """Load the model (once per worker) and return its tile function."""
         return load_for_inference(self.model_path, self.device, dict(self.inference), self.tta).tile_function()
 
 

@@ -127,6 +127,7 @@ class Image:
         return arr
 
     def describe(self) -> dict[str, Any]:
+        """Axes, shape, chunks, dtype, scale, units and levels, as plain data (for ``info``)."""
         return {
             "uri": self.ref.uri,
             "kind": self.kind,

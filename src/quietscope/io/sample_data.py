@@ -26,6 +26,7 @@ def find_data_dir() -> Path | None:
 
 
 def read_tiff(path: Path) -> np.ndarray:
+    """Read a whole TIFF into memory (small files only: PSFs, samples)."""
     import tifffile
 
     return tifffile.imread(path)

@@ -38,6 +38,7 @@ class BlockSample:
     slices: list[tuple[slice, ...]]
 
     def to_dict(self) -> list[dict[str, Any]]:
+        """The sample as JSON-ready records (time point, start, stop per block)."""
         return [
             {"t": t, "start": [s.start for s in sl], "stop": [s.stop for s in sl]}
             for t, sl in zip(self.t, self.slices)

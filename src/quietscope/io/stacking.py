@@ -134,6 +134,7 @@ class StackedImage:
         return np.concatenate(arrays, axis=ci)[(slice(None),) * ci + (by_axis["c"],)]
 
     def describe(self) -> dict[str, Any]:
+        """Axes, shape, dtype, scale and the stacked sources, as plain data (for ``info``)."""
         return {
             "uri": self.ref.uri,
             "kind": self.kind,

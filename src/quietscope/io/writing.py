@@ -56,6 +56,7 @@ class OutputSpec:
             self.n_levels = default_n_levels(self.shape, self.chunks, self.axes)
 
     def level_shapes(self) -> list[tuple[int, ...]]:
+        """Shape of every pyramid level (y and x halved per level, rounded up)."""
         shapes = [self.shape]
         for _ in range(1, int(self.n_levels or 1)):
             prev = shapes[-1]
@@ -63,6 +64,7 @@ class OutputSpec:
         return shapes
 
     def level_scales(self) -> list[list[float]]:
+        """Physical scale of every pyramid level (doubled in y and x per level)."""
         return [
             [s * (2**k if a in PYRAMID_AXES else 1) for s, a in zip(self.scale, self.axes)]
             for k in range(int(self.n_levels or 1))
@@ -93,6 +95,7 @@ def check_output_path(output: str | Path, inputs: Sequence[str | Path], overwrit
 
 
 def remove_output(path: str | Path) -> None:
+    """Delete an output (directory tree or file) that the caller may replace."""
     p = Path(path)
     if p.is_dir():
         shutil.rmtree(p)
@@ -159,8 +162,11 @@ def _omero(spec: OutputSpec) -> dict[str, Any]:
 
 
 def level_shards(shards: Sequence[int], shape: Sequence[int], chunks: Sequence[int]) -> tuple[int, ...]:
-    """Shard shape of one level: the requested shards, clipped to the level rounded up to whole
-    chunks (zarr requires shards to be multiples of the chunks)."""
+    """Shard shape of one level.
+
+    The requested shards, clipped to the level rounded up to whole chunks (zarr requires
+    shards to be multiples of the chunks).
+    """
     return tuple(min(s, -(-n // c) * c) for s, n, c in zip(shards, shape, chunks))
 
 
@@ -234,6 +240,7 @@ def cast_to(data: np.ndarray, dtype: str | np.dtype) -> np.ndarray:
 
 
 def open_level(path: str | Path, level: int, mode: str = "r+") -> Any:
+    """Open pyramid level ``level`` of an OME-Zarr output as a zarr array."""
     import zarr
 
     return zarr.open_array(store=str(Path(path) / str(level)), mode=mode)
@@ -289,4 +296,5 @@ def write_tiff(path: str | Path, data: np.ndarray, axes: str, scale: Sequence[fl
 
 
 def estimate_size_bytes(shape: Sequence[int], dtype: str) -> int:
+    """Uncompressed size in bytes of an array of ``shape`` and ``dtype``."""
     return int(math.prod(shape) * np.dtype(dtype).itemsize)

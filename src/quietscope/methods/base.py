@@ -91,18 +91,22 @@ class Method(torch.nn.Module):
         self.norm_std.copy_(torch.clamp(std_t, min=1e-6))
 
     def data_coverage_warning(self, low: float, high: float) -> str | None:
-        """A warning when training data whose signal spans ``[low, high]`` (1st/99th percentile
-        of smoothed patches, raw units) go beyond what a fitted component of the method knows;
-        ``None`` when all is well."""
+        """A warning when the training data go beyond what a fitted component knows.
+
+        ``[low, high]`` is the signal span (1st/99th percentile of smoothed patches, raw units);
+        ``None`` when all is well.
+        """
         return None
 
     def _bcast(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
         return v.reshape((1, -1) + (1,) * (ndim - 2))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw intensities to the network's units (per-channel mean and std of the training data)."""
         return (x - self._bcast(self.norm_mean, x.ndim)) / self._bcast(self.norm_std, x.ndim)
 
     def denormalize(self, y: torch.Tensor) -> torch.Tensor:
+        """Network units back to raw intensities."""
         return y * self._bcast(self.norm_std, y.ndim) + self._bcast(self.norm_mean, y.ndim)
 
     # ---- the protocol --------------------------------------------------------------
@@ -126,9 +130,11 @@ class Method(torch.nn.Module):
         return (0,) * self.config.spatial_ndim
 
     def training_loss(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The self-supervised loss of one batch of raw patches ``(B, C, *spatial)``."""
         raise NotImplementedError
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Predict a raw tile batch ``(B, C, *spatial)``: the named outputs, in input units."""
         raise NotImplementedError
 
     #: Prediction-time options a method accepts (``quietscope predict --estimate/--samples``).
@@ -141,7 +147,8 @@ class Method(torch.nn.Module):
     def loss_pixel_fraction(self) -> float:
         """Share of a batch's pixels that one evaluation of :meth:`training_loss` scores:
         1 for losses over every pixel, the masked share for masking methods. Validation
-        repeats the loss over more mask draws when one draw scores too few pixels."""
+        repeats the loss over more mask draws when one draw scores too few pixels.
+        """
         return 1.0
 
     #: Whether ``predict --tta`` (mean over flips/rotations in y/x) is meaningful: False for
@@ -167,7 +174,8 @@ class Method(torch.nn.Module):
     @property
     def predict_in_channels(self) -> int:
         """Channels of the image given to :meth:`predict` (differs from the training data's
-        channels for splitting methods, which train on the separate structures)."""
+        channels for splitting methods, which train on the separate structures).
+        """
         return self.config.in_channels
 
     def summary(self) -> dict[str, Any]:
@@ -187,10 +195,12 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def available_methods() -> list[str]:
+    """Names of the registered methods, sorted."""
     return sorted(_REGISTRY)
 
 
 def get_method_class(name: str) -> type[Method]:
+    """The method class registered as ``name``; a ConfigError listing the names otherwise."""
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -342,6 +342,60 @@ def _bin_edges(m: np.ndarray, r: np.ndarray, lo: float, hi: float, n_bins: int) 
     return np.asarray(kept)
 
 
+def _check_options(n_bins: int, min_count: int, dark_percentile: float) -> None:
+    if n_bins < 3:
+        raise ConfigError(f"n_bins={n_bins} is too few for a line fit; use at least 3 (default 24)")
+    if min_count < 2:
+        raise ConfigError(f"min_count={min_count} must be at least 2 (default 200)")
+    if not 0 < dark_percentile < 50:
+        raise ConfigError(f"dark_percentile={dark_percentile} must be between 0 and 50 (default 1)")
+
+
+def _binned_variance_line(
+    data: list[np.ndarray], axis: int, n_bins: int, min_count: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """Local noise variance binned by local mean, and the line fitted through it (two passes)."""
+    means, resid = [], []
+    for b in data:
+        m, r = local_mean_and_residual(b, axis)
+        means.append(m.ravel())
+        resid.append(r.ravel())
+    m_all, r_all = np.concatenate(means), np.concatenate(resid)
+
+    lo, hi = np.percentile(m_all, [0.1, 99.9])
+    if not hi > lo:
+        raise InputError(
+            "the sample has a single intensity level, so gain cannot be measured; "
+            "pass blocks that include both background and bright structure"
+        )
+    edges = _bin_edges(m_all, r_all, lo, hi, n_bins)
+    n_bins = edges.size - 1
+    idx = np.digitize(m_all, edges[1:-1])
+    inside = (m_all >= lo) & (m_all <= hi)
+    members = [np.flatnonzero(inside & (idx == k)) for k in range(n_bins)]
+    members = [sel for sel in members if sel.size >= min_count]
+    if len(members) < 3:
+        raise InputError(
+            f"only {len(members)} intensity bins have {min_count}+ pixels, too few to fit the "
+            "mean-variance line; pass more or larger blocks spanning background to bright signal"
+        )
+    bins_mean = np.array([m_all[sel].mean() for sel in members])
+    bins_count = np.array([sel.size for sel in members])
+    # Pass 1 clips each bin at its own MAD; pass 2 clips each pixel at the noise the first
+    # line predicts for its own mean, since a wide bin mixes pixels of different variance.
+    bins_var = np.array([robust_variance(r_all[sel]) for sel in members])
+    a, b, _ = fit_line(bins_mean, bins_var, bins_count)
+    bins_var = np.array(
+        [
+            robust_variance(
+                r_all[sel], np.sqrt(np.maximum(a * m_all[sel] + b, 0.25 * v))
+            )
+            for sel, v in zip(members, bins_var)
+        ]
+    )
+    return bins_mean, bins_var, bins_count, fit_line(bins_mean, bins_var, bins_count)
+
+
 def estimate_poisson_gaussian(
     blocks: Sequence[np.ndarray] | np.ndarray,
     *,
@@ -405,12 +459,7 @@ def estimate_poisson_gaussian(
     ConfigError
         If an option is out of range.
     """
-    if n_bins < 3:
-        raise ConfigError(f"n_bins={n_bins} is too few for a line fit; use at least 3 (default 24)")
-    if min_count < 2:
-        raise ConfigError(f"min_count={min_count} must be at least 2 (default 200)")
-    if not 0 < dark_percentile < 50:
-        raise ConfigError(f"dark_percentile={dark_percentile} must be between 0 and 50 (default 1)")
+    _check_options(n_bins, min_count, dark_percentile)
     if isinstance(blocks, np.ndarray):
         blocks = [blocks]
     dtype = np.asarray(blocks[0]).dtype if len(blocks) else np.dtype(float)
@@ -419,46 +468,7 @@ def estimate_poisson_gaussian(
     if axis not in (ndim - 2, ndim - 1, -2, -1):
         # z is often sampled too coarsely for a difference to cancel the signal.
         raise ConfigError(f"axis={axis} is not an in-plane axis; use -2 (y) or -1 (x)")
-
-    means, resid = [], []
-    for b in data:
-        m, r = local_mean_and_residual(b, axis)
-        means.append(m.ravel())
-        resid.append(r.ravel())
-    m_all, r_all = np.concatenate(means), np.concatenate(resid)
-
-    lo, hi = np.percentile(m_all, [0.1, 99.9])
-    if not hi > lo:
-        raise InputError(
-            "the sample has a single intensity level, so gain cannot be measured; "
-            "pass blocks that include both background and bright structure"
-        )
-    edges = _bin_edges(m_all, r_all, lo, hi, n_bins)
-    n_bins = edges.size - 1
-    idx = np.digitize(m_all, edges[1:-1])
-    inside = (m_all >= lo) & (m_all <= hi)
-    members = [np.flatnonzero(inside & (idx == k)) for k in range(n_bins)]
-    members = [sel for sel in members if sel.size >= min_count]
-    if len(members) < 3:
-        raise InputError(
-            f"only {len(members)} intensity bins have {min_count}+ pixels, too few to fit the "
-            "mean-variance line; pass more or larger blocks spanning background to bright signal"
-        )
-    bins_mean = np.array([m_all[sel].mean() for sel in members])
-    bins_count = np.array([sel.size for sel in members])
-    # Pass 1 clips each bin at its own MAD; pass 2 clips each pixel at the noise the first
-    # line predicts for its own mean, since a wide bin mixes pixels of different variance.
-    bins_var = np.array([robust_variance(r_all[sel]) for sel in members])
-    a, b, r2 = fit_line(bins_mean, bins_var, bins_count)
-    bins_var = np.array(
-        [
-            robust_variance(
-                r_all[sel], np.sqrt(np.maximum(a * m_all[sel] + b, 0.25 * v))
-            )
-            for sel, v in zip(members, bins_var)
-        ]
-    )
-    a, b, r2 = fit_line(bins_mean, bins_var, bins_count)
+    bins_mean, bins_var, bins_count, (a, b, r2) = _binned_variance_line(data, axis, n_bins, min_count)
 
     notes: list[str] = []
     if offset is None:

@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 def write_ome_zarr_image(path: str | Path, data: np.ndarray, axes: str, chunks: tuple[int, ...], scale=None) -> None:
     """Write a small in-memory array as a (single-level) OME-Zarr image."""
-
     lo, hi = float(np.percentile(data, 0.5)), float(np.percentile(data, 99.5))
     spec = OutputSpec(
         path=str(path), axes=axes, shape=data.shape, chunks=chunks, dtype=str(data.dtype),
@@ -46,7 +45,6 @@ def run_demo(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the whole pipeline on a small sample and return a summary (paths and PSNRs)."""
-
     out = Path(output_dir)
     if out.exists():
         if not overwrite:

@@ -49,6 +49,7 @@ class Evaluation:
     summary: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The evaluation as JSON-ready data."""
         d = asdict(self)
         d["shape"] = list(self.shape)
         return d
@@ -126,7 +127,6 @@ def evaluate(
     -------
     Evaluation
     """
-
     p_img = open_image(prediction, level=level, axes=axes)
     g_img = open_image(ground_truth, level=level, axes=gt_axes)
     if p_img.spatial_axes != g_img.spatial_axes or p_img.spatial_shape != g_img.spatial_shape:

@@ -107,6 +107,7 @@ class InspectResult:
         return out
 
     def to_json(self, indent: int = 2) -> str:
+        """The result as a JSON string."""
         return json.dumps(self.to_dict(), indent=indent)
 
     def to_text(self) -> str:

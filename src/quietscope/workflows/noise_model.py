@@ -1,5 +1,7 @@
-"""Fit a noise model from images on disk: a calibration stack, noisy/clean pairs, or a trained
-denoiser's prediction of the data itself ("bootstrapping", Prakash et al. 2020).
+"""``quietscope noise-model``: fit a noise model from images on disk.
+
+The sources: a calibration stack, noisy/clean pairs, or a trained denoiser's prediction of
+the data itself ("bootstrapping", Prakash et al. 2020).
 
 The images are opened lazily (:func:`quietscope.io.open_image`) and at most ``max_pairs``
 ``(signal, observation)`` pixels are sampled from them, so that an image of any size gives a
@@ -204,9 +206,11 @@ def data_range(
     axes: str | None = None,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Smallest and largest value of one channel of an image, from about ``max_pairs``
-    sampled pixels (exact when the image holds no more), for
-    :meth:`~quietscope.noise_models.base.NoiseModel.check_range`."""
+    """Smallest and largest value of one channel of an image.
+
+    From about ``max_pairs`` sampled pixels (exact when the image holds no more), for
+    :meth:`~quietscope.noise_models.base.NoiseModel.check_range`.
+    """
     _check_max_pairs(max_pairs)
     image = open_image(uri, axes=axes)
     arr = _stack(image, _channel(image, channel, f"image {str(uri)!r}"))
@@ -347,7 +351,6 @@ def _predicted_pairs(
     work_dir: str | Path | None, predict_options: Any, seed: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(prediction, data) pairs of :func:`bootstrap_pairs` before clipping."""
-
     _check_max_pairs(max_pairs)
     opts = predict_options or PredictOptions()
     opts = opts.model_copy(update={"output": opts.output.model_copy(
@@ -479,9 +482,10 @@ def data_variance_line(
     block_size: int = 128,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """``(gain, intercept)`` of DATA's noise variance line ``var = gain * mean + intercept``,
-    estimated from local residuals of ``n_blocks`` sampled blocks (as ``inspect-noise`` does)."""
+    """``(gain, intercept)`` of DATA's noise variance line ``var = gain * mean + intercept``.
 
+    Estimated from local residuals of ``n_blocks`` sampled blocks (as ``inspect-noise`` does).
+    """
     image = open_image(data_uri, axes=axes)
     ch = _channel(image, channel, str(data_uri))
     block = block_shape_for(image.spatial_shape, block_size)

@@ -114,6 +114,8 @@ def channel_std(data: Any, axes: str, exact_max_voxels: int = EXACT_STD_VOXELS,
 
 @dataclass
 class SimulateResult:
+    """What ``simulate`` wrote and the noise it added."""
+
     output: str
     data_std: list[float]
     std_source: str
