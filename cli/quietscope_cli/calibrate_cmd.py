@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from quietscope.workflows.calibrate import calibrate_model
 from quietscope_cli.main import handle_errors
 from quietscope_cli.options import axes_option, level_option
 
@@ -34,6 +33,8 @@ def calibrate(model: str, data: str, clean: tuple[str, ...], output: str, model_
 
     Writes the report, the plot, and a copy of MODEL whose predictions carry calibrated stds.
     """
+
+    from quietscope.workflows.calibrate import calibrate_model
 
     model_out = model_out or str(Path(model).with_suffix("")) + ".calibrated.qs"
     plot = plot or str(Path(output).with_suffix(".png"))

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import click
 
-from quietscope.workflows.evaluate import evaluate as run
-from quietscope.workflows.evaluate import write_json
-from quietscope.workflows.simulate import simulate_image
 from quietscope_cli.main import handle_errors
 from quietscope_cli.options import axes_option, level_option, parse_ints
 
@@ -28,6 +25,8 @@ def simulate(clean: str, output: str, poisson_scale: float | None, gauss_rel: fl
              chunks: str | None, ngff: str, n_levels: int | None, overwrite: bool, axes: str | None, level: int) -> None:
     """Add seeded Poisson-Gaussian noise to CLEAN, chunk by chunk (same result for any chunking)."""
 
+    from quietscope.workflows.simulate import simulate_image
+
     res = simulate_image(clean, output, poisson_scale, gauss_rel, seed=seed, chunks=parse_ints(chunks, "--chunks"),
                          overwrite=overwrite, axes=axes, level=level, ngff=ngff, n_levels=n_levels)
     click.echo(f"output: {res.output} {tuple(res.shape)} (clean std {[round(s, 4) for s in res.data_std]}, {res.std_source})")
@@ -46,6 +45,9 @@ def simulate(clean: str, output: str, poisson_scale: float | None, gauss_rel: fl
 def evaluate(prediction: str, ground_truth: str, json_path: str | None, per_image: bool, channel: int | None,
              gt_axes: str | None, axes: str | None, level: int) -> None:
     """PSNR, range-invariant PSNR, SSIM and SNR of PRED against GT (mean ± standard error)."""
+
+    from quietscope.workflows.evaluate import evaluate as run
+    from quietscope.workflows.evaluate import write_json
 
     ev = run(prediction, ground_truth, axes=axes, gt_axes=gt_axes, level=level, channel=channel)
     click.echo(ev.table(per_image=per_image))

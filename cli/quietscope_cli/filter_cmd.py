@@ -6,7 +6,6 @@ from typing import Any
 
 import click
 
-from quietscope.workflows.filter import filter_image
 from quietscope_cli.main import handle_errors
 from quietscope_cli.options import axes_option, level_option, predict_options, predict_options_from
 
@@ -27,6 +26,8 @@ from quietscope_cli.options import axes_option, level_option, predict_options, p
 def filter_command(input_uri: str, output: str, kind: str, size: int | None, sigma: float | None,
                    truncate: float, axes: str | None, level: int, **kw: Any) -> None:
     """Denoise INPUT with a classic filter, block by block, into a multiscale OME-Zarr."""
+
+    from quietscope.workflows.filter import filter_image
 
     res = filter_image(input_uri, output, kind, size=size, sigma=sigma, options=predict_options_from(kw),
                        truncate=truncate, axes=axes, level=level)

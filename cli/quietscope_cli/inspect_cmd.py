@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from quietscope.workflows.inspect_noise import inspect_noise as run
 from quietscope_cli.main import handle_errors
 from quietscope_cli.options import axes_option, level_option, parse_ints
 
@@ -40,6 +39,8 @@ def inspect_noise(input_uri: str, report_dir: str, n_blocks: int, block_size: st
     'quietscope train' options to use. With --model or --prediction it also says whether the
     residual (data - prediction) still holds signal or structured noise.
     """
+
+    from quietscope.workflows.inspect_noise import inspect_noise as run
 
     sizes = parse_ints(block_size, "--block-size")
     res = run(

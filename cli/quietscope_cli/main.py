@@ -13,10 +13,6 @@ from typing import Any
 import click
 
 from quietscope.errors import QuietscopeError
-from quietscope.workflows.demo import run_demo
-from quietscope.workflows.info import describe, list_methods
-from quietscope.workflows.predict import predict as run
-from quietscope.workflows.train import train_model
 from quietscope_cli.options import (
     axes_option,
     level_option,
@@ -82,6 +78,8 @@ def cli(verbose: int, quiet: bool, debug: bool) -> None:
 @handle_errors
 def info(input_uri: str, axes: str | None, level: int, as_json: bool) -> None:
     """Describe INPUT (OME-Zarr, zarr array or TIFF), or a model file (.qs)."""
+    from quietscope.workflows.info import describe
+
     desc = describe(input_uri, axes=axes, level=level)
     if as_json:
         click.echo(json.dumps(desc, indent=2, default=str))
@@ -138,6 +136,8 @@ def train(input_uri: str, output: str, method: str, patch: str, batch: int, step
           params: tuple[str, ...], channels: tuple[str, ...], overwrite: bool, resume: bool, axes: str | None, level: int) -> None:
     """Train a self-supervised model on INPUT (patches are sampled; the volume is never loaded)."""
 
+    from quietscope.workflows.train import train_model
+
     method_options: dict[str, Any] = {"method": method, "net": {"depth": depth, "filters": filters, "n2v2": n2v2, "batch_norm": batch_norm,
                                                             "z_pool": {"yes": True, "no": False}.get(z_pool, "auto")},
                                       "masked_pixel_percentage": masked_percent}
@@ -189,6 +189,8 @@ def predict(model: str, input_uri: str, output: str, estimate: str | None, n_sam
             axes: str | None, level: int, **kw: Any) -> None:
     """Denoise INPUT with MODEL, block by block, into a multiscale OME-Zarr."""
 
+    from quietscope.workflows.predict import predict as run
+
     inference = {"estimate": estimate, "n_samples": n_samples}
     res = run(model, input_uri, output, predict_options_from(kw), axes=axes, level=level, inference=inference, tta=tta)
     click.echo(f"output: {res.output} ({res.n_blocks} blocks, halo {list(res.halo)}, {res.voxels_per_s:.3g} voxel/s)")
@@ -203,6 +205,8 @@ def predict(model: str, input_uri: str, output: str, estimate: str | None, n_sam
 def demo(output: str, steps: int, seed: int, overwrite: bool) -> None:
     """Build a noisy sample, train N2V, predict chunked, report PSNR before/after."""
 
+    from quietscope.workflows.demo import run_demo
+
     s = run_demo(output, steps=steps, seed=seed, overwrite=overwrite)
     click.echo("")
     click.echo(f"sample:   {s['sample']} {tuple(s['shape'])}")
@@ -215,6 +219,8 @@ def demo(output: str, steps: int, seed: int, overwrite: bool) -> None:
 @cli.command()
 def methods() -> None:
     """List the available methods."""
+
+    from quietscope.workflows.info import list_methods
 
     for name, summary in list_methods():
         click.echo(f"{name:<14} {summary}")

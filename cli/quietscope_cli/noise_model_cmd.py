@@ -8,8 +8,6 @@ from typing import Any
 import click
 
 from quietscope.errors import ConfigError, OutputError, validation_message
-from quietscope.workflows import noise_model as sources
-from quietscope.workflows.predict import PredictOptions
 from quietscope_cli.main import handle_errors
 from quietscope_cli.options import axes_option
 
@@ -74,6 +72,8 @@ def noise_model() -> None:
 def fit(stack: str | None, pairs: tuple[str, str] | None, stack_axis: str | None, output: str, **kw: Any) -> None:
     """Fit a noise model on a calibration stack or on noisy/clean pairs."""
 
+    from quietscope.workflows import noise_model as sources
+
     if (stack is None) == (not pairs):
         raise click.UsageError("give exactly one of --calibration STACK or --pairs NOISY CLEAN")
     _refuse_overwrite(output, kw["overwrite"])
@@ -107,6 +107,9 @@ def bootstrap(model: str, data: str, output: str, clip_percent: float, work_dir:
               max_tile_voxels: int, threads: int | None, no_progress: bool, variance_from_data: bool, **kw: Any) -> None:
     """Fit a noise model on DATA with MODEL's prediction (e.g. N2V) as pseudo-signal."""
 
+    from quietscope.workflows import noise_model as sources
+    from quietscope.workflows.predict import PredictOptions
+
     _refuse_overwrite(output, kw["overwrite"])
     try:
         opts = PredictOptions(device=device, max_tile_voxels=max_tile_voxels, threads=threads, progress=not no_progress)
@@ -135,6 +138,8 @@ def bootstrap(model: str, data: str, output: str, clip_percent: float, work_dir:
 def plot(noise_model_file: str, output: str, data: str | None, signal: str | None, channel: int | None,
          max_pairs: int, overwrite: bool, axes: str | None) -> None:
     """Draw NOISE_MODEL as a PNG (heat map of p(x|s) and slices), optionally over data."""
+
+    from quietscope.workflows import noise_model as sources
 
     if signal is not None and data is None:
         raise click.UsageError("--signal needs --data (the noisy image it belongs to)")

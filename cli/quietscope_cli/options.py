@@ -8,7 +8,6 @@ from typing import Any
 import click
 
 from quietscope.errors import ConfigError, validation_message
-from quietscope.workflows.predict import PredictOptions
 
 
 def parse_ints(text: str | None, name: str) -> tuple[int, ...] | None:
@@ -69,6 +68,8 @@ def predict_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def predict_options_from(kw: dict[str, Any]) -> Any:
     """Build validated ``PredictOptions`` from the parsed click options (consumes them from ``kw``)."""
+
+    from quietscope.workflows.predict import PredictOptions
 
     values = {
         "chunks": parse_ints(kw.pop("chunks"), "--chunks"),

@@ -62,6 +62,46 @@ def calibrate_model(
     images (one per channel, same field, same units) are read whole, so use a held-out crop.
     The calibrated model is written to ``output_model`` (config ``calibration`` and manifest
     ``calibration`` with the curves).
+
+    Parameters
+    ----------
+    model_path : str or pathlib.Path
+        A denoisplit or musplit model file.
+    data_uri : str or pathlib.Path
+        Held-out noisy data (the superimposed input).
+    clean_uris : list of str or pathlib.Path
+        One clean image per output channel, in order, same field and units.
+    output_model : str or pathlib.Path
+        Calibrated model file to write.
+    plot_path : str or pathlib.Path, optional
+        PNG of RMSE vs RMV per channel.
+    n_bins : int
+        Equal-count bins of predicted std.
+    n_samples : int, optional
+        Posterior samples per pixel for the predicted spread.
+    axes : str, optional
+        Axes of the inputs when their metadata lack them.
+    level : int
+        Resolution level of multiscale inputs.
+    overwrite : bool
+        Replace an existing ``output_model``.
+
+    Returns
+    -------
+    CalibrationResult
+
+    Raises
+    ------
+    ConfigError
+        The method predicts no uncertainty, or the clean images do not match its channels.
+    InputError
+        Data and clean images of different fields or shapes.
+    OutputError
+        ``output_model`` exists (without ``overwrite``).
+
+    Examples
+    --------
+    >>> calibrate_model("split.qs", "heldout.tif", ["actin.tif", "mito.tif"], "split.cal.qs")  # doctest: +SKIP
     """
     output_model = Path(output_model)
     if output_model.exists() and not overwrite:

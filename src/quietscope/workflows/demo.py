@@ -44,7 +44,36 @@ def run_demo(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the whole pipeline on a small sample and return a summary (paths and PSNRs)."""
+    """Run the whole pipeline on a small sample: simulate noise, train N2V, predict chunked, score.
+
+    Parameters
+    ----------
+    output_dir : str or pathlib.Path
+        Folder for the sample, the model and the result.
+    steps : int
+        Training steps (about a minute on 2 CPU cores at the default).
+    seed : int
+        Seed of the noise and the training.
+    overwrite : bool
+        Replace an existing ``output_dir``.
+    progress : bool
+        Show progress bars.
+
+    Returns
+    -------
+    dict
+        ``sample``, ``shape``, ``model``, ``output`` paths and ``psnr_noisy_db`` /
+        ``psnr_denoised_db`` against the clean sample.
+
+    Raises
+    ------
+    OutputError
+        ``output_dir`` exists and ``overwrite`` is not given.
+
+    Examples
+    --------
+    >>> run_demo("demo_output", steps=300)["psnr_denoised_db"]    # doctest: +SKIP
+    """
     out = Path(output_dir)
     if out.exists():
         if not overwrite:

@@ -160,6 +160,18 @@ def simulate_image(
     Returns
     -------
     SimulateResult
+        The output path, the seed and the noise parameters used per channel.
+
+    Raises
+    ------
+    ConfigError
+        No noise asked for, or invalid chunks / NGFF version.
+    OutputError
+        The output exists (without ``overwrite``) or lies inside the input.
+
+    Examples
+    --------
+    >>> simulate_image("clean.ome.zarr", "noisy.ome.zarr", poisson_scale=0.5, gauss_rel=0.1)  # doctest: +SKIP
     """
     import dask.array as da
 
