@@ -16,6 +16,10 @@ import numpy as np
 from quietscope.errors import ConfigError, InputError
 from quietscope.io.reading import Image
 
+#: Region read at a time when sampling: whole chunks are cheap to read, single pixels are not.
+_TILE_2D = (256, 256)
+_TILE_3D = (16, 128, 128)
+
 #: Smallest block edge the analysis accepts (the noise-model filters need 16 pixels).
 MIN_BLOCK = 16
 #: Smallest block depth along z (the autocorrelation needs a few lags).
@@ -144,3 +148,44 @@ def read_blocks(image: Image, sample: BlockSample, channel: int = 0) -> list[np.
             f"--channel {channel} does not exist; the image has channels 0..{image.n_channels - 1}"
         )
     return [image.read_tc(t, sl, channel)[0] for t, sl in zip(sample.t, sample.slices)]
+
+
+def covering_tiles(
+    shape: tuple[int, ...], budget: int, rng: np.random.Generator
+) -> list[tuple[slice, ...]]:
+    """Regions ``(t, *spatial)`` of a ``(T, *spatial)`` array covering about ``budget`` voxels.
+
+    All of it when it holds no more; else whole tiles of a regular grid drawn at random
+    without replacement (reading tiles, not scattered pixels, keeps I/O chunk-sized).
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(T, *spatial)``.
+    budget : int
+        Voxels wanted.
+    rng : numpy.random.Generator
+        Source of the draw.
+
+    Returns
+    -------
+    list of tuple of slice
+        One ``(t, *spatial)`` slice tuple per tile, in grid order.
+    """
+    if math.prod(shape) <= budget:
+        return [tuple(slice(0, s) for s in shape)]
+    spatial = shape[1:]
+    base = _TILE_2D if len(spatial) == 2 else _TILE_3D
+    tile = tuple(min(b, s) for b, s in zip(base, spatial))
+    grid = (shape[0],) + tuple(-(-s // t) for s, t in zip(spatial, tile))
+    n_tiles = math.prod(grid)
+    want = min(n_tiles, max(1, -(-budget // math.prod(tile))))
+    picks = rng.choice(n_tiles, size=want, replace=False)
+    out = []
+    for flat in np.sort(picks):
+        idx = np.unravel_index(int(flat), grid)
+        sl = [slice(int(idx[0]), int(idx[0]) + 1)]
+        for i, t, s in zip(idx[1:], tile, spatial):
+            sl.append(slice(int(i) * t, min(int(i) * t + t, s)))
+        out.append(tuple(sl))
+    return out

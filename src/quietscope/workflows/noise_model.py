@@ -24,7 +24,7 @@ import numpy as np
 from quietscope.chunked import PredictOptions
 from quietscope.errors import ConfigError, InputError
 from quietscope.io.reading import Image, open_image
-from quietscope.io.sampling import block_shape_for, read_blocks, sample_blocks
+from quietscope.io.sampling import block_shape_for, covering_tiles, read_blocks, sample_blocks
 from quietscope.noise_analysis.poisson_gaussian import estimate_poisson_gaussian
 from quietscope.noise_models import load_noise_model
 from quietscope.noise_models.base import NoiseModel
@@ -48,10 +48,6 @@ __all__ = [
     "paired_pairs",
     "sample_pairs",
 ]
-
-#: Region read at a time when sampling: whole chunks are cheap to read, single pixels are not.
-_TILE_2D = (256, 256)
-_TILE_3D = (16, 128, 128)
 
 def _finish(
     s: np.ndarray, x: np.ndarray, kind: Kind, plot_path: str | Path | None, fit: dict[str, Any]
@@ -82,33 +78,6 @@ def _stack(image: Image, channel: int) -> Any:
     """Dask view ``(T, *spatial)`` of one channel (``T = 1`` without a time axis)."""
     arr = image.data[tuple(channel if a == "c" else slice(None) for a in image.axes)]
     return arr if "t" in image.axes else arr[None]
-
-
-def _regions(
-    shape: tuple[int, ...], budget: int, rng: np.random.Generator
-) -> list[tuple[slice, ...]]:
-    """Regions ``(t, *spatial)`` of a ``(T, *spatial)`` array covering about ``budget`` voxels.
-
-    All of it when it holds no more; else whole tiles of a regular grid drawn at random
-    without replacement (reading tiles, not scattered pixels, keeps I/O chunk-sized).
-    """
-    if math.prod(shape) <= budget:
-        return [tuple(slice(0, s) for s in shape)]
-    spatial = shape[1:]
-    base = _TILE_2D if len(spatial) == 2 else _TILE_3D
-    tile = tuple(min(b, s) for b, s in zip(base, spatial))
-    grid = (shape[0],) + tuple(-(-s // t) for s, t in zip(spatial, tile))
-    n_tiles = math.prod(grid)
-    want = min(n_tiles, max(1, -(-budget // math.prod(tile))))
-    picks = rng.choice(n_tiles, size=want, replace=False)
-    out = []
-    for flat in np.sort(picks):
-        idx = np.unravel_index(int(flat), grid)
-        sl = [slice(int(idx[0]), int(idx[0]) + 1)]
-        for i, t, s in zip(idx[1:], tile, spatial):
-            sl.append(slice(int(i) * t, min(int(i) * t + t, s)))
-        out.append(tuple(sl))
-    return out
 
 
 def _subsample(
@@ -188,7 +157,7 @@ def _pairs_from_images(
         )
     rng = np.random.default_rng(seed)
     s_parts, x_parts = [], []
-    for region in _regions(tuple(xs.shape), 2 * max_pairs, rng):
+    for region in covering_tiles(tuple(xs.shape), 2 * max_pairs, rng):
         x = np.asarray(xs[region].compute())
         s_region = region if ss.shape[0] > 1 else (slice(0, 1),) + region[1:]
         s = np.asarray(ss[s_region].compute())
@@ -215,7 +184,7 @@ def data_range(
     image = open_image(uri, axes=axes)
     arr = _stack(image, _channel(image, channel, f"image {str(uri)!r}"))
     lo, hi = math.inf, -math.inf
-    for region in _regions(tuple(arr.shape), max_pairs, np.random.default_rng(seed)):
+    for region in covering_tiles(tuple(arr.shape), max_pairs, np.random.default_rng(seed)):
         block = np.asarray(arr[region].compute())
         lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
     return lo, hi

@@ -23,6 +23,7 @@ from quietscope.errors import ConfigError
 from quietscope.io.reading import open_image
 from quietscope.io.writing import OutputSpec, build_pyramid, check_output_path, create_ome_zarr, open_level, remove_output
 from quietscope.simulate import poisson_gaussian
+from quietscope.tiling import axes_layout
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ def simulate_image(
     if len(sp_chunks) != len(spatial) or any(c < 1 for c in sp_chunks):
         raise ConfigError(f"--chunks {sp_chunks} must give one positive value per spatial axis ({sp_axes})")
     sp_chunks = tuple(min(c, s) for c, s in zip(sp_chunks, spatial))
-    out_chunks = tuple(1 if a in "tc" else sp_chunks[sp_axes.index(a)] for a in image.axes)
+    out_chunks = axes_layout(image.axes, sp_axes, sp_chunks)
     data = image.data.rechunk(out_chunks)
     if data_std is None:
         std, how = channel_std(image.data, image.axes)
