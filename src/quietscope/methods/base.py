@@ -128,6 +128,18 @@ class Method(torch.nn.Module):
     def training_loss(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 
+    def prepare_training(self, patch: tuple[int, ...]) -> tuple[int, ...]:
+        """Called once before training with the ``--patch`` shape; returns the shape of the
+        samples to draw (a method that needs surroundings, e.g. lateral context, asks for more)
+        and may record what prediction needs later (as a buffer)."""
+        return tuple(patch)
+
+    def validation_metrics(self, batch: torch.Tensor) -> dict[str, float]:
+        """Extra numbers on the validation patches, logged at every validation. An entry
+        ``"select"`` (lower is better) replaces the validation loss as the criterion of the
+        kept ("best") weights, for methods whose loss does not see what matters."""
+        return {}
+
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
