@@ -307,11 +307,17 @@ class DenoiSplit(Method):
         return (p,) * len(field)
 
     def kl_term(self, stats: list[LevelStats], image_pixels: int) -> torch.Tensor:
-        """The KL of the loss: μSplit's for musplit and during denoiSplit's ``kl_warmup``."""
+        """The KL of the loss: μSplit's for musplit and during denoiSplit's ``kl_warmup``.
+
+        With ``gaussian_weight = w`` denoiSplit's KL is mixed like its likelihood,
+        ``(1 - w)`` summed ELBO KL + ``w`` μSplit KL (MicroSplit's ``denoisplit_musplit`` loss).
+        """
         cfg = self.config
         warm = cfg.method == "denoisplit" and int(self.steps_seen) < cfg.kl_warmup
         if cfg.method == "denoisplit" and not warm:
-            return kl_loss(stats, "sum", cfg.effective_free_bits, image_pixels)
+            summed = kl_loss(stats, "sum", cfg.effective_free_bits, image_pixels)
+            w = cfg.gaussian_weight
+            return (1 - w) * summed + w * kl_loss(stats, "mean", 0.0, image_pixels) if w > 0 else summed
         return kl_loss(stats, "mean", 0.0 if warm else cfg.effective_free_bits, image_pixels)
 
     def training_loss(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
