@@ -243,7 +243,7 @@ VAL = (slice(0, 680), slice(512, 832))
 CURVE_VAE = {"net": {"depth": 3, "filters": 16}, "latent_channels": 8, "context_levels": 2}
 #: VAE patch (its field is 4x wider: 128²), U-Net patch, batch, learning rate; share of
 #: foreground fields (patch brighter than the image's mean sum) in every batch.
-CURVE_PATCH, UNET_PATCH, CURVE_BATCH, CURVE_LR, CURVE_FOREGROUND = 32, 64, 8, 1e-3, 0.0
+CURVE_PATCH, UNET_PATCH, CURVE_BATCH, CURVE_LR, CURVE_FOREGROUND = 32, 64, 8, 1e-3, 0.8
 
 
 def load_stains(names: tuple[str, ...]) -> np.ndarray:
@@ -553,7 +553,7 @@ def calibrate_curve(learner, ca: np.ndarray, gt_ca: np.ndarray, te: np.ndarray, 
 
 
 #: denoiSplit's recipe of the curve runs (chosen with the short comparisons of docs/methods/denoisplit.md).
-DENOISPLIT_RECIPE = {"gaussian_weight": 0.1, "kl_warmup": 500}
+DENOISPLIT_RECIPE = {"gaussian_weight": 0.1, "kl_warmup": 300}
 
 
 def curve_main(argv: list[str]) -> int:
