@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -22,6 +23,7 @@ tifffile = pytest.importorskip("tifffile")
 TINY = {"net": {"depth": 2, "filters": 8}, "latent_channels": 4}
 
 
+@functools.lru_cache(maxsize=None)  # a GMM fit takes seconds; every test reads the same one
 def _noise_model(seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     s = rng.uniform(0, 200, 50_000).astype(np.float32)
@@ -303,7 +305,35 @@ def test_cli_train_stacks_channels(trained, tmp_path):
         "train", str(d / "ch0.tif"), "--channels", str(d / "ch1.tif"), "--method", "musplit", "-o", str(out),
         "--depth", "2", "--filters", "8", "--patch", "32", "--batch", "2", "--steps", "2", "--val-fraction", "0",
         "--device", "cpu", "--param", "latent_channels=4",
+        "--param", "context_levels=0",  # 96² images: no room for the recommended 128² context field
     ])
     assert r.exit_code == 0, r.output
     man = read_manifest(out)
     assert man["method"]["method"] == "musplit" and man["method"]["in_channels"] == 2 and man["axes"] == "cyx"
+
+
+def test_cli_train_applies_the_recommended_options_and_logs_the_split(tmp_path):
+    """``quietscope train --method musplit`` without --patch/--param: the method's recommended
+    patch and lateral context are used, and the log reports the running output correlation."""
+    import logging
+
+    from click.testing import CliRunner
+
+    from quietscope_cli.main import cli
+
+    clean = _structures((288, 160), 3)
+    files = []
+    for i in range(2):
+        tifffile.imwrite(tmp_path / f"ch{i}.tif", clean[i])
+        files.append(str(tmp_path / f"ch{i}.tif"))
+    out = tmp_path / "m.qs"
+    logging.getLogger("quietscope.training.loop").setLevel(logging.INFO)
+    res = CliRunner().invoke(cli, ["train", files[0], "--channels", files[1], "--method", "musplit", "-o", str(out),
+                                   "--steps", "2", "--depth", "2", "--filters", "4", "--val-every", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "--patch 32 (recommended default)" in res.output
+    assert "--steps 4000" not in res.output  # given on the command line: kept
+    from quietscope.modelfile import load_model
+
+    m, _ = load_model(str(out))
+    assert m.config.context_levels == 2 and int(m.context_patch) == 32

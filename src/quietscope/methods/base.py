@@ -113,6 +113,11 @@ class Method(torch.nn.Module):
             return ["denoised"]
         return [f"denoised_ch{i}" for i in range(self.config.in_channels)]
 
+    #: Training options this method recommends in place of the command line's generic
+    #: defaults, keyed by ``quietscope train`` option name (``patch``, ``steps``, ``depth``, ...;
+    #: ``params`` for ``--param`` keys); the CLI applies each one the user did not give.
+    recommended_options: ClassVar[dict[str, Any]] = {}
+
     #: Whether the method's network can keep full z resolution (``net.z_pool = False``).
     supports_z_pool_off: ClassVar[bool] = False
 

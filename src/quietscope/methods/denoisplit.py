@@ -147,6 +147,13 @@ class DenoiSplit(Method):
     name: ClassVar[str] = "denoisplit"
     Config = DenoiSplitConfig
     inference_options: ClassVar[tuple[str, ...]] = ("n_samples", "seed")
+    #: The recipe of the learning-curve benchmark (docs/methods/denoisplit.md, "Training budget"):
+    #: a CPU-sized ladder VAE on 32² patches with 2 lateral-context levels (128² field), 80 %
+    #: foreground patches, Adam 1e-3, MicroSplit's 0.9/0.1 likelihood mix, μSplit-KL warm start.
+    recommended_options: ClassVar[dict[str, Any]] = {
+        "patch": "32", "batch": 8, "steps": 4000, "lr": 1e-3, "depth": 3, "filters": 16, "foreground": 0.8,
+        "params": {"context_levels": 2, "latent_channels": 8, "gaussian_weight": 0.1, "kl_warmup": 300},
+    }
     # Its std channels are spreads of posterior samples; averaging them over rotated inputs
     # would not be the std of anything.
     supports_tta: ClassVar[bool] = False
@@ -427,3 +434,7 @@ class MuSplit(DenoiSplit):
     """μSplit baseline: same ladder VAE, Gaussian likelihood, KL averaged over latent pixels."""
 
     name: ClassVar[str] = "musplit"
+    recommended_options: ClassVar[dict[str, Any]] = {
+        "patch": "32", "batch": 8, "steps": 4000, "lr": 1e-3, "depth": 3, "filters": 16, "foreground": 0.8,
+        "params": {"context_levels": 2, "latent_channels": 8},
+    }
