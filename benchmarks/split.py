@@ -27,6 +27,17 @@ benchmarks/split.py --level high; wait; python benchmarks/split.py --merge``.
 ``--musplit-fixed-var`` adds a μSplit row with a fixed-variance Gaussian likelihood.
 ``--steps N [--n2v-steps M]`` trains longer and writes ``split_stepsN[_LEVEL].json`` (pictures in
 ``benchmarks/results/split_stepsN_images/``), leaving the default run's files alone.
+
+Learning curves (issue #16): ``python benchmarks/split.py --curve [--steps N] [--musplit-steps M]
+[--unet-steps U] [--every K] [--pairs nuclei_actin,actin_mito] [--levels high,moderate]
+[--out split_curve.json]``. Per pair and noise level it trains, step by step with each method's
+own loss: the noisy-target U-Net, the sequential baseline (N2V per channel, then the same U-Net
+on the denoised channels; at test time N2V of the sum first), μSplit and denoiSplit (same ladder
+VAE with lateral context, ``CURVE_VAE``). Every K steps it records, on the test field, the
+output-output correlation, each output's correlation with each clean channel and the RI-PSNR,
+plus the keep-best criterion on held-apart noisy fields (columns 512-832); JSON and the curve
+PNGs (``docs/images/denoisplit_curve_PAIR_LEVEL.png``) are rewritten after every evaluation, so
+an interrupted run leaves its curves so far. Run with ``QS_THREADS=1`` under ``nice``.
 """
 
 from __future__ import annotations
@@ -222,6 +233,376 @@ def figures(inp: np.ndarray, ds: np.ndarray, mu: np.ndarray, gt: np.ndarray) -> 
     plt.close(fig)
 
 
+
+# ---- learning curves (--curve) --------------------------------------------------------------
+#: Two-structure pairs of the curve benchmark: BPAE nuclei + actin (distinct morphology) first,
+#: then the issue's actin + mito (similar, fine structures).
+PAIRS = {"nuclei_actin": ("nuclei", "actin"), "actin_mito": ("actin", "mito")}
+#: Held-apart field for the keep-best criterion: noisy data only, between training and test.
+VAL = (slice(0, 680), slice(512, 832))
+#: The ladder VAE of the curve runs (denoisplit and musplit alike).
+CURVE_VAE = {"net": {"depth": 3, "filters": 16}, "latent_channels": 8, "context_levels": 2}
+#: VAE patch (its field is 4x wider: 128²), U-Net patch, batch, learning rate; share of
+#: foreground fields (patch brighter than the image's mean sum) in every batch.
+CURVE_PATCH, UNET_PATCH, CURVE_BATCH, CURVE_LR, CURVE_FOREGROUND = 32, 64, 8, 1e-3, 0.8
+
+
+def load_stains(names: tuple[str, ...]) -> np.ndarray:
+    """Stains ``names`` of the BPAE field, each rescaled (1st..99.5th percentile -> 0..1000)."""
+    import tifffile
+
+    out = []
+    for name in names:
+        a = tifffile.imread(DATA / f"bpae_{name}.tif").astype(np.float64)
+        lo, hi = np.percentile(a, [1, 99.5])
+        out.append(np.clip((a - lo) / (hi - lo), 0, None) * 1000.0)
+    return np.stack(out).astype(np.float32)
+
+
+def corr(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two arrays."""
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum() + 1e-30))
+
+
+def split_metrics(pred: np.ndarray, gt: np.ndarray) -> dict:
+    """Output-output correlation, each output vs its own / the other clean channel, RI-PSNR.
+
+    ``separated``: the outputs correlate within 0.1 of the clean stains' own correlation and
+    each output correlates with its own stain at least 0.15 more than with the other.
+    """
+    from quietscope.metrics import range_invariant_psnr
+
+    stains = corr(gt[0], gt[1])
+    out = corr(pred[0], pred[1])
+    own = [corr(pred[0], gt[0]), corr(pred[1], gt[1])]
+    other = [corr(pred[0], gt[1]), corr(pred[1], gt[0])]
+    return {
+        "corr_outputs": round(out, 3),
+        "corr_stains": round(stains, 3),
+        "corr_own": [round(v, 3) for v in own],
+        "corr_other": [round(v, 3) for v in other],
+        "ri_psnr": [round(range_invariant_psnr(p, g), 2) for p, g in zip(pred, gt)],
+        "separated": bool(abs(out - stains) <= 0.1 and all(o - t >= 0.15 for o, t in zip(own, other))),
+    }
+
+
+def draw_fields(arr: np.ndarray, rng: np.random.Generator, n: int, size: int, inner: int | None = None,
+                foreground: float = 0.0) -> np.ndarray:
+    """``n`` random ``size``² fields of ``arr`` ``(C, H, W)`` with random flips/transposes.
+
+    The first ``round(foreground · n)`` must have a central ``inner``² patch whose summed
+    channels are brighter than the whole array's mean sum (up to 20 redraws each): background
+    carries no splitting signal.
+    """
+    inner = inner or size
+    thr = float(arr.sum(0).mean())
+    out = []
+    while len(out) < n:
+        for _ in range(20 if len(out) < round(foreground * n) else 1):
+            y, x = int(rng.integers(0, arr.shape[1] - size + 1)), int(rng.integers(0, arr.shape[2] - size + 1))
+            p = arr[:, y : y + size, x : x + size]
+            c = (size - inner) // 2
+            if p[:, c : c + inner, c : c + inner].sum(0).mean() > thr:
+                break
+        k = int(rng.integers(0, 8))
+        p = np.rot90(p, k % 4, axes=(1, 2))
+        out.append(p[:, :, ::-1] if k >= 4 else p)
+    return np.ascontiguousarray(np.stack(out), dtype=np.float32)
+
+
+class VAELearner:
+    """denoisplit / musplit trained step by step with the method's own loss (as the CLI does:
+    Adam, linear warm-up + cosine schedule of ``training.loop.lr_at``)."""
+
+    def __init__(self, options: dict, train: np.ndarray, steps: int) -> None:
+        import torch
+
+        from quietscope.methods import build_method
+
+        torch.manual_seed(0)
+        self.method = build_method({"spatial_ndim": 2, "in_channels": train.shape[0], **options})
+        self.method.set_normalization(train.mean(axis=(1, 2)), train.std(axis=(1, 2)))
+        self.field = self.method.prepare_training((CURVE_PATCH, CURVE_PATCH))[0]
+        self.patch = CURVE_PATCH
+        self.opt = torch.optim.Adam(self.method.parameters(), lr=CURVE_LR)
+        self.gen = torch.Generator().manual_seed(0)
+        self.steps = steps
+
+    def step(self, batch: np.ndarray, i: int) -> float:
+        import torch
+
+        from quietscope.training.loop import lr_at
+
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(i, self.steps, CURVE_LR)
+        self.method.train()
+        loss = self.method.training_loss(torch.from_numpy(batch), self.gen)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return float(loss)
+
+    def predict(self, x: np.ndarray, n_samples: int = 0) -> np.ndarray:
+        """``(H, W)`` superimposed input -> ``(2C, H, W)`` (MMSE channels, then stds)."""
+        import torch
+
+        self.method.eval()
+        self.method.set_inference(n_samples=n_samples)
+        with torch.no_grad():
+            return self.method.predict(torch.from_numpy(np.ascontiguousarray(x, np.float32))[None, None])[0].numpy()
+
+    def select(self, val: np.ndarray) -> dict:
+        import torch
+
+        self.method.eval()
+        return self.method.validation_metrics(torch.from_numpy(val))
+
+    def state(self) -> dict:
+        return {k: v.detach().clone() for k, v in self.method.state_dict().items()}
+
+    def load(self, state: dict) -> None:
+        self.method.load_state_dict(state)
+
+
+class UNetLearner:
+    """Plain U-Net (depth 2, 16 filters): normalised sum in, normalised targets out, MSE."""
+
+    def __init__(self, targets: np.ndarray, steps: int) -> None:
+        import torch
+
+        from quietscope.nets.unet import UNet
+
+        torch.manual_seed(0)
+        self.m = targets.mean(axis=(1, 2))[:, None, None]
+        self.s = targets.std(axis=(1, 2))[:, None, None]
+        tot = targets.sum(0)
+        self.sm, self.ss = float(tot.mean()), float(tot.std())
+        self.net = UNet(2, 1, targets.shape[0], depth=2, filters=16)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=CURVE_LR)
+        self.field = self.patch = UNET_PATCH
+        self.steps = steps
+
+    def step(self, batch: np.ndarray, i: int) -> float:
+        import torch
+
+        from quietscope.training.loop import lr_at
+
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(i, self.steps, CURVE_LR)
+        self.net.train()
+        inp = torch.from_numpy(((batch.sum(1, keepdims=True) - self.sm) / self.ss).astype(np.float32))
+        tgt = torch.from_numpy(((batch - self.m[None]) / self.s[None]).astype(np.float32))
+        loss = ((self.net(inp) - tgt) ** 2).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return float(loss)
+
+    def predict(self, x: np.ndarray, n_samples: int = 0) -> np.ndarray:
+        import torch
+
+        self.net.eval()
+        with torch.no_grad():
+            out = self.net(torch.from_numpy(((x - self.sm) / self.ss).astype(np.float32))[None, None])[0].numpy()
+        return out * self.s + self.m
+
+    def select(self, val: np.ndarray) -> dict:
+        """Same criterion as the VAE's: foreground per-channel MSE vs the (noisy) targets."""
+        pred = np.stack([self.predict(v.sum(0)) for v in val])
+        tot = val.sum(1)
+        fg = tot > tot.mean()
+        errs = [float(((val[:, i][fg] - pred[:, i][fg]) ** 2).mean() / val[:, i][fg].var()) for i in range(val.shape[1])]
+        return {"select": float(np.mean(errs)), "corr_outputs": corr(pred[:, 0], pred[:, 1])}
+
+    def state(self) -> dict:
+        return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+
+    def load(self, state: dict) -> None:
+        self.net.load_state_dict(state)
+
+
+def curve_run(learner, train: np.ndarray, val: np.ndarray, test_in: np.ndarray, gt: np.ndarray, steps: int,
+              every: int, record, final_samples: int = 0) -> dict:
+    """Train ``learner`` for ``steps``; every ``every`` steps score the test field (posterior
+    means) and the keep-best criterion on the validation fields; ``record(curve)`` is called
+    after each evaluation (incremental JSON/PNG). Ends with the kept (best-criterion) weights,
+    scored with ``final_samples`` posterior samples (MMSE) where the learner samples."""
+    rng = np.random.default_rng(0)
+    vrng = np.random.default_rng(1)
+    val_fields = draw_fields(val, vrng, 16, learner.field)
+    curve, best, train_s = [], (np.inf, 0, None), 0.0
+    for i in range(steps):
+        t = time.process_time()
+        learner.step(draw_fields(train, rng, CURVE_BATCH, learner.field, learner.patch, CURVE_FOREGROUND), i)
+        train_s += time.process_time() - t
+        if (i + 1) % every == 0 or i + 1 == steps:
+            sel = learner.select(val_fields)
+            row = {"step": i + 1, "cpu_s": round(train_s, 1), "val_select": round(sel["select"], 4),
+                   "val_corr_outputs": round(sel["corr_outputs"], 3), **split_metrics(learner.predict(test_in)[:2], gt)}
+            curve.append(row)
+            if sel["select"] < best[0]:
+                best = (sel["select"], i + 1, learner.state())
+            record(curve)
+            log.info("step %d (%.0f s cpu): %s", i + 1, train_s, row)
+    last = curve[-1]
+    learner.load(best[2])
+    out = learner.predict(test_in, final_samples)
+    kept = {"step": best[1], **split_metrics(out[:2], gt)}
+    return {"curve": curve, "last": last, "kept": kept, "train_cpu_s": round(train_s, 1), "cpu_minutes": round(train_s / 60, 1)}
+
+
+def plot_curves(results: dict, path: Path, title: str) -> None:
+    """Output-output correlation, own-minus-other correlation and mean RI-PSNR vs steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=100)
+    stains = None
+    for name, r in results.items():
+        c = r.get("curve") or []
+        if not c:
+            continue
+        st = [row["step"] for row in c]
+        stains = c[0]["corr_stains"]
+        axes[0].plot(st, [row["corr_outputs"] for row in c], label=name)
+        axes[1].plot(st, [min(o - t for o, t in zip(row["corr_own"], row["corr_other"])) for row in c], label=name)
+        axes[2].plot(st, [float(np.mean(row["ri_psnr"])) for row in c], label=name)
+    if stains is not None:
+        axes[0].axhspan(stains - 0.1, stains + 0.1, color="green", alpha=0.15, label="stains ± 0.1")
+    axes[1].axhline(0.15, color="green", ls="--", lw=1, label="0.15")
+    for ax, t in zip(axes, ("output-output correlation", "min over outputs: corr(own) - corr(other)", "mean RI-PSNR (dB)")):
+        ax.set_title(t, fontsize=9)
+        ax.set_xlabel("training step")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def curve_level(pair: str, level: str, pscale: float, grel: float, steps: dict, every: int, work: Path,
+                out: dict, save) -> None:
+    """All methods on one pair at one noise level; ``out`` is filled and ``save()`` called as it goes."""
+    from quietscope.simulate import poisson_gaussian
+
+    clean = load_stains(PAIRS[pair])
+    noisy = np.stack([poisson_gaussian(c, pscale, grel, float(c.std()), seed=11 + i) for i, c in enumerate(clean)]).astype(np.float32)
+    tr, va, te, ca = (noisy[(slice(None),) + r] for r in (TRAIN, VAL, TEST, CALIB))
+    gt_te, gt_ca = clean[(slice(None),) + TEST], clean[(slice(None),) + CALIB]
+    key = f"{pair}/{level}"
+    res = out["runs"].setdefault(key, {"noise": {"poisson_scale": pscale, "gauss_rel": grel}, "methods": {}})
+    w = work / pair / level
+    w.mkdir(parents=True, exist_ok=True)
+    t0 = time.process_time()
+    # N2V per noisy channel (sequential baseline's targets; its predictions bootstrap the GMMs).
+    n2v = {"method": "n2v", "net": {"depth": 2, "filters": 16}}
+    den, nm_files = [], []
+    for i in range(2):
+        f = write_tif(w / f"train_ch{i}.tif", tr[i])
+        train(f, w / f"n2v_ch{i}.qs", n2v, N2V_STEPS)
+        d = run_predict(str(w / f"n2v_ch{i}.qs"), f, w / f"n2v_ch{i}.ome.zarr")[0]
+        den.append(d)
+        nm_files.append(bootstrap_noise_model(d, tr[i], w / f"nm_ch{i}.json"))
+    f = write_tif(w / "train_sum.tif", tr.sum(0))
+    train(f, w / "n2v_sum.qs", n2v, N2V_STEPS)
+    test_den = run_predict(str(w / "n2v_sum.qs"), write_tif(w / "test_sum.tif", te.sum(0)), w / "test_n2v.ome.zarr")[0]
+    res["preprocessing_cpu_s"] = round(time.process_time() - t0, 1)
+    den = np.stack(den)
+
+    def recorder(name):
+        def rec(curve):
+            res["methods"].setdefault(name, {})["curve"] = curve
+            save()
+        return rec
+
+    runs = [
+        ("unet_noisy", lambda: UNetLearner(tr, steps["unet"]), tr, te.sum(0), steps["unet"], 0),
+        ("sequential", lambda: UNetLearner(den, steps["unet"]), den, test_den, steps["unet"], 0),
+        ("musplit", lambda: VAELearner({"method": "musplit", **CURVE_VAE}, tr, steps["musplit"]), tr, te.sum(0), steps["musplit"], 8),
+        ("denoisplit", lambda: VAELearner({"method": "denoisplit", "noise_models": nm_files, **CURVE_VAE, **DENOISPLIT_RECIPE},
+                                          tr, steps["denoisplit"]), tr, te.sum(0), steps["denoisplit"], 8),
+    ]
+    for name, make, targets, test_in, n, samples in runs:
+        learner = make()
+        r = curve_run(learner, targets, va, test_in, gt_te, n, every, recorder(name), samples)
+        res["methods"][name] = r
+        log.info("%s %s: kept %s", key, name, r["kept"])
+        plot_curves(res["methods"], IMAGES / f"denoisplit_curve_{pair}_{level}.png", f"BPAE {pair.replace('_', ' + ')}, {level} noise")
+        save()
+        if name == "denoisplit":
+            res["calibration"] = calibrate_curve(learner, ca, gt_ca, te, gt_te, level, PAIRS[pair])
+            save()
+
+
+def calibrate_curve(learner, ca: np.ndarray, gt_ca: np.ndarray, te: np.ndarray, gt_te: np.ndarray, level: str,
+                    names: tuple[str, ...]) -> dict:
+    """Fit RMSE = a·RMV + b on the calibration field, report ENCE on the test field, plot."""
+    from quietscope.workflows.calibrate import calibrate_arrays, ence, plot_calibration
+
+    out_ca = learner.predict(ca.sum(0), 8)
+    out_te = learner.predict(te.sum(0), 8)
+    cal = calibrate_arrays(out_ca[:2], out_ca[2:4], gt_ca, n_bins=20, names=list(names))
+    check = calibrate_arrays(out_te[:2], out_te[2:4], gt_te, n_bins=20)
+    after = [round(ence(np.maximum(c.scale * np.asarray(check.channels[i].rmv) + c.offset, 1e-12), check.channels[i].rmse), 3)
+             for i, c in enumerate(cal.channels)]
+    plot_calibration(cal, IMAGES / f"denoisplit_calibration_{level}.png", f"denoiSplit std calibration ({level} noise)")
+    return {"slope": [round(c.scale, 3) for c in cal.channels], "offset": [round(c.offset, 3) for c in cal.channels],
+            "ence_uncalibrated_test": [round(c.ence_before, 3) for c in check.channels], "ence_calibrated_test": after}
+
+
+#: denoiSplit's recipe of the curve runs (chosen with the short comparisons of docs/methods/denoisplit.md).
+DENOISPLIT_RECIPE = {"gaussian_weight": 0.1, "kl_warmup": 300}
+
+
+def curve_main(argv: list[str]) -> int:
+    """``--curve [--steps N] [--musplit-steps M] [--unet-steps U] [--every K] [--pairs a,b] [--levels x,y]``."""
+    import os
+
+    import torch
+
+    from common import machine
+
+    def arg(name, default):
+        return type(default)(argv[argv.index(name) + 1]) if name in argv else default
+
+    global N2V_STEPS
+    torch.set_num_threads(int(os.environ.get("QS_THREADS", "1")))
+    N2V_STEPS = arg("--n2v-steps", N2V_STEPS)
+    n = arg("--steps", 3000)
+    steps = {"denoisplit": n, "musplit": arg("--musplit-steps", n), "unet": arg("--unet-steps", 1500)}
+    every = arg("--every", 100)
+    pairs = arg("--pairs", "nuclei_actin").split(",")
+    levels = [lv for lv in LEVELS if lv[0] in arg("--levels", "high,moderate").split(",")]
+    levels.sort(key=lambda lv: arg("--levels", "high,moderate").split(",").index(lv[0]))
+    path = ROOT / "benchmarks" / "results" / arg("--out", "split_curve.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    out = {"machine": machine(), "date": time.strftime("%Y-%m-%d", time.gmtime()),
+           "command": "python benchmarks/split.py " + " ".join(argv), "torch_threads": torch.get_num_threads(),
+           "steps": steps, "eval_every": every, "patch": CURVE_PATCH, "unet_patch": UNET_PATCH, "batch": CURVE_BATCH,
+           "foreground": CURVE_FOREGROUND, "vae": CURVE_VAE,
+           "denoisplit_recipe": DENOISPLIT_RECIPE, "n2v_steps": N2V_STEPS,
+           "curve_metrics": "posterior-mean prediction of the test field (rows 0-256, cols 832-1088)",
+           "kept": "weights of the best validation criterion (foreground per-channel MSE vs noisy targets on held-apart "
+                   "fields cols 512-832), scored with 8 posterior samples (VAEs)", "runs": {}}
+
+    def save():
+        path.write_text(json.dumps(out, indent=2))
+
+    work = Path(tempfile.mkdtemp(prefix="qs-split-curve-"))
+    try:
+        for pair in pairs:
+            for name, ps, gr in levels:
+                curve_level(pair, name, ps, gr, steps, every, work, out, save)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    save()
+    return 0
+
+
 def main() -> int:
     import os
 
@@ -232,6 +613,9 @@ def main() -> int:
     if not DATA.exists():
         print(f"skipping: {DATA} not found (see ../shared/data/README.md)")
         return 0
+    if "--curve" in sys.argv:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        return curve_main(sys.argv[1:])
     import torch
 
     global SPLIT_STEPS, N2V_STEPS, RESULTS, LEVELS, IMAGES

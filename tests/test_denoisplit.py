@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -22,6 +23,7 @@ tifffile = pytest.importorskip("tifffile")
 TINY = {"net": {"depth": 2, "filters": 8}, "latent_channels": 4}
 
 
+@functools.cache  # a GMM fit takes seconds; every test reads the same one
 def _noise_model(seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     s = rng.uniform(0, 200, 50_000).astype(np.float32)
@@ -51,23 +53,63 @@ def _structures(shape: tuple[int, int], seed: int) -> np.ndarray:
     return np.stack([blobs + 10, stripes]).astype(np.float32)
 
 
-def test_kl_summed_and_averaged_differ_by_latent_pixels():
-    m = _tiny().train()
-    batch = torch.rand(3, 2, 32, 32) * 100
+def _reference_usplit_kl(kls: list[torch.Tensor]) -> float:
+    """juglab/uSplit ``get_kl_divergence_loss_usplit``, written out: per level and sample the
+    summed KL divided by the level's latent C·H·W, batch mean (free bits 0), mean over levels."""
+    per_level = [float((k.flatten(1).sum(1) / k[0].numel()).mean()) for k in kls]
+    return sum(per_level) / len(per_level)
+
+
+def _reference_denoisplit_kl(kls: list[torch.Tensor], free_bits: float, image_pixels: int) -> float:
+    """denoiSplit: per level and sample the summed KL clamped at free bits, batch mean, summed
+    over levels, divided by the image's pixels."""
+    return sum(float(k.flatten(1).sum(1).clamp(min=free_bits).mean()) for k in kls) / image_pixels
+
+
+def test_kl_matches_the_reference_formulas_on_a_fixed_tensor():
+    from quietscope.nets.ladder_vae import LevelStats
+
+    g = torch.Generator().manual_seed(0)
+    kls = [torch.rand(3, 4, 16, 16, generator=g), torch.rand(3, 4, 8, 8, generator=g), torch.rand(3, 4, 4, 4, generator=g) * 5]
+    stats = [LevelStats(k) for k in kls]
+    assert float(kl_loss(stats, "mean", 0.0, 1024)) == pytest.approx(_reference_usplit_kl(kls), rel=1e-6)
+    # A hand value: constant KL 0.5 everywhere -> μSplit 0.5, denoiSplit 0.5 * elements / pixels.
+    half = [LevelStats(torch.full_like(k, 0.5)) for k in kls]
+    assert float(kl_loss(half, "mean", 0.0, 1024)) == pytest.approx(0.5)
+    assert float(kl_loss(half, "sum", 0.0, 1024)) == pytest.approx(0.5 * 4 * (256 + 64 + 16) / 1024)
+    for fb in (0.0, 1.0, 100.0):
+        assert float(kl_loss(stats, "sum", fb, 1024)) == pytest.approx(_reference_denoisplit_kl(kls, fb, 1024), rel=1e-6)
+
+
+def test_musplit_defaults_follow_the_reference():
+    mu, ds = _tiny("musplit"), _tiny()
+    assert mu.config.effective_free_bits == 0.0 and ds.config.effective_free_bits == 1.0
+    # Reconstruction: mean over channels (not summed); the learned log-variance floored at -5.
+    out = torch.zeros(1, 4, 8, 8)
+    out[:, 2:] = -20.0
+    t = torch.zeros(1, 2, 8, 8) + torch.tensor([60.0, 40.0]).reshape(1, 2, 1, 1)  # = norm means: residual 0
+    expected = 0.5 * (-5.0 + math.log(2 * math.pi))
+    assert float(mu.reconstruction_loss(out, t)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_denoisplit_kl_warmup_uses_the_musplit_kl_first():
+    m = _tiny(kl_warmup=2).train()
+    batch = torch.from_numpy(_structures((32, 32), 0))[None].repeat(2, 1, 1, 1)
     with torch.no_grad():
-        _, stats = m.forward_train(batch, torch.Generator().manual_seed(0))
-    assert len(stats) == 2
-    for level, st in enumerate(stats):
-        n = (32 // 2 ** (level + 1)) ** 2
-        assert st.n_pixels == n
-        summed = kl_loss([st], "sum", 0.0, 1)
-        averaged = kl_loss([st], "mean", 0.0, 1)
-        assert float(summed) > 0
-        assert float(summed / averaged) == pytest.approx(n, rel=1e-5)
-    # denoiSplit scales the summed KL per image pixel; free bits clamp each level and sample.
-    assert float(kl_loss(stats, "sum", 0.0, 1024)) == pytest.approx(sum(float(s.summed().mean()) for s in stats) / 1024, rel=1e-5)
-    assert float(kl_loss(stats, "sum", 1e9, 1024)) == pytest.approx(2 * 1e9 / 1024, rel=1e-6)
-    assert float(kl_loss(stats, "mean", 1e9, 1024)) == pytest.approx(2 * 1e9, rel=1e-6)
+        _, stats, _ = m.forward_train(batch, torch.Generator().manual_seed(0))
+    assert float(m.kl_term(stats, 1024)) == pytest.approx(float(kl_loss(stats, "mean", 0.0, 1024)))
+    for _ in range(2):
+        m.training_loss(batch, torch.Generator().manual_seed(0))
+    assert int(m.steps_seen) == 2
+    assert float(m.kl_term(stats, 1024)) == pytest.approx(float(kl_loss(stats, "sum", 1.0, 1024)))
+
+
+def test_validation_metrics_see_splitting():
+    m = _tiny().eval()
+    batch = torch.from_numpy(_structures((32, 32), 0))[None].repeat(2, 1, 1, 1)
+    v = m.validation_metrics(batch)
+    assert set(v) == {"select", "corr_outputs"}
+    assert math.isfinite(v["select"]) and -1 <= v["corr_outputs"] <= 1
 
 
 def test_training_loss_is_finite_and_differentiable_for_both_methods():
@@ -265,7 +307,35 @@ def test_cli_train_stacks_channels(trained, tmp_path):
         "train", str(d / "ch0.tif"), "--channels", str(d / "ch1.tif"), "--method", "musplit", "-o", str(out),
         "--depth", "2", "--filters", "8", "--patch", "32", "--batch", "2", "--steps", "2", "--val-fraction", "0",
         "--device", "cpu", "--param", "latent_channels=4",
+        "--param", "context_levels=0",  # 96² images: no room for the recommended 128² context field
     ])
     assert r.exit_code == 0, r.output
     man = read_manifest(out)
     assert man["method"]["method"] == "musplit" and man["method"]["in_channels"] == 2 and man["axes"] == "cyx"
+
+
+def test_cli_train_applies_the_recommended_options_and_logs_the_split(tmp_path):
+    """``quietscope train --method musplit`` without --patch/--param: the method's recommended
+    patch and lateral context are used, and the log reports the running output correlation."""
+    import logging
+
+    from click.testing import CliRunner
+
+    from quietscope_cli.main import cli
+
+    clean = _structures((288, 160), 3)
+    files = []
+    for i in range(2):
+        tifffile.imwrite(tmp_path / f"ch{i}.tif", clean[i])
+        files.append(str(tmp_path / f"ch{i}.tif"))
+    out = tmp_path / "m.qs"
+    logging.getLogger("quietscope.training.loop").setLevel(logging.INFO)
+    res = CliRunner().invoke(cli, ["train", files[0], "--channels", files[1], "--method", "musplit", "-o", str(out),
+                                   "--steps", "2", "--depth", "2", "--filters", "4", "--val-every", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "--patch 32 (recommended default)" in res.output
+    assert "--steps 4000" not in res.output  # given on the command line: kept
+    from quietscope.methods.modelfile import load_model
+
+    m, _ = load_model(str(out))
+    assert m.config.context_levels == 2 and int(m.context_patch) == 32

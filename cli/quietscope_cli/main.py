@@ -135,16 +135,31 @@ def train(input_uri: str, output: str, method: str, patch: str, batch: int, step
           positivity_lambda: float | None, gain: float | None, offset: float | None, noise_sigma: float | None,
           params: tuple[str, ...], channels: tuple[str, ...], overwrite: bool, resume: bool, axes: str | None, level: int) -> None:
     """Train a self-supervised model on INPUT (patches are sampled; the volume is never loaded)."""
+    from click.core import ParameterSource
 
-    from quietscope.workflows.train import train_model
+    from quietscope.workflows.train import recommended_options, train_model
 
+    # Options left at their generic default take the method's recommendation (if it has one).
+    ctx = click.get_current_context()
+    given = {"patch": patch, "batch": batch, "steps": steps, "lr": lr, "depth": depth, "filters": filters, "foreground": foreground}
+    recommended = recommended_options(method)
+    rec_params = recommended.pop("params", {})
+    for key, value in recommended.items():
+        if key in given and ctx.get_parameter_source(key) is ParameterSource.DEFAULT:
+            given[key] = value
+            click.echo(f"{method}: --{key} {value} (recommended default)", err=True)
+    patch, batch, steps, lr, depth, filters, foreground = (given[k] for k in ("patch", "batch", "steps", "lr", "depth", "filters", "foreground"))
     method_options: dict[str, Any] = {"method": method, "net": {"depth": depth, "filters": filters, "n2v2": n2v2, "batch_norm": batch_norm,
                                                             "z_pool": {"yes": True, "no": False}.get(z_pool, "auto")},
                                       "masked_pixel_percentage": masked_percent}
-    given = {"noise_model": noise_model, "n_samples": n_samples, "psf": psf, "positivity_lambda": positivity_lambda,
-             "gain": gain, "offset": offset, "noise_sigma": noise_sigma, "struct_mask": struct_mask or None,
-             "psf_sigma": _floats(psf_sigma, "--psf-sigma")}
-    method_options.update({k: v for k, v in given.items() if v is not None})
+    files_and_extras = {"noise_model": noise_model, "n_samples": n_samples, "psf": psf, "positivity_lambda": positivity_lambda,
+                        "gain": gain, "offset": offset, "noise_sigma": noise_sigma, "struct_mask": struct_mask or None,
+                        "psf_sigma": _floats(psf_sigma, "--psf-sigma")}
+    method_options.update({k: v for k, v in files_and_extras.items() if v is not None})
+    for k, v in rec_params.items():
+        if not any(p.split("=", 1)[0] == k for p in params):
+            method_options[k] = v
+            click.echo(f"{method}: --param {k}={json.dumps(v)} (recommended default)", err=True)
     for p in params:
         if "=" not in p:
             raise click.BadParameter(f"{p!r}: expected KEY=VALUE", param_hint="--param")

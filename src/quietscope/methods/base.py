@@ -117,6 +117,11 @@ class Method(torch.nn.Module):
             return ["denoised"]
         return [f"denoised_ch{i}" for i in range(self.config.in_channels)]
 
+    #: Training options this method recommends in place of the command line's generic
+    #: defaults, keyed by ``quietscope train`` option name (``patch``, ``steps``, ``depth``, ...;
+    #: ``params`` for ``--param`` keys); the CLI applies each one the user did not give.
+    recommended_options: ClassVar[dict[str, Any]] = {}
+
     #: Whether the method's network can keep full z resolution (``net.z_pool = False``).
     supports_z_pool_off: ClassVar[bool] = False
 
@@ -132,6 +137,22 @@ class Method(torch.nn.Module):
     def training_loss(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The self-supervised loss of one batch of raw patches ``(B, C, *spatial)``."""
         raise NotImplementedError
+
+    def prepare_training(self, patch: tuple[int, ...]) -> tuple[int, ...]:
+        """Called once before training with the ``--patch`` shape; returns the shape to sample.
+
+        A method that needs surroundings (e.g. lateral context) asks for more, and may record
+        what prediction needs later (as a buffer).
+        """
+        return tuple(patch)
+
+    def validation_metrics(self, batch: torch.Tensor) -> dict[str, float]:
+        """Extra numbers on the validation patches, logged at every validation.
+
+        An entry ``"select"`` (lower is better) replaces the validation loss as the criterion of
+        the kept ("best") weights, for methods whose loss does not see what matters.
+        """
+        return {}
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Predict a raw tile batch ``(B, C, *spatial)``: the named outputs, in input units."""

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from quietscope.errors import ConfigError
 from quietscope.methods.base import Method, MethodConfig, register
 from quietscope.nets.ladder_vae import LadderVAE, LevelStats
+from quietscope.nets.lateral_context import centre_crop, contexts_by_reflection, contexts_from_field, field_size
 from quietscope.noise_models import load_noise_model, noise_model_from_dict
 
 
@@ -62,7 +63,16 @@ class DenoiSplitConfig(MethodConfig):
     )
     gaussian_logvar: float | None = Field(None, description="musplit: fixed log-variance (normalised units); None = learned")
     kl_weight: float = Field(1.0, ge=0)
-    free_bits: float = Field(1.0, ge=0, description="nats per level and sample below which KL is not penalised")
+    free_bits: float | None = Field(
+        None, ge=0, description="nats per level and sample below which KL is not penalised (None: 1 for denoisplit, 0 for musplit)"
+    )
+    context_levels: int = Field(0, ge=0, le=5, description="lateral-context inputs (2x, 4x, ... coarser fields; 2D only)")
+    gaussian_weight: float = Field(
+        0.0, ge=0, le=1, description="denoisplit: share of a fixed-variance Gaussian likelihood mixed into the noise-model one (MicroSplit: 0.1)"
+    )
+    kl_warmup: int = Field(
+        0, ge=0, description="denoisplit: training steps with μSplit's latent-size-scaled KL before the summed ELBO KL"
+    )
     n_samples: int = Field(8, ge=0, le=1000, description="posterior samples at prediction (0 = posterior means)")
     seed: int = Field(0, ge=0, description="seed of the latent noise drawn in each predict call")
     channel_names: list[str] | None = None
@@ -93,7 +103,18 @@ class DenoiSplitConfig(MethodConfig):
             )
         if self.net.n2v2:
             raise ValueError("net.n2v2 does not apply to the ladder VAE")
+        if self.context_levels > self.net.depth:
+            raise ValueError(f"context_levels {self.context_levels} cannot exceed the latent levels (--depth {self.net.depth})")
+        if self.context_levels and self.spatial_ndim != 2:
+            raise ValueError("lateral context (context_levels > 0) is implemented for 2D data only")
         return self
+
+    @property
+    def effective_free_bits(self) -> float:
+        """denoiSplit keeps 1 nat per level; μSplit's reference uses none."""
+        if self.free_bits is not None:
+            return self.free_bits
+        return 1.0 if self.method == "denoisplit" else 0.0
 
 
 def kl_loss(stats: list[LevelStats], formulation: Literal["sum", "mean"], free_bits: float, image_pixels: int) -> torch.Tensor:
@@ -102,14 +123,21 @@ def kl_loss(stats: list[LevelStats], formulation: Literal["sum", "mean"], free_b
     ``sum`` (denoiSplit): per level and sample, KL summed over latent channels and pixels,
     clamped below at ``free_bits``, averaged over the batch, summed over levels, and divided by
     the image's pixels so it sits on the same per-pixel scale as the reconstruction term.
-    ``mean`` (μSplit): as ``sum`` but each level's KL is averaged over its latent pixels and not
-    rescaled afterwards.
+    ``mean`` (μSplit, juglab/uSplit ``get_kl_divergence_loss_usplit``): per level and sample,
+    KL divided by the level's latent elements (channels × pixels), clamped at ``free_bits``
+    (μSplit: 0), averaged over the batch and then *averaged* over levels.
     """
-    total = torch.zeros((), dtype=stats[0].kl.dtype, device=stats[0].kl.device)
+    per_level = []
     for st in stats:
-        per_sample = st.summed() if formulation == "sum" else st.averaged()
-        total = total + per_sample.clamp(min=free_bits).mean()
-    return total / image_pixels if formulation == "sum" else total
+        per_sample = st.summed() if formulation == "sum" else st.summed() / st.n_elements
+        per_level.append(per_sample.clamp(min=free_bits).mean() if free_bits > 0 else per_sample.mean())
+    total = torch.stack(per_level)
+    return total.sum() / image_pixels if formulation == "sum" else total.mean()
+
+
+#: Lower bound of μSplit's learned log-variance (normalised units), as juglab/uSplit's
+#: ``logvar_lowerbound``: below it a few confident pixels dominate the loss.
+LOGVAR_FLOOR = -5.0
 
 
 @register
@@ -119,6 +147,13 @@ class DenoiSplit(Method):
     name: ClassVar[str] = "denoisplit"
     Config = DenoiSplitConfig
     inference_options: ClassVar[tuple[str, ...]] = ("n_samples", "seed")
+    #: The recipe of the learning-curve benchmark (docs/methods/denoisplit.md, "Training budget"):
+    #: a CPU-sized ladder VAE on 32² patches with 2 lateral-context levels (128² field), 80 %
+    #: foreground patches, Adam 1e-3, MicroSplit's 0.9/0.1 likelihood mix, μSplit-KL warm start.
+    recommended_options: ClassVar[dict[str, Any]] = {
+        "patch": "32", "batch": 8, "steps": 4000, "lr": 1e-3, "depth": 3, "filters": 16, "foreground": 0.8,
+        "params": {"context_levels": 2, "latent_channels": 8, "gaussian_weight": 0.1, "kl_warmup": 300},
+    }
     # Its std channels are spreads of posterior samples; averaging them over rotated inputs
     # would not be the std of anything.
     supports_tta: ClassVar[bool] = False
@@ -131,6 +166,14 @@ class DenoiSplit(Method):
         self.register_buffer("mixing", torch.tensor(config.mixing or [1.0] * c, dtype=torch.float32))
         gaussian = config.method == "musplit"
         self.learned_var = gaussian and config.gaussian_logvar is None
+        # Side of the training patch the lateral context is built for (set by prepare_training,
+        # stored as a buffer so the model file carries it).
+        self.register_buffer("context_patch", torch.tensor(0, dtype=torch.int64))
+        # Training steps taken (train-mode loss evaluations): drives the KL warm-up and travels
+        # in checkpoints, so a resumed run switches at the same step.
+        self.register_buffer("steps_seen", torch.tensor(0, dtype=torch.int64))
+        # The padding per context level (P / 4) changes no weight shapes: the real patch is
+        # set by prepare_training / the buffer; 64 is a placeholder until then.
         self.net = LadderVAE(
             config.spatial_ndim,
             1,
@@ -139,11 +182,50 @@ class DenoiSplit(Method):
             filters=config.net.filters,
             latent_channels=config.latent_channels,
             res_blocks=config.res_blocks,
+            context_levels=config.context_levels,
+            context_patch=64,
         )
         self.noise_models = torch.nn.ModuleList()
-        if not gaussian and config.noise_models is not None:
+        if config.method == "denoisplit" and config.noise_models is not None:
 
             self.noise_models.extend(noise_model_from_dict(d) for d in config.noise_models)
+
+    # ---- lateral context -----------------------------------------------------------
+    def prepare_training(self, patch: tuple[int, ...]) -> tuple[int, ...]:
+        """Record the training patch and return the field to sample: ``2**K`` times larger
+        with ``K = context_levels`` (the patch is its centre, the rest its lateral context)."""
+        k = self.config.context_levels
+        if not k:
+            return tuple(patch)
+        if len(set(patch)) != 1:
+            raise ConfigError(f"lateral context needs a square patch, got {patch}")
+        p = int(patch[0])
+        need = max(4, 2 ** (k + 1), self.downsampling_factor)
+        if p % need:
+            raise ConfigError(f"--patch {p} must be a multiple of {need} with context_levels={k}")
+        if int(self.context_patch) != p:
+            # The padding per level is P / 4: a new patch size changes no weight shapes.
+            self.context_patch.fill_(p)
+            self.net.context_patch = p
+        return tuple(field_size(p, k) for _ in patch)
+
+    def _check_context(self) -> int:
+        p = int(self.context_patch)
+        if self.config.context_levels and p == 0:
+            raise ConfigError(f"{self.name} with lateral context has no training patch recorded; train it first")
+        self.net.context_patch = p
+        return p
+
+    def _net_inputs(self, field: torch.Tensor, inner: tuple[int, ...] | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Normalised superimposed patch and its contexts; ``inner=None``: the tile is the patch
+        and its surroundings are reflected (prediction)."""
+        k = self.config.context_levels
+        if not k:
+            return field, []
+        p = self._check_context()
+        if inner is None:
+            return field, contexts_by_reflection(field, p, k)
+        return centre_crop(field, inner), contexts_from_field(field, inner, p, k)
 
     # ---- shapes and names -------------------------------------------------------------
     @property
@@ -182,31 +264,103 @@ class DenoiSplit(Method):
         return (inp - mean.to(inp.dtype)) / std.to(inp.dtype)
 
     # ---- training ---------------------------------------------------------------------
-    def reconstruction_loss(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-pixel negative log-likelihood of the noisy channels, summed over channels."""
+    def gaussian_nll(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Gaussian NLL of the normalised targets, averaged over channels and pixels (μSplit).
+
+        The learned log-variance is floored at :data:`LOGVAR_FLOOR`; without a learned variance
+        it is ``gaussian_logvar`` (0, a scaled mean-squared error, for denoiSplit's mixture).
+        """
         c = self.config.in_channels
-        if self.config.method == "denoisplit":
-            s = self.denormalize(out[:, :c])
-            nll = [-nm.log_likelihood(targets[:, i], s[:, i]).mean() for i, nm in enumerate(self.noise_models)]
-            return torch.stack(nll).sum()
         t = self.normalize(targets)
         mu = out[:, :c]
-        lv = out[:, c:].clamp(-10, 10) if self.learned_var else torch.full_like(mu, float(self.config.gaussian_logvar))
-        return (0.5 * ((t - mu) ** 2 * torch.exp(-lv) + lv + math.log(2 * math.pi))).mean(dim=(0, *range(2, mu.ndim))).sum()
+        if self.learned_var:
+            lv = out[:, c:].clamp(LOGVAR_FLOOR, 10)
+        else:
+            lv = torch.full_like(mu, float(self.config.gaussian_logvar or 0.0))
+        return (0.5 * ((t - mu) ** 2 * torch.exp(-lv) + lv + math.log(2 * math.pi))).mean()
 
-    def forward_train(self, batch: torch.Tensor, gen: torch.Generator | None) -> tuple[torch.Tensor, list[LevelStats]]:
-        """One sampled pass on a training batch ``(B, C, *patch)``: outputs and level KLs."""
-        return self.net(self._normalize_input(self.superimpose(batch)), "sample", gen)
+    def reconstruction_loss(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-pixel negative log-likelihood of the noisy channels, averaged over channels.
+
+        denoisplit: the noise models' NLL, mixed with a share ``gaussian_weight`` of the
+        Gaussian NLL (MicroSplit's 0.9 / 0.1); musplit: the Gaussian NLL.
+        """
+        c = self.config.in_channels
+        if self.config.method != "denoisplit":
+            return self.gaussian_nll(out, targets)
+        s = self.denormalize(out[:, :c])
+        nll = torch.stack([-nm.log_likelihood(targets[:, i], s[:, i]).mean() for i, nm in enumerate(self.noise_models)]).mean()
+        w = self.config.gaussian_weight
+        return (1 - w) * nll + w * self.gaussian_nll(out, targets) if w > 0 else nll
+
+    def forward_train(
+        self, batch: torch.Tensor, gen: torch.Generator | None
+    ) -> tuple[torch.Tensor, list[LevelStats], torch.Tensor]:
+        """One sampled pass on a training batch ``(B, C, *field)``: outputs, level KLs, and the
+        targets they are scored against (the central patch of the field)."""
+        inner = self._inner_shape(tuple(batch.shape[2:]))
+        x, ctx = self._net_inputs(self._normalize_input(self.superimpose(batch)), inner)
+        out, stats = self.net(x, "sample", gen, ctx)
+        return out, stats, centre_crop(batch, inner) if ctx else batch
+
+    def _inner_shape(self, field: tuple[int, ...]) -> tuple[int, ...]:
+        k = self.config.context_levels
+        if not k:
+            return field
+        p = self._check_context()
+        if any(f != field_size(p, k) for f in field):
+            raise ConfigError(f"{self.name}: training field {field} must be {field_size(p, k)} per axis (patch {p}, {k} context levels)")
+        return (p,) * len(field)
+
+    def kl_term(self, stats: list[LevelStats], image_pixels: int) -> torch.Tensor:
+        """The KL of the loss: μSplit's for musplit and during denoiSplit's ``kl_warmup``.
+
+        With ``gaussian_weight = w`` denoiSplit's KL is mixed like its likelihood,
+        ``(1 - w)`` summed ELBO KL + ``w`` μSplit KL (MicroSplit's ``denoisplit_musplit`` loss).
+        """
+        cfg = self.config
+        warm = cfg.method == "denoisplit" and int(self.steps_seen) < cfg.kl_warmup
+        if cfg.method == "denoisplit" and not warm:
+            summed = kl_loss(stats, "sum", cfg.effective_free_bits, image_pixels)
+            w = cfg.gaussian_weight
+            return (1 - w) * summed + w * kl_loss(stats, "mean", 0.0, image_pixels) if w > 0 else summed
+        return kl_loss(stats, "mean", 0.0 if warm else cfg.effective_free_bits, image_pixels)
 
     def training_loss(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if batch.shape[1] != self.config.in_channels:
             raise ConfigError(
                 f"{self.name} was configured for {self.config.in_channels} channels but the batch has {batch.shape[1]}"
             )
-        out, stats = self.forward_train(batch, generator)
-        formulation = "sum" if self.config.method == "denoisplit" else "mean"
-        kl = kl_loss(stats, formulation, self.config.free_bits, math.prod(batch.shape[2:]))
-        return self.reconstruction_loss(out, batch) + self.config.kl_weight * kl
+        out, stats, targets = self.forward_train(batch, generator)
+        kl = self.kl_term(stats, math.prod(targets.shape[2:]))
+        if self.training:
+            self.steps_seen += 1
+        return self.reconstruction_loss(out, targets) + self.config.kl_weight * kl
+
+    def validation_metrics(self, batch: torch.Tensor) -> dict[str, float]:
+        """Splitting on the validation patches, from the posterior means.
+
+        ``select`` (lower is better; the keep-best criterion) is the per-channel mean squared
+        error against the noisy targets on foreground pixels (sum above its mean), each channel
+        divided by its variance there: background dominates the loss and barely moves, while an
+        unsplit output (each channel ~ half the input) is wrong exactly on the structures.
+        ``corr_outputs`` is the correlation of the two predicted channels (1 = not split).
+        """
+        with torch.no_grad():
+            inner = self._inner_shape(tuple(batch.shape[2:]))
+            x, ctx = self._net_inputs(self._normalize_input(self.superimpose(batch)), inner)
+            pred = self._signal(self.net(x, "mean", None, ctx)[0])
+            tgt = centre_crop(batch, inner) if ctx else batch
+            total = tgt.sum(1)
+            fg = total > total.mean()
+            errs = []
+            for i in range(tgt.shape[1]):
+                t, p = tgt[:, i][fg], pred[:, i][fg]
+                errs.append(float(((t - p) ** 2).mean() / t.var().clamp(min=1e-12)))
+            a, b = pred[:, 0].flatten(), pred[:, 1].flatten()
+            a, b = a - a.mean(), b - b.mean()
+            corr = float((a * b).sum() / ((a * a).sum() * (b * b).sum()).sqrt().clamp(min=1e-12))
+        return {"select": sum(errs) / len(errs), "corr_outputs": corr}
 
     # ---- prediction -------------------------------------------------------------------
     def _signal(self, out: torch.Tensor) -> torch.Tensor:
@@ -217,13 +371,15 @@ class DenoiSplit(Method):
 
         ``seed=None`` draws fresh noise; an integer makes the samples a function of the input.
         """
-        feats = self.net.bottom_up(self._normalize_input(self._as_superimposed(x)))
+        inp, ctx = self._net_inputs(self._normalize_input(self._as_superimposed(x)), None)
+        feats = self.net.bottom_up(inp, ctx)
         gen = torch.Generator()
         if seed is None:
             gen.seed()
         else:
             gen.manual_seed(int(seed))
-        return torch.stack([self._signal(self.net.top_down(feats, "sample", gen)[0]) for _ in range(n_samples)])
+        shape = tuple(x.shape[2:])
+        return torch.stack([self._signal(self.net.top_down(feats, "sample", gen, shape)[0]) for _ in range(n_samples)])
 
     def _as_superimposed(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config.in_channels
@@ -250,7 +406,8 @@ class DenoiSplit(Method):
         path at a fraction of the cost (``n_samples`` times fewer decoder passes).
         """
         if self.n_samples == 0 or x.dtype == torch.float64:
-            out, _ = self.net(self._normalize_input(self._as_superimposed(x)), "mean")
+            inp, ctx = self._net_inputs(self._normalize_input(self._as_superimposed(x)), None)
+            out, _ = self.net(inp, "mean", None, ctx)
             mean = self._signal(out)
             std = torch.zeros_like(mean)
         else:
@@ -262,6 +419,8 @@ class DenoiSplit(Method):
     def summary(self) -> dict[str, Any]:
         return {
             "levels": self.config.net.depth,
+            "context_levels": self.config.context_levels,
+            "context_patch": int(self.context_patch),
             "n_samples": self.n_samples,
             "seed": self.seed,
             "halo": "measured receptive field of the seeded (deterministic) sampling path, uncapped",
@@ -274,3 +433,7 @@ class MuSplit(DenoiSplit):
     """μSplit baseline: same ladder VAE, Gaussian likelihood, KL averaged over latent pixels."""
 
     name: ClassVar[str] = "musplit"
+    recommended_options: ClassVar[dict[str, Any]] = {
+        "patch": "32", "batch": 8, "steps": 4000, "lr": 1e-3, "depth": 3, "filters": 16, "foreground": 0.8,
+        "params": {"context_levels": 2, "latent_channels": 8},
+    }

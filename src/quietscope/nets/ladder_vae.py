@@ -10,6 +10,16 @@ Everything is convolutional (no pooling to a global vector, no batch norm), so t
 translation-equivariant on the ``2**levels`` grid and its receptive field is finite: chunked
 prediction can measure it with impulses like for any U-Net.
 
+Lateral context (μSplit's "LC", :mod:`quietscope.nets.lateral_context`): with
+``context_levels = K``, the bottom-up level ``l < K`` (resolution ``2**(l+1)``) also receives the
+field around the patch at that resolution. Each context input has its own stem; the patch's
+features are zero-padded by ``P / 4`` per side (``P`` the training patch) to the context's
+wider extent and merged with it (concatenation, 1×1 convolution), so from there on the level
+works on the wider field, as μSplit keeps the context's spatial size. The top-down path crops
+each level back to the bottom-up features below it, the output to the input tile, and the KL of
+every level is taken on the central region that the patch itself covers (the rest is context,
+not something the latents must explain).
+
 The latent noise comes from an explicit :class:`torch.Generator`, so a caller can make a
 sampled forward pass a deterministic function of the input (fixed seed per call), or use the
 posterior means (``mode="mean"``), which involves no randomness at all.
@@ -21,7 +31,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from quietscope.nets.lateral_context import centre_crop
 
 #: Bounds on predicted log-variances: keeps exp() finite early in training.
 LOGVAR_MIN, LOGVAR_MAX = -12.0, 8.0
@@ -71,6 +84,11 @@ class LevelStats:
     kl: torch.Tensor
 
     @property
+    def n_elements(self) -> int:
+        """Latent elements (channels × pixels) per sample: μSplit's KL normaliser."""
+        return int(self.kl[0].numel())
+
+    @property
     def n_pixels(self) -> int:
         """Latent pixels (spatial positions) per sample."""
         n = 1
@@ -105,6 +123,12 @@ class LadderVAE(nn.Module):
         Channels of every latent map.
     res_blocks
         Residual blocks per stage in both paths.
+    context_levels
+        Lateral-context inputs (``0`` = none; at most ``levels``), fed to the first bottom-up
+        levels; :meth:`forward` then takes them as ``contexts``.
+    context_patch
+        Training patch side ``P`` the contexts are built for (a multiple of
+        ``2**(context_levels + 1)`` and of 4); sets the padding ``P / 4`` per level.
     """
 
     def __init__(
@@ -116,10 +140,21 @@ class LadderVAE(nn.Module):
         filters: int = 32,
         latent_channels: int = 16,
         res_blocks: int = 1,
+        context_levels: int = 0,
+        context_patch: int = 64,
     ) -> None:
         super().__init__()
         nd, f, z = spatial_ndim, filters, latent_channels
         self.nd, self.levels, self.latent_channels = nd, levels, z
+        if not 0 <= context_levels <= levels:
+            raise ValueError(f"context_levels {context_levels} must be within 0..{levels}")
+        if context_levels and context_patch % max(4, 2 ** (context_levels + 1)):
+            raise ValueError(f"context_patch {context_patch} must be a multiple of {max(4, 2 ** (context_levels + 1))}")
+        self.context_levels, self.context_patch = context_levels, context_patch
+        self.lc_stem = nn.ModuleList(
+            [nn.Sequential(_conv(nd, in_channels, f, 5), _stack(nd, f, res_blocks)) for _ in range(context_levels)]
+        )
+        self.lc_merge = nn.ModuleList([_conv(nd, 2 * f, f, 1) for _ in range(context_levels)])
         self.stem = nn.Sequential(_conv(nd, in_channels, f, 5), _stack(nd, f, res_blocks))
         self.down = nn.ModuleList(
             [nn.Sequential(_conv(nd, f, f, 3, stride=2), _stack(nd, f, res_blocks)) for _ in range(levels)]
@@ -138,14 +173,37 @@ class LadderVAE(nn.Module):
     def downsampling_factor(self) -> int:
         return 2**self.levels
 
-    def bottom_up(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Features of every level, finest first (level ``l`` at ``1/2**(l+1)`` resolution)."""
+    @property
+    def context_pad(self) -> int:
+        """Zero padding per side of the patch's features at each context level (``P / 4``)."""
+        return self.context_patch // 4 if self.context_levels else 0
+
+    def bottom_up(self, x: torch.Tensor, contexts: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Features of every level, finest first (level ``l`` at ``1/2**(l+1)`` resolution).
+
+        ``contexts[l]`` (lateral context ``l + 1``) is merged into level ``l``; its spatial size
+        must be the level's plus ``2 · context_pad``.
+        """
+        contexts = contexts or []
+        if len(contexts) != self.context_levels:
+            raise ValueError(f"the network takes {self.context_levels} context input(s), got {len(contexts)}")
         h = self.stem(x)
         feats = []
-        for down in self.down:
+        p = self.context_pad
+        for lvl, down in enumerate(self.down):
             h = down(h)
+            if lvl < self.context_levels:
+                c = self.lc_stem[lvl](contexts[lvl])
+                h = F.pad(h, [p, p] * self.nd)
+                if h.shape[2:] != c.shape[2:]:
+                    raise ValueError(f"context {lvl + 1} has shape {tuple(c.shape[2:])}, level {lvl} needs {tuple(h.shape[2:])}")
+                h = self.lc_merge[lvl](torch.cat([h, c], dim=1))
             feats.append(h)
         return feats
+
+    def primary_size(self, level: int, x_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Spatial size at ``level`` of the region the input tile itself covers."""
+        return tuple(s // 2 ** (level + 1) for s in x_shape)
 
     @staticmethod
     def _split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,25 +220,44 @@ class LadderVAE(nn.Module):
         return mu + torch.exp(0.5 * lv) * eps
 
     def top_down(
-        self, feats: list[torch.Tensor], mode: Literal["sample", "mean"] = "sample", gen: torch.Generator | None = None
+        self,
+        feats: list[torch.Tensor],
+        mode: Literal["sample", "mean"] = "sample",
+        gen: torch.Generator | None = None,
+        out_shape: tuple[int, ...] | None = None,
     ) -> tuple[torch.Tensor, list[LevelStats]]:
-        """Decode from bottom-up features; returns the output and each level's KL (finest first)."""
+        """Decode from bottom-up features; returns the output and each level's KL (finest first).
+
+        ``out_shape`` is the input tile's spatial shape: with lateral context the decoder's
+        maps are wider than the tile, the output is cropped to it and each level's KL to the
+        region the tile covers. Without context it defaults to twice the finest features.
+        """
+        if out_shape is None:
+            out_shape = tuple(2 * s for s in feats[0].shape[2:])
         top = self.levels - 1
+
+        def kl_stats(kl: torch.Tensor, lvl: int) -> LevelStats:
+            return LevelStats(centre_crop(kl, self.primary_size(lvl, out_shape)) if self.context_levels else kl)
+
         mu, lv = self._split(self.q_top(feats[top]))
         zs = self._draw(mu, lv, mode, gen)
-        stats = [LevelStats(gaussian_kl(mu, lv))]
+        stats = [kl_stats(gaussian_kl(mu, lv), top)]
         h = self.top_stack(self.z_in[top](zs))
         for lvl in range(top - 1, -1, -1):
-            h = self.ups[lvl + 1](h)
+            h = centre_crop(self.ups[lvl + 1](h), tuple(feats[lvl].shape[2:]))
             mu_p, lv_p = self._split(self.prior[lvl](h))
             mu_q, lv_q = self._split(self.post[lvl](torch.cat([h, feats[lvl]], dim=1)))
             zs = self._draw(mu_q, lv_q, mode, gen)
-            stats.append(LevelStats(gaussian_kl(mu_q, lv_q, mu_p, lv_p)))
+            stats.append(kl_stats(gaussian_kl(mu_q, lv_q, mu_p, lv_p), lvl))
             h = self.merge[lvl](h + self.z_in[lvl](zs))
-        out = self.head(self.ups[0](h))
+        out = self.head(centre_crop(self.ups[0](h), out_shape))
         return out, stats[::-1]
 
     def forward(
-        self, x: torch.Tensor, mode: Literal["sample", "mean"] = "sample", gen: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        mode: Literal["sample", "mean"] = "sample",
+        gen: torch.Generator | None = None,
+        contexts: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, list[LevelStats]]:
-        return self.top_down(self.bottom_up(x), mode, gen)
+        return self.top_down(self.bottom_up(x, contexts), mode, gen, tuple(x.shape[2:]))

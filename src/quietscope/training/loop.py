@@ -91,7 +91,8 @@ def train(
     from tqdm.auto import tqdm
 
     device = resolve_device(config.device)
-    patch = tuple(config.patch)
+    # The method may sample more than the patch (e.g. lateral context around it).
+    patch = method.prepare_training(tuple(config.patch))
     train_region, val_region = split_train_val(image.spatial_shape, patch, config.val_fraction)
     stats = estimate_statistics(image, patch, seed=config.seed)
     method.set_normalization(stats["mean"], stats["std"])
@@ -171,8 +172,14 @@ def train(
             rec = {"step": step + 1, "loss": float(loss.item())}
             if val_batch is not None and ((step + 1) % config.val_every == 0 or step + 1 == config.steps):
                 rec["val_loss"] = validation_loss(method, val_batch, config.seed, device, val_draws)
-                if rec["val_loss"] < best[0]:
-                    best = (rec["val_loss"], step + 1, {k: v.detach().cpu().clone() for k, v in method.state_dict().items()})
+                extra = _validation_metrics(method, val_batch, device)
+                rec.update(extra)
+                if extra:
+                    log.info("step %d: val_loss %.5g, %s", step + 1, rec["val_loss"],
+                             ", ".join(f"{k} {v:.4g}" for k, v in extra.items()))
+                criterion = rec.get("select", rec["val_loss"])
+                if criterion < best[0]:
+                    best = (criterion, step + 1, {k: v.detach().cpu().clone() for k, v in method.state_dict().items()})
                     bad_vals = 0
                 else:
                     bad_vals += 1
@@ -195,8 +202,8 @@ def train(
         method.load_state_dict(best[2])
         kept_step = best[1]
         if kept_step < len(history):
-            log.info("keeping the weights of step %d (best validation loss %.5g; later validations were higher); "
-                     "--keep last keeps the last", kept_step, best[0])
+            log.info("keeping the weights of step %d (best validation %s %.5g; later validations were higher); "
+                     "--keep last keeps the last", kept_step, "score" if any("select" in r for r in history) else "loss", best[0])
     if ckpt is not None:
         _save_checkpoint(ckpt, method, opt, gen, config.steps, history, best, bad_vals, fingerprint)
     method.eval()
@@ -269,6 +276,13 @@ def validation_loss(method: Method, batch: torch.Tensor, seed: int, device: torc
             for chunk in chunks:
                 losses.append(float(method.training_loss(chunk, gen)))
     return float(np.mean(losses))
+
+
+def _validation_metrics(method: Method, batch: torch.Tensor, device: torch.device) -> dict[str, float]:
+    """The method's own validation numbers (:meth:`Method.validation_metrics`), in eval mode."""
+    method.eval()
+    with torch.no_grad():
+        return {k: float(v) for k, v in method.validation_metrics(batch.to(device)).items()}
 
 
 def _save_checkpoint(ckpt, method, opt, gen, step, history, best, bad_vals, fingerprint) -> None:

@@ -24,7 +24,7 @@ from quietscope.training.config import expand_patch, resolve_z_pool
 from quietscope.training.curves import plot_learning_curve
 from quietscope.training.loop import TrainConfig, TrainResult, train
 
-__all__ = ["checkpoint_path", "resolve_method_files", "resolve_z_pool", "train_model"]
+__all__ = ["checkpoint_path", "recommended_options", "resolve_method_files", "resolve_z_pool", "train_model"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,23 @@ def resolve_method_files(method_options: dict[str, Any], image: Image) -> dict[s
             axis, length = parse_struct_mask(mask, image.spatial_axes)
             out["struct_mask"] = struct_mask(len(image.spatial_axes), axis, length).astype(int).tolist()
     return out
+
+
+def recommended_options(method: str) -> dict[str, Any]:
+    """A method's recommended training options (CLI names), for options the user left at default.
+
+    Parameters
+    ----------
+    method : str
+        Method name.
+
+    Returns
+    -------
+    dict
+        E.g. ``{"patch": "32", "steps": 4000, "params": {"context_levels": 2}}``; empty when the
+        method has no recommendation.
+    """
+    return dict(get_method_class(method).recommended_options)
 
 
 def _validated(model: type, values: dict[str, Any], what: str) -> Any:
