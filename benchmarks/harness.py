@@ -16,7 +16,8 @@ Pieces, in the order a benchmark uses them:
   dict;
 * **predict**: :func:`predict` over :func:`quietscope.workflows.predict.predict` and
   :func:`filter_output` over :func:`quietscope.workflows.filter.filter_image`, both returning the
-  output array read by :func:`read_output`;
+  output array read by :func:`read_output`; :func:`run_processor` for a tile processor through
+  the engine (scaling); :data:`PREDICT_DEFAULTS` are the quality-style options;
 * **score**: :func:`score` (and :func:`psnr_db` for the PSNR alone), the one definition of every
   table's PSNR/SSIM/RI-PSNR (see its docstring and docs/benchmarks.md); :func:`psnr_from_mse` and
   :func:`binned_fold_in_mse` for the oracle bounds;
