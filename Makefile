@@ -33,7 +33,7 @@ test: venv lint
 	$(BIN)/python -m pytest -q
 
 bench: venv
-	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python -m benchmarks.throughput
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

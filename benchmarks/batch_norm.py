@@ -2,7 +2,7 @@
 
 Run with the project's venv (about 15 minutes on 2 CPU cores at 3000 steps)::
 
-    .venv/bin/python benchmarks/batch_norm.py [--steps 3000] [--seeds 0] [--jobs 2]
+    .venv/bin/python -m benchmarks.batch_norm [--steps 3000] [--seeds 0] [--jobs 2]
 
 Data: BPAE actin (shared/data/bpae, CC-BY-4.0), the whole 680 x 1100 field with the quality
 benchmark's *moderate* noise (Poisson, 25 photons at the mean of the 192² centre crop, plus
@@ -19,41 +19,51 @@ Results go to ``benchmarks/results/batch_norm.json``.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import os
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from scipy import ndimage as ndi
 
-os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, fmt_mean_sem, machine, markdown_table, write_json  # noqa: E402
+from benchmarks.harness import (
+    CROP,
+    FIELD_BUDGET,
+    RESULTS,
+    SIM_LEVELS,
+    centre_origin,
+    fmt_mean_sem,
+    machine,
+    markdown_table,
+    predict,
+    psnr_db,
+    read_bpae,
+    run_in_processes,
+    single_thread,
+    train_with_budget,
+    write_json,
+)
+from quietscope.io.reading import open_image
+from quietscope.methods.modelfile import load_model, save_model
+from quietscope.simulate import poisson_gaussian
+from quietscope.training.sampler import PatchSampler
+from quietscope.workflows.demo import write_ome_zarr_image
 
-CROP = 192
-BUDGET = {"batch": 16, "patch": 32, "depth": 2, "filters": 16, "lr": 1e-3, "mask_percent": 2.0}
+BUDGET = FIELD_BUDGET
 
 
 def make_data(work: Path) -> dict[str, Any]:
     """Noisy field and crop as OME-Zarr, clean and held-out crops as npy."""
-    from quietscope.io.sample_data import find_data_dir, read_tiff
-    from quietscope.simulate import poisson_gaussian
-    from quietscope.workflows.demo import write_ome_zarr_image
-
-    data = find_data_dir()
-    if data is None:
-        raise SystemExit("shared/data not found (set QUIETSCOPE_DATA); this benchmark needs the real images")
-    img = read_tiff(data / "bpae" / "bpae_actin.tif").astype(np.float32)
+    img = read_bpae("actin")
     n = CROP
-    cy, cx = (img.shape[0] - n) // 2, (img.shape[1] - n) // 2
+    cy, cx = centre_origin(img.shape, n)
     hy, hx = cy, cx - n - 16
     crop = (slice(cy, cy + n), slice(cx, cx + n))
     held = (slice(hy, hy + n), slice(hx, hx + n))
-    scale = 25.0 / float(img[crop].mean())
-    noisy = poisson_gaussian(img, scale, 0.1, float(img.std()), seed=0).astype(np.float32)
+    photons, g = SIM_LEVELS["moderate"]
+    scale = photons / float(img[crop].mean())
+    noisy = poisson_gaussian(img, scale, g, float(img.std()), seed=0).astype(np.float32)
     work.mkdir(parents=True, exist_ok=True)
     write_ome_zarr_image(work / "field.ome.zarr", noisy, "yx", (256, 256))
     write_ome_zarr_image(work / "crop.ome.zarr", np.ascontiguousarray(noisy[crop]), "yx", (n, n))
@@ -63,16 +73,12 @@ def make_data(work: Path) -> dict[str, Any]:
 
 
 def _score(pred: np.ndarray, clean: np.ndarray) -> dict[str, float]:
-    from quietscope.metrics import psnr
-
     bright = clean > np.percentile(clean, 90)
-    return {"psnr": psnr(pred, clean, data_range=float(clean.max() - clean.min())),
+    return {"psnr": psnr_db(pred, clean),
             "bright_mean_ratio": float(pred[bright].mean() / clean[bright].mean())}
 
 
 def filters(work: Path) -> list[dict[str, Any]]:
-    from scipy import ndimage as ndi
-
     clean, noisy = np.load(work / "clean.npy"), np.load(work / "noisy.npy")
     ch, nh = np.load(work / "clean_held.npy"), np.load(work / "noisy_held.npy")
     grids = {"box": (lambda a, v: ndi.uniform_filter(a, int(v), mode="reflect"), [3, 5, 7]),
@@ -85,12 +91,7 @@ def filters(work: Path) -> list[dict[str, Any]]:
 
 
 def _predict_crop(model: Path, src: Path, out: Path, origin: tuple[int, int] | None) -> np.ndarray:
-    from quietscope.chunked import PredictOptions
-    from quietscope.io.reading import open_image
-    from quietscope.workflows.predict import predict
-
-    predict(model, src, out, PredictOptions(progress=False, overwrite=True, n_levels=1, threads=1, device="cpu"))
-    arr = np.asarray(open_image(str(out)).array).squeeze()
+    arr = predict(model, src, out)
     if origin is None:
         return arr
     y, x = origin
@@ -99,12 +100,6 @@ def _predict_crop(model: Path, src: Path, out: Path, origin: tuple[int, int] | N
 
 def recalibrate_batch_norm(model: Path, src: Path, out_model: Path, batches: int = 200, seed: int = 5) -> None:
     """Re-estimate every batch-norm layer's running statistics as a cumulative average."""
-    import torch
-
-    from quietscope.io.reading import open_image
-    from quietscope.methods.modelfile import load_model, save_model
-    from quietscope.training.sampler import PatchSampler
-
     method, info = load_model(model)
     sampler = PatchSampler(open_image(str(src)), (BUDGET["patch"],) * 2, augment=True)
     rng = np.random.default_rng(seed)
@@ -120,24 +115,14 @@ def recalibrate_batch_norm(model: Path, src: Path, out_model: Path, batches: int
 
 
 def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
-    import torch
-
-    torch.set_num_threads(1)
-    from quietscope.workflows.train import train_model
-
+    single_thread()
     work, train_on, bn, seed, steps = Path(task["work"]), task["train_on"], task["bn"], task["seed"], task["steps"]
     src = work / f"{train_on}.ome.zarr"
     origin = tuple(task["crop_origin"]) if train_on == "field" else None
     tag = f"{train_on}_bn{int(bn)}_s{seed}"
     model = work / f"{tag}.qs"
-    t0 = time.perf_counter()
-    train_model(str(src), model,
-                {"method": "n2v", "masked_pixel_percentage": BUDGET["mask_percent"],
-                 "net": {"depth": BUDGET["depth"], "filters": BUDGET["filters"], "batch_norm": bn}},
-                {"patch": (BUDGET["patch"],), "batch": BUDGET["batch"], "steps": steps, "lr": BUDGET["lr"], "seed": seed,
-                 "val_every": max(steps // 10, 1), "checkpoint_every": max(steps // 10, 1), "pool_size": 256, "device": "cpu"},
-                overwrite=True, progress=False)
-    train_s = time.perf_counter() - t0
+    net = {"depth": BUDGET["depth"], "filters": BUDGET["filters"], "batch_norm": bn}
+    train_s = train_with_budget(src, model, {"method": "n2v", "net": net}, steps, seed).seconds
     clean = np.load(work / "clean.npy")
     label = f"n2v on {train_on}, batch norm {'on' if bn else 'off'}"
     rows = [{"row": label, "seed": seed, "train_s": train_s,
@@ -180,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [{"work": str(work), "train_on": on, "bn": bn, "seed": s, "steps": args.steps, "crop_origin": info["crop_origin"]}
              for s in args.seeds for on in ("field", "crop") for bn in (True, False)]
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for result in pool.map(run_task, tasks):
-            rows.extend(result)
+    rows += run_in_processes(run_task, tasks, args.jobs, ordered=True, echo=False)
     table = render(rows)
     print(table)
     write_json(args.output, {"machine": machine(), "budget": {**BUDGET, "steps": args.steps}, "seeds": args.seeds,

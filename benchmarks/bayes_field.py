@@ -9,7 +9,7 @@ pixels; a realistic image is larger still) and scores them on the same centre cr
 Run with the project's venv (about 20 minutes for two seeds at one photon level on 2 CPU cores,
 one thread per task)::
 
-    .venv/bin/python benchmarks/bayes_field.py [--photons 5] [--steps 3000] [--seeds 0 1] [--jobs 2]
+    .venv/bin/python -m benchmarks.bayes_field [--photons 5] [--steps 3000] [--seeds 0 1] [--jobs 2]
 
 Protocol, per photon level: the clean field scaled so that the 99.9th percentile of the centre
 192² crop is ``p`` photons (quality.py's photon-peak rows use the same crop and scaling), Poisson
@@ -19,7 +19,7 @@ Adam lr 1e-3 cosine, ``steps`` steps, validation every ``steps/10`` on the held-
 best validation weights kept (the default). Both predicted over the field through the chunked
 pipeline; bayes-poisson twice, ``--estimate mmse`` (the posterior mean, the default) and
 ``--estimate prior`` (the blind prior alone). Scored on the centre crop: PSNR with the clean
-crop's range. Two bounds, fitted *with* the clean crop (``centre_pixel.binned_fold_in_mse``):
+crop's range. Two bounds, fitted *with* the clean crop (``harness.binned_fold_in_mse``):
 what the best fold-in of the observed count could add to N2V's prediction and to bayes-poisson's
 prior when its weight may depend on intensity only. A Gaussian filter, its sigma tuned on a
 held-out crop of the same field (left of the test crop), is the classic reference.
@@ -29,31 +29,43 @@ Results go to ``benchmarks/results/bayes_field.json``.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage as ndi
 
-os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, fmt_mean_sem, machine, markdown_table, run_in_processes, write_json  # noqa: E402
-from pn2v_field import BUDGET, CROP, _data_dir, _predict, _train  # noqa: E402
-from quietscope.metrics import mean_and_sem  # noqa: E402
+from benchmarks.harness import (
+    CROP,
+    FIELD_BUDGET,
+    RESULTS,
+    binned_fold_in_mse,
+    centre_origin,
+    fmt_mean_sem,
+    machine,
+    markdown_table,
+    mean_and_sem,
+    predict,
+    psnr_db,
+    read_bpae,
+    run_in_processes,
+    single_thread,
+    train_with_budget,
+    write_json,
+)
+from quietscope.io.reading import open_image
+from quietscope.methods.modelfile import load_model
+from quietscope.simulate import poisson_gaussian
+from quietscope.workflows.demo import write_ome_zarr_image
 
 GAUSS_SIGMAS = (0.5, 0.75, 1.0, 1.5, 2.0, 2.5)  # quality.py's grid
 
 
 def make_data(work: Path, photons: float) -> dict[str, Any]:
     """The noisy field (photons) as OME-Zarr, the clean field as npy; the crops' origins."""
-    from quietscope.io.sample_data import read_tiff
-    from quietscope.simulate import poisson_gaussian
-    from quietscope.workflows.demo import write_ome_zarr_image
-
-    img = read_tiff(_data_dir() / "bpae" / "bpae_actin.tif").astype(np.float32)
-    cy, cx = (img.shape[0] - CROP) // 2, (img.shape[1] - CROP) // 2
+    img = read_bpae("actin")
+    cy, cx = centre_origin(img.shape)
     peak = float(np.percentile(img[cy:cy + CROP, cx:cx + CROP], 99.9))
     clean = img / peak * photons
     noisy = poisson_gaussian(clean, 1.0, None, 1.0, seed=0).astype(np.float32)
@@ -69,60 +81,43 @@ def _crop(a: np.ndarray, origin: tuple[int, int]) -> np.ndarray:
     return np.asarray(a[y:y + CROP, x:x + CROP], dtype=np.float64)
 
 
-def _psnr(pred: np.ndarray, clean: np.ndarray) -> float:
-    from quietscope.metrics import psnr
-
-    return float(psnr(pred, clean, data_range=float(clean.max() - clean.min())))
-
-
 def _bound_db(estimate: np.ndarray, noisy: np.ndarray, clean: np.ndarray) -> float:
-    from centre_pixel import binned_fold_in_mse
-
     return float(10 * np.log10(np.mean((estimate - clean) ** 2) / binned_fold_in_mse(estimate, noisy, clean)))
 
 
 def gaussian_row(ds: dict[str, Any]) -> dict[str, Any]:
     """Gaussian filter, sigma tuned on the held-out crop of the same noisy field."""
-    from scipy import ndimage as ndi
-
-    from quietscope.io.reading import open_image
-
     d = Path(ds["dir"])
     clean = np.load(d / "clean_field.npy")
     noisy = np.asarray(open_image(str(d / "field.ome.zarr")).array, dtype=np.float64).squeeze()
-    tune = {s: _psnr(_crop(ndi.gaussian_filter(noisy, s, mode="mirror"), ds["heldout"]), _crop(clean, ds["heldout"]))
+    tune = {s: psnr_db(_crop(ndi.gaussian_filter(noisy, s, mode="mirror"), ds["heldout"]), _crop(clean, ds["heldout"]))
             for s in GAUSS_SIGMAS}
     best = max(tune, key=tune.get)
     pred = ndi.gaussian_filter(noisy, best, mode="mirror")
     return {"photons": ds["photons"], "seed": 0, "row": "gaussian", "sigma": best,
-            "psnr": _psnr(_crop(pred, ds["origin"]), _crop(clean, ds["origin"]))}
+            "psnr": psnr_db(_crop(pred, ds["origin"]), _crop(clean, ds["origin"]))}
 
 
 def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
     """Train one method on the field for one seed, predict, score on the centre crop."""
-    import torch
-
-    torch.set_num_threads(1)
-    from quietscope.io.reading import open_image
-    from quietscope.methods.modelfile import load_model
-
+    single_thread()
     ds, method, seed, steps = task["ds"], task["method"], task["seed"], task["steps"]
     d, origin = Path(ds["dir"]), ds["origin"]
     src = d / "field.ome.zarr"
     clean = _crop(np.load(d / "clean_field.npy"), origin)
     noisy = _crop(np.asarray(open_image(str(src)).array).squeeze(), origin)
     model = d / f"{method}_s{seed}.qs"
-    train_s = _train(src, model, {"method": method}, steps, seed, task.get("reuse", False))
+    train_s = train_with_budget(src, model, {"method": method}, steps, seed, reuse=task.get("reuse", False)).seconds
     kept = load_model(model)[1].get("kept_step")
     base = {"photons": ds["photons"], "seed": seed, "train_s": train_s, "kept_step": kept}
     if method == "n2v":
-        pred = _crop(_predict(model, src, d / f"n2v_s{seed}.ome.zarr"), origin)
-        return [{**base, "row": "n2v", "psnr": _psnr(pred, clean), "binned_fold_in_gain_db": _bound_db(pred, noisy, clean)}]
-    post = _crop(_predict(model, src, d / f"{method}_s{seed}.ome.zarr"), origin)
-    prior = _crop(_predict(model, src, d / f"{method}_prior_s{seed}.ome.zarr", inference={"estimate": "prior"}), origin)
-    return [{**base, "row": f"{method} prior", "psnr": _psnr(prior, clean),
+        pred = _crop(predict(model, src, d / f"n2v_s{seed}.ome.zarr"), origin)
+        return [{**base, "row": "n2v", "psnr": psnr_db(pred, clean), "binned_fold_in_gain_db": _bound_db(pred, noisy, clean)}]
+    post = _crop(predict(model, src, d / f"{method}_s{seed}.ome.zarr"), origin)
+    prior = _crop(predict(model, src, d / f"{method}_prior_s{seed}.ome.zarr", inference={"estimate": "prior"}), origin)
+    return [{**base, "row": f"{method} prior", "psnr": psnr_db(prior, clean),
              "binned_fold_in_gain_db": _bound_db(prior, noisy, clean)},
-            {**base, "row": method, "psnr": _psnr(post, clean)}]
+            {**base, "row": method, "psnr": psnr_db(post, clean)}]
 
 
 ROWS = ("gaussian", "n2v", "bayes-poisson prior", "bayes-poisson")
@@ -174,7 +169,7 @@ def main() -> None:
     summary, table = summarise(rows, args.photons)
     print(markdown_table(["photons (peak)", "seeds", "Gaussian (tuned)", "N2V", "bayes-poisson prior", "bayes-poisson",
                           "bayes − N2V", "fold-in bound on N2V", "fold-in bound on the prior"], table))
-    write_json(args.output, {"machine": machine(), "budget": {**BUDGET, "steps": args.steps, "seeds": args.seeds},
+    write_json(args.output, {"machine": machine(), "budget": {**FIELD_BUDGET, "steps": args.steps, "seeds": args.seeds},
                              "crop": CROP, "rows": rows, "summary": summary,
                              "wall_seconds": time.perf_counter() - t_start})
     print(f"JSON: {args.output}")

@@ -1,11 +1,11 @@
 """The blind-spot penalty of a classic filter: what ignoring the centre pixel costs.
 
-    .venv/bin/python benchmarks/blind_spot_filters.py [--workdir /tmp/quietscope-bench-quality]
+    .venv/bin/python -m benchmarks.blind_spot_filters [--workdir /tmp/quietscope-bench-quality]
 
 N2V never sees the pixel it predicts during training, so on each dataset it competes with the
 classic filters from a handicap: a box or Gaussian filter *does* average the centre pixel in.
 This script measures that handicap without training anything. For each dataset that
-``benchmarks/quality.py`` left in ``--workdir`` (clean/noisy test and held-out crops), it tunes
+``benchmarks.quality`` left in ``--workdir`` (clean/noisy test and held-out crops), it tunes
 box (3-9) and Gaussian (sigma 0.5-3) filters on the held-out crop, once as they are and once with
 the centre weight set to zero and the kernel renormalised (a linear blind-spot estimator), and
 reports the test-crop PSNR of the best of each. The difference is the part of "N2V above every
@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import convolve
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, markdown_table, write_json  # noqa: E402
+from benchmarks.harness import RESULTS, machine, markdown_table, psnr_db, write_json
 
 GAUSS = [0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0]
 BOX = [3, 5, 7, 9]
@@ -46,10 +45,10 @@ def blind(kernel: np.ndarray) -> np.ndarray:
 
 
 def best_filter(noisy_h, clean_h, noisy_t, clean_t, blind_spot: bool, affine: bool) -> dict:
-    from quietscope.metrics import affine_fit, psnr
+    metric = "psnr_affine" if affine else "psnr"
 
     def score(pred, clean):
-        return psnr(affine_fit(pred, clean), clean) if affine else psnr(pred, clean)
+        return psnr_db(pred, clean, metric)
 
     candidates = [("gaussian", s, gaussian_kernel(s)) for s in GAUSS] + [("box", n, np.ones((n, n)) / n**2) for n in BOX]
     tuned = []
@@ -67,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     dirs = sorted(p for p in Path(args.workdir).iterdir() if (p / "clean_heldout.npy").exists()) if Path(args.workdir).exists() else []
     if not dirs:
-        print(f"no datasets in {args.workdir}: run benchmarks/quality.py first", file=sys.stderr)
+        print(f"no datasets in {args.workdir}: run python -m benchmarks.quality first", file=sys.stderr)
         return 2
     rows, report = [], {"machine": machine(), "workdir": args.workdir, "datasets": {}}
     for d in dirs:

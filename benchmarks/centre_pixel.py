@@ -1,8 +1,8 @@
 """How much can the centre pixel add? Oracle bounds for bayes-poisson and for PN2V.
 
-    .venv/bin/python benchmarks/centre_pixel.py [--workdir /tmp/quietscope-bench-quality] [--section photon|sim]
+    .venv/bin/python -m benchmarks.centre_pixel [--workdir /tmp/quietscope-bench-quality] [--section photon|sim]
 
-Reads the bayes-poisson and N2V models/outputs that ``benchmarks/quality.py --sections photon``
+Reads the bayes-poisson and N2V models/outputs that ``benchmarks.quality --sections photon``
 left in its work directory (run that first) and, for each photon level and seed, reports PSNR of:
 
 * ``prior``: the Gamma prior mean alpha/beta, a pure blind-spot estimate (never sees the pixel);
@@ -12,7 +12,7 @@ left in its work directory (run that first) and, for each photon level and seed,
   ``e^2 lambda / (e^2 + lambda)`` with ``e`` the prior's error and ``lambda`` the Poisson variance.
   The Poisson/Gamma posterior mean is of this form, so no Gamma prior with this mean beats it;
 * ``binned fold-in``: the best ``prior + w * (x - prior)`` with one ``w`` per bin of the prior's
-  value, fitted knowing the clean image (:func:`binned_fold_in_mse`): a weight that depends on
+  value, fitted knowing the clean image (:func:`benchmarks.harness.binned_fold_in_mse`): a weight that depends on
   what a model sees, so a bound a learned fold-in can approach, unlike the per-pixel oracle,
   which needs each pixel's own error;
 * ``n2v``: the N2V row of the same run, for the issue's target (bayes-poisson >= N2V + 1 dB).
@@ -37,9 +37,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, fmt_mean_sem, machine, write_json  # noqa: E402
+from benchmarks.harness import (
+    RESULTS,
+    binned_fold_in_mse,
+    fmt_mean_sem,
+    machine,
+    predict,
+    psnr_db,
+    psnr_from_mse,
+    read_output,
+    write_json,
+)
+from quietscope.methods.modelfile import load_model
 
 
 def ms(values: list[float], signed: bool = False) -> str:
@@ -52,16 +63,7 @@ def ms(values: list[float], signed: bool = False) -> str:
     return ("+" + text) if signed and v.mean() >= 0 else text
 
 
-def psnr_from_mse(mse: float, data_range: float) -> float:
-    return float(10 * np.log10(data_range**2 / mse))
-
-
 def analyse(d: Path, seed: int) -> dict[str, float] | None:
-    import torch
-    import zarr
-
-    from quietscope.methods.modelfile import load_model
-
     model_path, n2v_out = d / f"bayes-poisson_s{seed}.qs", d / f"n2v_s{seed}.ome.zarr"
     if not model_path.exists():
         return None
@@ -81,49 +83,18 @@ def analyse(d: Path, seed: int) -> dict[str, float] | None:
     oracle_mse = float(np.mean(e2 * lam / np.maximum(e2 + lam, 1e-12))) * float(method.gain) ** 2
     row = {
         "seed": seed,
-        "prior": psnr_from_mse(float(np.mean((prior - clean) ** 2)), rng),
-        "posterior": psnr_from_mse(float(np.mean((post - clean) ** 2)), rng),
+        "prior": psnr_db(prior, clean),
+        "posterior": psnr_db(post, clean),
         "oracle_fold_in": psnr_from_mse(oracle_mse, rng),
         "binned_fold_in": psnr_from_mse(binned_fold_in_mse(prior, noisy.astype(np.float64), clean), rng),
     }
     if n2v_out.exists():
-        n2v = np.asarray(zarr.open_array(store=str(n2v_out / "0"), mode="r")[...], dtype=np.float64).reshape(clean.shape)
-        row["n2v"] = psnr_from_mse(float(np.mean((n2v - clean) ** 2)), rng)
+        row["n2v"] = psnr_db(read_output(n2v_out), clean)
     return row
-
-
-def _zarr_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    import zarr
-
-    return np.asarray(zarr.open_array(store=str(path / "0"), mode="r")[...], dtype=np.float64).reshape(shape)
-
-
-def binned_fold_in_mse(prior: np.ndarray, noisy: np.ndarray, clean: np.ndarray, bins: int = 32) -> float:
-    """MSE of ``prior + w (x - prior)`` with the best ``w`` per bin of the prior's value.
-
-    ``w`` is chosen knowing the clean image (least squares per bin), but it can depend only on
-    what a model sees (the prior's value), not on each pixel's own error: a reachable bound for a
-    fold-in whose prior uncertainty depends on intensity only.
-    """
-    edges = np.quantile(prior, np.linspace(0, 1, bins + 1))
-    idx = np.clip(np.searchsorted(edges, prior, side="right") - 1, 0, bins - 1)
-    err = prior - clean
-    r = noisy - prior
-    total = 0.0
-    for k in range(bins):
-        m = idx == k
-        if not m.any():
-            continue
-        w = float(np.clip(-np.sum(err[m] * r[m]) / max(np.sum(r[m] ** 2), 1e-12), 0.0, 1.0))
-        total += float(np.sum((err[m] + w * r[m]) ** 2))
-    return total / prior.size
 
 
 def analyse_sim(d: Path, seed: int) -> dict[str, float] | None:
     """N2V prior, PN2V (bootstrapped GMM) prior and MMSE, and the oracle fold-in on N2V."""
-    from quietscope.chunked import PredictOptions
-    from quietscope.workflows.predict import predict
-
     n2v_out, pn2v_model = d / f"n2v_s{seed}.ome.zarr", d / f"pn2v_boot_s{seed}.qs"
     if not n2v_out.exists():
         return None
@@ -133,29 +104,26 @@ def analyse_sim(d: Path, seed: int) -> dict[str, float] | None:
     # Noise variance as a line in the signal (Poisson + Gaussian), from the realisations.
     a, b = np.polyfit(calib.mean(axis=0).ravel(), calib.var(axis=0, ddof=1).ravel(), 1)
     v = np.maximum(a * clean + b, 1e-12)
-    n2v = _zarr_image(n2v_out, clean.shape)
+    n2v = np.asarray(read_output(n2v_out), dtype=np.float64)
     e2 = (n2v - clean) ** 2
     row = {
         "seed": seed,
         "noise_var_line": [float(a), float(b)],
-        "n2v": psnr_from_mse(float(np.mean(e2)), rng),
+        "n2v": psnr_db(n2v, clean),
         "oracle_fold_in": psnr_from_mse(float(np.mean(e2 * v / (e2 + v))), rng),
         "binned_fold_in": psnr_from_mse(binned_fold_in_mse(n2v, np.load(d / "noisy.npy").astype(np.float64), clean), rng),
     }
     if pn2v_model.exists():
         for est in ("mmse", "prior"):
             out = d / f"centre-pixel_pn2v_{est}_s{seed}.ome.zarr"
-            predict(pn2v_model, d / "noisy.ome.zarr", out,
-                    PredictOptions(progress=False, overwrite=True, n_levels=1, threads=1, device="cpu"),
-                    inference={"estimate": est})
-            row[f"pn2v_{est}"] = psnr_from_mse(float(np.mean((_zarr_image(out, clean.shape) - clean) ** 2)), rng)
+            row[f"pn2v_{est}"] = psnr_db(predict(pn2v_model, d / "noisy.ome.zarr", out, inference={"estimate": est}), clean)
     return row
 
 
 def main_sim(work: Path, output: str) -> int:
     levels = sorted(p for p in work.glob("bpae-*") if p.is_dir() and (p / "calibration.npy").exists())
     if not levels:
-        print(f"no bpae-* folders in {work}: run benchmarks/quality.py --sections sim first", file=sys.stderr)
+        print(f"no bpae-* folders in {work}: run python -m benchmarks.quality --sections sim first", file=sys.stderr)
         return 2
     header = ("| dataset | N2V (blind prior) | PN2V prior (blind) | PN2V MMSE | fold-in on N2V: per-pixel oracle / "
               "weight per intensity bin | gain over N2V: oracle / binned | PN2V − N2V |")
@@ -207,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     levels = sorted(found.values(), key=lambda p: int(p.name.split("peak")[1]))
     if not levels:
         print(f"no photon-peak* folders with bayes-poisson models in {', '.join(args.workdir)}: "
-              "run benchmarks/quality.py --sections photon first", file=sys.stderr)
+              "run python -m benchmarks.quality --sections photon first", file=sys.stderr)
         return 2
     header = ("| photons (peak) | N2V | bayes prior (blind) | bayes posterior | fold-in bounds: weight per intensity bin / "
               "per-pixel oracle | centre pixel: learned / binned / oracle gain | bayes − N2V |")

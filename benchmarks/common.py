@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: machine description, JSON output, timing, tables."""
+"""The reporting half of the benchmark harness: machine description, JSON output, timing, tables,
+the process pool. Import it through :mod:`benchmarks.harness`; it imports nothing of quietscope."""
 
 from __future__ import annotations
 
@@ -83,23 +84,44 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def run_in_processes(fn: Any, tasks: list[dict[str, Any]], jobs: int) -> list[dict[str, Any]]:
+def run_in_processes(fn: Any, tasks: list[dict[str, Any]], jobs: int, *, initializer: Any = None,
+                     ordered: bool = False, echo: bool = True, on_rows: Any = None,
+                     stop_at: float | None = None, on_stop: Any = None) -> list[dict[str, Any]]:
     """Run ``fn(task)`` (which returns a list of rows) for every task in ``jobs`` spawned
-    processes; print and collect the rows as they finish. A failed task is reported and
-    skipped, so it does not lose the others' results."""
+    processes; collect (and with ``echo`` print) the rows as they finish. A failed task is
+    reported and skipped, so it does not lose the others' results.
+
+    ``initializer``: run once in every worker. ``ordered``: rows in the order of ``tasks``
+    (else as they finish). ``on_rows(k, rows)``: called after the k-th finished task.
+    ``stop_at``: a ``time.perf_counter()`` time after which tasks not yet started are cancelled
+    (``on_stop(n_cancelled)`` is told once); the finished ones keep their rows.
+    """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     rows: list[dict[str, Any]] = []
+    stopped = False
     # spawn, not fork: a forked child inherits the parent's threads' locks (dask, torch).
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
-        for f in as_completed([ex.submit(fn, t) for t in tasks]):
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, initializer=initializer, mp_context=ctx) as ex:
+        futures = [ex.submit(fn, t) for t in tasks]
+        for k, f in enumerate(futures if ordered else as_completed(futures), 1):
+            if stop_at is not None and not stopped and time.perf_counter() > stop_at:
+                stopped = True
+                n_cancelled = sum(g.cancel() for g in futures)
+                if on_stop is not None:
+                    on_stop(n_cancelled)
+            if f.cancelled():
+                continue
             try:
                 got = f.result()
             except Exception as exc:
                 print(f"task failed: {exc!r}", flush=True)
                 continue
             rows.extend(got)
-            for r in got:
-                print(r, flush=True)
+            if echo:
+                for r in got:
+                    print(r, flush=True)
+            if on_rows is not None:
+                on_rows(k, got)
     return rows

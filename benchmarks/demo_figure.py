@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/demo_figure.py [--steps 300] [--out docs/images/demo_before_after.png]
+    .venv/bin/python -m benchmarks.demo_figure [--steps 300] [--out docs/images/demo_before_after.png]
 """
 
 from __future__ import annotations
@@ -14,24 +14,24 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.harness import ROOT, read_output
+from quietscope.workflows.demo import run_demo
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "images" / "demo_before_after.png"))
+    ap.add_argument("--out", default=str(ROOT / "docs" / "images" / "demo_before_after.png"))
     args = ap.parse_args()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import zarr
-
-    from quietscope.workflows.demo import run_demo
 
     with tempfile.TemporaryDirectory() as d:
         summary = run_demo(Path(d) / "demo", steps=args.steps, progress=False)
-        noisy = zarr.open_array(store=str(Path(summary["input"]) / "0"), mode="r")[...]
-        denoised = zarr.open_array(store=str(Path(summary["output"]) / "0"), mode="r")[...]
+        noisy = read_output(summary["input"])
+        denoised = read_output(summary["output"])
         clean = np.load(Path(d) / "demo" / "clean.npy")
     crop = (slice(64, 192), slice(64, 192))
     lo, hi = np.percentile(clean, [0.5, 99.5])

@@ -2,7 +2,7 @@
 
 Run with the project's venv (under a minute)::
 
-    .venv/bin/python benchmarks/inspect_real.py
+    .venv/bin/python -m benchmarks.inspect_real
 
 For each dataset the library driver (:func:`quietscope.workflows.inspect_noise.inspect_noise`,
 the code behind ``quietscope inspect-noise``) reads a random sample of blocks, writes its
@@ -20,11 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks.harness import RESULTS, ROOT, find_data_dir, machine, write_json
+from quietscope.workflows.inspect_noise import inspect_noise
 
-from common import RESULTS, machine, write_json  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "docs" / "images"
 PAGE = ROOT / "docs" / "guide" / "inspect-real-data.md"
 
@@ -67,9 +65,6 @@ def _row(name: str, desc: str, res: Any) -> list[str]:
 
 
 def main() -> int:
-    from quietscope.io.sample_data import find_data_dir
-    from quietscope.workflows.inspect_noise import inspect_noise
-
     data = find_data_dir()
     if data is None:
         print("shared/data is absent: nothing to inspect")

@@ -7,7 +7,7 @@
 * ``pn2v_convallaria_bootstrap.png``: Convallaria (PN2V's data), frame 0: N2V trained on the
   frame, then ``noise-model bootstrap`` (no calibration data, no clean image).
 
-Usage: ``python benchmarks/plot_noise_models.py [--steps 300] [--out docs/images]``. Needs
+Usage: ``python -m benchmarks.plot_noise_models [--steps 300] [--out docs/images]``. Needs
 ``/work/shared/data`` (``quietscope.io.sample_data.find_data_dir``). Budget: about 3-4 minutes on 2 CPU cores.
 """
 
@@ -22,10 +22,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from quietscope.chunked import PredictOptions
-from quietscope.io.sample_data import find_data_dir
+from benchmarks.harness import find_data_dir, predict_options, train
 from quietscope.workflows.noise_model import bootstrap, fit_from_pairs
-from quietscope.workflows.train import train_model
 
 
 def w2s_stacks(data: Path, work: Path) -> tuple[Path, Path]:
@@ -67,12 +65,10 @@ def main() -> None:
         t0 = time.perf_counter()
         conv = data / "convallaria" / "convallaria_frame0000.tif"
         model_path = work / "n2v.qs"
-        train_model(
-            conv, model_path, {"method": "n2v", "net": {"depth": 2, "filters": 16}},
-            {"patch": (64,), "batch": 8, "steps": args.steps, "checkpoint_every": 10_000}, progress=False,
-        )
+        train(conv, model_path, {"method": "n2v", "net": {"depth": 2, "filters": 16}},
+              {"patch": (64,), "batch": 8, "steps": args.steps, "checkpoint_every": 10_000})
         nm = bootstrap(
-            model_path, conv, "gmm", work_dir=work, predict_options=PredictOptions(progress=False),
+            model_path, conv, "gmm", work_dir=work, predict_options=predict_options({"progress": False}),
             plot_path=args.out / "pn2v_convallaria_bootstrap.png",
         )
         lo, hi = nm.signal_range

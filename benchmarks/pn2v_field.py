@@ -8,7 +8,7 @@ script repeats the bootstrapped PN2V-GMM row with both networks trained on the w
 Run with the project's venv (about 15 minutes per seed on 2 CPU cores; the two noise levels
 run side by side, one thread each)::
 
-    .venv/bin/python benchmarks/pn2v_field.py [--steps 3000] [--seeds 0 1 2] [--jobs 2]
+    .venv/bin/python -m benchmarks.pn2v_field [--steps 3000] [--seeds 0 1 2] [--jobs 2]
 
 Protocol, per noise level and seed: noise as in ``quality.py`` (moderate: Poisson 25 photons
 at the crop's mean + Gaussian 0.1 × the image std; strong: 5 photons + 0.2 × std) on the
@@ -22,8 +22,8 @@ the centre pixel left out) is scored too, to separate the prior from the fold-in
 is trained on the same bootstrapped pairs with their residuals rescaled to the data's own
 Poisson–Gaussian variance line (``noise-model bootstrap --variance-from-data``). The N2V row
 also records what the best fold-in of the centre pixel into N2V's prediction could add if its
-weight may depend on intensity only (``centre_pixel.binned_fold_in_mse``, fitted with the clean
-crop: a bound, not a method).
+weight may depend on intensity only (the binned fold-in of ``centre_pixel.py``, fitted with the clean
+crop: a bound, not a method; ``harness.binned_fold_in_mse``).
 Results go to ``benchmarks/results/pn2v_field.json``.
 
 ``--levels w2s`` runs the same rows on real camera noise: the whole 512² W2S frame fov081 ch1
@@ -36,43 +36,41 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, fmt_mean_sem, machine, markdown_table, run_in_processes, write_json  # noqa: E402
-from quietscope.metrics import mean_and_sem  # noqa: E402
+from benchmarks.harness import (
+    CROP,
+    FIELD_BUDGET,
+    RESULTS,
+    SIM_LEVELS,
+    binned_fold_in_mse,
+    bpae_field_noise,
+    data_dir,
+    fmt_mean_sem,
+    machine,
+    markdown_table,
+    mean_and_sem,
+    predict,
+    psnr_db,
+    run_in_processes,
+    single_thread,
+    train_with_budget,
+    write_json,
+)
+from quietscope.io.reading import open_image
+from quietscope.io.sample_data import read_tiff
+from quietscope.metrics import affine_fit
+from quietscope.noise_models import fit_gmm, match_variance_line, pairs_from_prediction
+from quietscope.simulate import poisson_gaussian
+from quietscope.workflows.demo import write_ome_zarr_image
+from quietscope.workflows.noise_model import data_variance_line
 
-CROP = 192
-LEVELS = {"moderate": (25.0, 0.1), "strong": (5.0, 0.2)}
+LEVELS = SIM_LEVELS
 VFD = "pn2v-gmm bootstrapped, variance from data (field)"
-BUDGET = {"batch": 16, "patch": 32, "depth": 2, "filters": 16, "lr": 1e-3, "mask_percent": 2.0}
-
-
-def _data_dir() -> Path:
-    from quietscope.io.sample_data import find_data_dir
-
-    data = find_data_dir()
-    if data is None:
-        raise SystemExit("shared/data not found (set QUIETSCOPE_DATA); this benchmark needs the real images")
-    return data
-
-
-def field_noise(level: str) -> tuple[np.ndarray, tuple[int, int], float, float]:
-    """The clean BPAE actin field, the test crop's origin, the photon scale (photons per unit)
-    and the Gaussian std of noise ``level``: the true noise variance is ``s / scale + std**2``."""
-    from quietscope.io.sample_data import read_tiff
-
-    img = read_tiff(_data_dir() / "bpae" / "bpae_actin.tif").astype(np.float32)
-    cy, cx = (img.shape[0] - CROP) // 2, (img.shape[1] - CROP) // 2
-    photons, g = LEVELS[level]
-    return img, (cy, cx), photons / float(img[cy:cy + CROP, cx:cx + CROP].mean()), g * float(img.std())
 
 
 W2S_FOV, W2S_ORIGIN = "fov081_ch1", (160, 60)  # quality.py's W2S test crop
@@ -80,22 +78,17 @@ W2S_FOV, W2S_ORIGIN = "fov081_ch1", (160, 60)  # quality.py's W2S test crop
 
 def w2s_field() -> tuple[np.ndarray, np.ndarray]:
     """The real noisy W2S frame and its 400-frame mean (float32, 512²)."""
-    from quietscope.io.sample_data import read_tiff
-
-    return tuple(read_tiff(_data_dir() / "w2s" / kind / f"{W2S_FOV}.tif").astype(np.float32)  # type: ignore[return-value]
+    return tuple(read_tiff(data_dir() / "w2s" / kind / f"{W2S_FOV}.tif").astype(np.float32)  # type: ignore[return-value]
                  for kind in ("noisy", "clean"))
 
 
 def make_data(work: Path, level: str) -> dict[str, Any]:
     """The noisy field as OME-Zarr and the clean crop as npy; returns the crop's origin."""
-    from quietscope.simulate import poisson_gaussian
-    from quietscope.workflows.demo import write_ome_zarr_image
-
     if level == "w2s":
         noisy, img = w2s_field()
         cy, cx = W2S_ORIGIN
     else:
-        img, (cy, cx), scale, _ = field_noise(level)
+        img, (cy, cx), scale, _ = bpae_field_noise(level)
         _, g = LEVELS[level]
         noisy = poisson_gaussian(img, scale, g, float(img.std()), seed=0).astype(np.float32)
     d = work / level
@@ -106,71 +99,33 @@ def make_data(work: Path, level: str) -> dict[str, Any]:
     return {"dir": str(d), "origin": (cy, cx)}
 
 
-def _train(src: Path, model: Path, options: dict[str, Any], steps: int, seed: int, reuse: bool = False) -> float | None:
-    from quietscope.workflows.train import train_model
-
-    if reuse and model.exists():
-        return None  # trained by an earlier run of this script with the same options
-    t0 = time.perf_counter()
-    # Only the masking methods take a masked share; the Bayesian blind-spot nets use every pixel.
-    masking = {"masked_pixel_percentage": BUDGET["mask_percent"]} if options["method"] in ("n2v", "pn2v") else {}
-    train_model(str(src), model,
-                {"net": {"depth": BUDGET["depth"], "filters": BUDGET["filters"]}, **masking, **options},
-                {"patch": (BUDGET["patch"],), "batch": BUDGET["batch"], "steps": steps, "lr": BUDGET["lr"], "seed": seed,
-                 "val_every": max(steps // 10, 1), "checkpoint_every": max(steps // 10, 1), "pool_size": 256, "device": "cpu"},
-                overwrite=True, progress=False)
-    return time.perf_counter() - t0
-
-
-def _predict(model: Path, src: Path, out: Path, inference: dict | None = None) -> np.ndarray:
-    from quietscope.chunked import PredictOptions
-    from quietscope.io.reading import open_image
-    from quietscope.workflows.predict import predict
-
-    predict(model, src, out, PredictOptions(progress=False, overwrite=True, n_levels=1, threads=1, device="cpu"),
-            inference=inference)
-    return np.asarray(open_image(str(out)).array).squeeze()
-
-
 def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
-    import torch
-
-    torch.set_num_threads(1)
+    single_thread()
     logging.basicConfig(level=logging.WARNING)
-    from quietscope.metrics import affine_fit
-    from quietscope.metrics import psnr as _psnr
-    from quietscope.noise_models import fit_gmm, pairs_from_prediction
-
     d, level, seed, steps = Path(task["dir"]), task["level"], task["seed"], task["steps"]
     cy, cx = task["origin"]
     clean = np.load(d / "clean.npy")
-    rng_ = float(clean.max() - clean.min())
     src = d / "field.ome.zarr"
+    # Another gain/offset than the noisy frame (W2S): compare after an affine fit.
+    metric = "psnr_affine" if level == "w2s" else "psnr"
 
     def crop(a: np.ndarray) -> np.ndarray:
         return a[cy:cy + CROP, cx:cx + CROP]
 
-    def psnr(pred: np.ndarray, gt: np.ndarray, data_range: float) -> float:
-        if level == "w2s":  # another gain/offset than the noisy frame: compare after an affine fit
-            return _psnr(affine_fit(np.asarray(pred, np.float64), gt), gt)
-        return _psnr(pred, gt, data_range=data_range)
+    def train(model: Path, options: dict[str, Any]) -> float | None:
+        return train_with_budget(src, model, options, steps, seed, reuse=bool(task.get("reuse"))).seconds
 
     rows = []
     n2v_model = d / f"n2v_s{seed}.qs"
-    reuse = bool(task.get("reuse"))
-    t_n2v = _train(src, n2v_model, {"method": "n2v"}, steps, seed, reuse)
-    n2v_field = _predict(n2v_model, src, d / f"n2v_s{seed}.ome.zarr")
-    from quietscope.io.reading import open_image
-
+    t_n2v = train(n2v_model, {"method": "n2v"})
+    n2v_field = predict(n2v_model, src, d / f"n2v_s{seed}.ome.zarr")
     noisy_field = np.asarray(open_image(str(src)).array).astype(np.float32)
     # What any fold-in of the centre pixel into N2V's prediction can add when its weight may
-    # depend on intensity only (centre_pixel.binned_fold_in_mse), in the noisy data's units.
-    from centre_pixel import binned_fold_in_mse
-
+    # depend on intensity only (harness.binned_fold_in_mse), in the noisy data's units.
     n2v_c, noisy_c, clean_c = (a.astype(np.float64) for a in (crop(n2v_field), crop(noisy_field), clean))
     signal_c = affine_fit(clean_c, noisy_c) if level == "w2s" else clean_c
     bound_db = 10 * np.log10(float(np.mean((n2v_c - signal_c) ** 2)) / binned_fold_in_mse(n2v_c, noisy_c, signal_c))
-    rows.append({"level": level, "seed": seed, "row": "n2v (field)", "psnr": psnr(crop(n2v_field), clean, data_range=rng_),
+    rows.append({"level": level, "seed": seed, "row": "n2v (field)", "psnr": psnr_db(crop(n2v_field), clean, metric),
                  "train_s": t_n2v, "binned_fold_in_gain_db": float(bound_db)})
     s, x = pairs_from_prediction(n2v_field, noisy_field)
     t0 = time.perf_counter()
@@ -178,26 +133,23 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
     nm = fit_gmm(s, x, n_gaussian=3, n_coeff=2, seed=seed, observed_range=full)
     fit_s = time.perf_counter() - t0
     pn2v_model = d / f"pn2v_boot_s{seed}.qs"
-    t_pn2v = _train(src, pn2v_model, {"method": "pn2v", "noise_model": nm.to_dict()}, steps, seed, reuse)
-    mmse = _predict(pn2v_model, src, d / f"pn2v_boot_s{seed}.ome.zarr")
-    prior = _predict(pn2v_model, src, d / f"pn2v_boot_prior_s{seed}.ome.zarr", inference={"estimate": "prior"})
-    rows.append({"level": level, "seed": seed, "row": "pn2v-gmm bootstrapped (field)", "psnr": psnr(crop(mmse), clean, data_range=rng_),
+    t_pn2v = train(pn2v_model, {"method": "pn2v", "noise_model": nm.to_dict()})
+    mmse = predict(pn2v_model, src, d / f"pn2v_boot_s{seed}.ome.zarr")
+    prior = predict(pn2v_model, src, d / f"pn2v_boot_prior_s{seed}.ome.zarr", inference={"estimate": "prior"})
+    rows.append({"level": level, "seed": seed, "row": "pn2v-gmm bootstrapped (field)", "psnr": psnr_db(crop(mmse), clean, metric),
                  "train_s": t_pn2v, "gmm_fit_s": fit_s, "n_pairs": int(s.size)})
-    rows.append({"level": level, "seed": seed, "row": "pn2v prior mean (field)", "psnr": psnr(crop(prior), clean, data_range=rng_)})
+    rows.append({"level": level, "seed": seed, "row": "pn2v prior mean (field)", "psnr": psnr_db(crop(prior), clean, metric)})
     if task.get("variance_from_data", True):
         # The same bootstrap with its residuals rescaled to the data's own Poisson-Gaussian
         # variance line (noise-model bootstrap --variance-from-data).
-        from quietscope.noise_models import match_variance_line
-        from quietscope.workflows.noise_model import data_variance_line
-
         gain, intercept = data_variance_line(str(src), seed=seed)
         x_fit, _, factor = match_variance_line(s, x, gain, intercept)
         nm_v = fit_gmm(s, x_fit, n_gaussian=3, n_coeff=2, seed=seed, observed_range=full)
         model_v = d / f"pn2v_vfd_s{seed}.qs"
-        t_v = _train(src, model_v, {"method": "pn2v", "noise_model": nm_v.to_dict()}, steps, seed, reuse)
-        mmse_v = _predict(model_v, src, d / f"pn2v_vfd_s{seed}.ome.zarr")
+        t_v = train(model_v, {"method": "pn2v", "noise_model": nm_v.to_dict()})
+        mmse_v = predict(model_v, src, d / f"pn2v_vfd_s{seed}.ome.zarr")
         rows.append({"level": level, "seed": seed, "row": "pn2v-gmm bootstrapped, variance from data (field)",
-                     "psnr": psnr(crop(mmse_v), clean, data_range=rng_), "train_s": t_v, "gain": gain, "intercept": intercept,
+                     "psnr": psnr_db(crop(mmse_v), clean, metric), "train_s": t_v, "gain": gain, "intercept": intercept,
                      "factor_min": float(factor.min()), "factor_median": float(np.median(factor)), "factor_max": float(factor.max())})
     return rows
 
@@ -246,7 +198,7 @@ def main() -> None:
                      + [fmt_mean_sem(*entry[k]) if entry[k] else "–" for k in ("pn2v_minus_n2v", "pn2v_vfd_minus_n2v", "binned_fold_in_bound")])
     print(markdown_table(["noise", "seeds", "N2V (field)", "PN2V prior (field)", "PN2V-GMM boot. (field)",
                           "… variance from data", "boot. − N2V", "var. from data − N2V", "fold-in bound − N2V"], table))
-    write_json(args.output, {"machine": machine(), "budget": {**BUDGET, "steps": args.steps, "seeds": args.seeds},
+    write_json(args.output, {"machine": machine(), "budget": {**FIELD_BUDGET, "steps": args.steps, "seeds": args.seeds},
                              "levels": {k: LEVELS.get(k, "real camera noise") for k in args.levels}, "rows": rows, "summary": summary,
                              "wall_seconds": time.perf_counter() - t_start})
     print(f"JSON: {args.output}")

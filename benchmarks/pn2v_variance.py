@@ -1,10 +1,10 @@
 """How far the noise models' variances are from the truth, and how calibrated PN2V's prior is.
 
-No training: reads the models that ``benchmarks/pn2v_field.py`` and ``benchmarks/quality.py
+No training: reads the models that ``benchmarks.pn2v_field`` and ``benchmarks.quality
 --steps 3000`` left in their work folders (BPAE actin, simulated noise, so the true noise
 variance ``s / k + sigma_g**2`` is known). Run after them::
 
-    .venv/bin/python benchmarks/pn2v_variance.py [--field /tmp/qs-pn2v-field] [--crop /tmp/qs-q3000] [--seed 0]
+    .venv/bin/python -m benchmarks.pn2v_variance [--field /tmp/qs-pn2v-field] [--crop /tmp/qs-q3000] [--seed 0]
 
 Prints, per noise level:
 
@@ -21,22 +21,30 @@ Results go to ``benchmarks/results/pn2v_variance.json``.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, write_json  # noqa: E402
-from pn2v_field import CROP, LEVELS, field_noise  # noqa: E402
+from benchmarks.harness import CROP, RESULTS, SIM_LEVELS, bpae_field_noise, machine, write_json
+from quietscope.io.reading import open_image
+from quietscope.methods.modelfile import load_model
+from quietscope.noise_models import (
+    fit_gmm,
+    load_noise_model,
+    match_variance_line,
+    pairs_from_calibration,
+    pairs_from_prediction,
+)
+from quietscope.workflows.noise_model import data_variance_line
 
 PROBE = np.array([300.0, 1500.0, 3000.0, 5000.0, 8000.0])
 
 
 def truth(level: str) -> tuple[np.ndarray, float, float, tuple[int, int]]:
     """Clean field, true gain and intercept of the noise variance line, crop origin."""
-    img, origin, scale, gauss_std = field_noise(level)
+    img, origin, scale, gauss_std = bpae_field_noise(level)
     return img, 1.0 / scale, gauss_std**2, origin
 
 
@@ -46,10 +54,6 @@ def var_ratio(nm: Any, a: float, b: float) -> list[float]:
 
 
 def prior_calibration(model_path: Path, noisy: np.ndarray, clean: np.ndarray) -> list[dict[str, float]]:
-    import torch
-
-    from quietscope.methods.modelfile import load_model
-
     method, _ = load_model(model_path)
     pad = 32
     x = np.pad(noisy.astype(np.float32), pad, mode="reflect")
@@ -78,24 +82,14 @@ def balanced(s: np.ndarray, x: np.ndarray, per_bin: int = 20_000, bins: int = 32
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--field", default="/tmp/qs-pn2v-field", help="work folder of pn2v_field.py")
+    ap.add_argument("--field", default="/tmp/qs-pn2v-field", help="work folder of benchmarks.pn2v_field")
     ap.add_argument("--crop", default="/tmp/qs-q3000", help="work folder of quality.py --steps 3000")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output", default=str(RESULTS / "pn2v_variance.json"))
     args = ap.parse_args()
-    from quietscope.io.reading import open_image
-    from quietscope.noise_models import (
-        fit_gmm,
-        load_noise_model,
-        match_variance_line,
-        pairs_from_calibration,
-        pairs_from_prediction,
-    )
-    from quietscope.workflows.noise_model import data_variance_line
-
     result: dict[str, Any] = {"machine": machine(), "probe_signals": PROBE.tolist(), "levels": {}}
     seed = args.seed
-    for level in LEVELS:
+    for level in SIM_LEVELS:
         img, a, b, (cy, cx) = truth(level)
         clean = img[cy:cy + CROP, cx:cx + CROP]
         rec: dict[str, Any] = {"true_gain": a, "true_intercept": b}

@@ -2,7 +2,7 @@
 
 Run with the project's venv (about 30 minutes on 2 CPU cores; ``--quick`` for a smoke test)::
 
-    .venv/bin/python benchmarks/quality.py [--quick] [--only n2v,gaussian] [--jobs 2]
+    .venv/bin/python -m benchmarks.quality [--quick] [--only n2v,gaussian] [--jobs 2]
 
 Sections (each row goes through the real pipeline: ``quietscope.workflows.train.train_model`` ->
 ``quietscope.chunked.predict`` on an OME-Zarr, filters through ``quietscope.methods.filters.
@@ -30,28 +30,56 @@ step's weights (``--keep last``); at 300 steps the best is one of steps 100, 200
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import multiprocessing
-import os
-import sys
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage as ndi
 
-# distributed configures its own loggers from dask config on first import: keep them quiet.
-os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, fmt_mean_sem, machine, markdown_table, write_json  # noqa: E402
+from benchmarks.harness import (
+    CROP,
+    RESULTS,
+    SIM_LEVELS,
+    budget_train_options,
+    centre_origin,
+    data_dir,
+    filter_output,
+    fmt_mean_sem,
+    machine,
+    markdown_table,
+    output_channels,
+    predict_run,
+    psnr_db,
+    read_bpae,
+    read_output,
+    run_in_processes,
+    score,
+    single_thread,
+    train,
+    write_json,
+)
+from quietscope.io.sample_data import read_tiff
+from quietscope.methods import available_methods
+from quietscope.methods.filters import filter_array
+from quietscope.metrics import affine_fit, mean_and_sem
+from quietscope.noise_models import (
+    fit_gmm,
+    fit_histogram,
+    load_noise_model,
+    pairs_from_calibration,
+    pairs_from_prediction,
+)
+from quietscope.simulate import poisson_gaussian
+from quietscope.workflows.demo import write_ome_zarr_image
 
 log = logging.getLogger("quality")
 
 FULL_BUDGET = {"steps": 300, "batch": 16, "patch": 32, "depth": 2, "filters": 16, "lr": 1e-3, "seeds": 3}
 QUICK_BUDGET = {"steps": 10, "batch": 4, "patch": 32, "depth": 2, "filters": 8, "lr": 1e-3, "seeds": 1}
-CROP = 192
 FILTER_GRID = {"box": [3, 5, 7, 9], "median": [3, 5, 7], "gaussian": [0.5, 0.75, 1.0, 1.5, 2.0, 2.5]}
 
 # Rows per section: (row label, method name or filter kind, extra).
@@ -77,16 +105,7 @@ def _crop(img: np.ndarray, y: int, x: int, n: int) -> np.ndarray:
 
 def build_datasets(work: Path, sections: list[str], quick: bool, images: tuple[str, ...] = ("actin",)) -> list[dict[str, Any]]:
     """Write every dataset's noisy test/held-out images (OME-Zarr) and clean references (npy)."""
-    from scipy import ndimage as ndi
-
-    from quietscope.io.sample_data import find_data_dir, read_tiff
-    from quietscope.metrics import affine_fit
-    from quietscope.simulate import poisson_gaussian
-    from quietscope.workflows.demo import write_ome_zarr_image
-
-    data = find_data_dir()
-    if data is None:
-        raise SystemExit("shared/data not found (set QUIETSCOPE_DATA); this benchmark needs the real images")
+    data = data_dir()
     n = CROP
     out: list[dict[str, Any]] = []
 
@@ -104,17 +123,16 @@ def build_datasets(work: Path, sections: list[str], quick: bool, images: tuple[s
         out.append(ds)
         return ds
 
-    actin = read_tiff(data / "bpae" / "bpae_actin.tif").astype(np.float32)
-    mito = read_tiff(data / "bpae" / "bpae_mito.tif").astype(np.float32)
+    actin, mito = read_bpae("actin"), read_bpae("mito")
     # Test crop in the cell-rich centre, held-out crop beside it (no overlap).
-    cy, cx = (actin.shape[0] - n) // 2, (actin.shape[1] - n) // 2
+    cy, cx = centre_origin(actin.shape, n)
     hy, hx = cy, cx - n - 16
     if "sim" in sections:
         # denoiSplit-style levels: mean photon count of the clean crop, Gaussian std relative to its std.
         for img_name, img in (("actin", actin), ("mito", mito)):
             if img_name not in images:
                 continue
-            for level, (photons, g) in {"moderate": (25.0, 0.1), "strong": (5.0, 0.2)}.items():
+            for level, (photons, g) in SIM_LEVELS.items():
                 if quick and (img_name, level) != ("actin", "moderate"):
                     continue
                 ct, ch = _crop(img, cy, cx, n), _crop(img, hy, hx, n)
@@ -164,35 +182,9 @@ def build_datasets(work: Path, sections: list[str], quick: bool, images: tuple[s
     return out
 
 
-# ---- metrics -------------------------------------------------------------------------------
-def score(pred: np.ndarray, gt: np.ndarray, metric: str) -> dict[str, float]:
-    from quietscope.metrics import affine_fit, psnr, range_invariant_psnr, ssim
-
-    pred = np.asarray(pred, np.float64)
-    if metric == "psnr_affine":
-        fitted = affine_fit(pred, gt)
-        return {"psnr": psnr(fitted, gt), "ssim": ssim(fitted, gt), "ri_psnr": range_invariant_psnr(pred, gt)}
-    return {"psnr": psnr(pred, gt), "ssim": ssim(pred, gt), "ri_psnr": range_invariant_psnr(pred, gt)}
-
-
-def _read_output(path: Path, name: str = "denoised") -> np.ndarray:
-    from quietscope.io.reading import open_image
-
-    img = open_image(str(path))
-    full = tuple(slice(None) for _ in img.spatial_shape)
-    arr = img.read_tc(0, full)
-    names = img.channel_names or []
-    return arr[names.index(name)] if name in names else arr[0]
-
-
 # ---- filters -------------------------------------------------------------------------------
 def run_filters(ds: dict[str, Any], kinds: list[str], work: Path) -> list[dict[str, Any]]:
     """Tune each filter on the held-out crop, apply the best through the chunked pipeline."""
-    from quietscope.chunked import PredictOptions
-    from quietscope.methods.filters import filter_array
-    from quietscope.metrics import psnr
-    from quietscope.workflows.filter import filter_image
-
     d = Path(ds["dir"])
     ch, nh = np.load(d / "clean_heldout.npy"), np.load(d / "noisy_heldout.npy")
     ct = np.load(d / "clean.npy")
@@ -200,18 +192,10 @@ def run_filters(ds: dict[str, Any], kinds: list[str], work: Path) -> list[dict[s
     for kind in kinds:
         grid = FILTER_GRID[kind]
         key = "sigma" if kind == "gaussian" else "size"
-        if ds["metric"] == "psnr_affine":
-            from quietscope.metrics import affine_fit
-
-            tune = [psnr(affine_fit(filter_array(nh, kind, **{key: v}), ch), ch) for v in grid]
-        else:
-            tune = [psnr(filter_array(nh, kind, **{key: v}), ch) for v in grid]
+        tune = [psnr_db(filter_array(nh, kind, **{key: v}), ch, ds["metric"]) for v in grid]
         best = grid[int(np.argmax(tune))]
         t0 = time.perf_counter()
-        out = d / f"{kind}.ome.zarr"
-        filter_image(ds["noisy"], out, kind, **{key: best},
-                     options=PredictOptions(progress=False, overwrite=True, n_levels=1, threads=1))
-        pred = _read_output(out, "filtered")
+        pred = filter_output(ds["noisy"], d / f"{kind}.ome.zarr", kind, **{key: best})
         rows.append({"dataset": ds["name"], "row": kind, "seed": 0, "param": {key: best},
                      "seconds": time.perf_counter() - t0, **score(pred, ct, ds["metric"])})
     return rows
@@ -219,41 +203,29 @@ def run_filters(ds: dict[str, Any], kinds: list[str], work: Path) -> list[dict[s
 
 # ---- trained rows (run in worker processes) -------------------------------------------------
 def _worker_init() -> None:
-    import torch
-
-    torch.set_num_threads(1)
+    single_thread()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("distributed").setLevel(logging.ERROR)
 
 
 def _train_predict(ds: dict[str, Any], row: str, seed: int, method_options: dict[str, Any],
                    budget: dict[str, Any], tag: str, inference: dict | None = None) -> tuple[dict[str, Any], Path]:
-    from quietscope.chunked import PredictOptions
-    from quietscope.workflows.predict import predict
-    from quietscope.workflows.train import train_model
-
     d = Path(ds["dir"])
     model = d / f"{tag}_s{seed}.qs"
     out = d / f"{tag}_s{seed}.ome.zarr"
     opts = {"method": method_options["method"], "net": {"depth": budget["depth"], "filters": budget["filters"]}}
     opts.update({k: v for k, v in method_options.items() if k != "method"})
-    t0 = time.perf_counter()
-    train_model(ds["noisy"], model, opts,
-                {"patch": (budget["patch"],), "batch": budget["batch"], "steps": budget["steps"], "lr": budget["lr"],
-                 "seed": seed, "val_every": min(100, max(budget["steps"] // 3, 1)), "checkpoint_every": max(budget["steps"] // 3, 1),
-                 "pool_size": 256, "device": "cpu"},
-                overwrite=True, progress=False)
+    steps = budget["steps"]
+    trained = train(ds["noisy"], model, opts, budget_train_options(
+        budget, steps, seed, val_every=min(100, max(steps // 3, 1)), checkpoint_every=max(steps // 3, 1)))
     t1 = time.perf_counter()
-    predict(model, ds["noisy"], out, PredictOptions(progress=False, overwrite=True, n_levels=1, threads=1, device="cpu"),
-            inference=inference)
+    predict_run(model, ds["noisy"], out, inference=inference)
     t2 = time.perf_counter()
-    return {"dataset": ds["name"], "row": row, "seed": seed, "train_s": t1 - t0, "predict_s": t2 - t1}, out
+    return {"dataset": ds["name"], "row": row, "seed": seed, "train_s": trained.seconds, "predict_s": t2 - t1}, out
 
 
 def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
     """One trained row for one seed (n2v also bootstraps pn2v-gmm from its own prediction)."""
-    from quietscope.noise_models import fit_gmm, load_noise_model, pairs_from_prediction
-
     ds, row, seed, budget = task["ds"], task["row"], task["seed"], task["budget"]
     d = Path(ds["dir"])
     ct = np.load(d / "clean.npy")
@@ -264,7 +236,7 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
             return []
         if row == "n2v":
             res, out = _train_predict(ds, "n2v", seed, {"method": "n2v", **N2V_MASK}, budget, "n2v")
-            pred = _read_output(out)
+            pred = read_output(out)
             rows.append({**res, **score(pred, ct, ds["metric"])})
             if task.get("bootstrap"):
                 noisy = np.load(d / "noisy.npy")
@@ -273,7 +245,7 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
                 nm = fit_gmm(s, x, n_gaussian=3, n_coeff=2, seed=seed, observed_range=(float(noisy.min()), float(noisy.max())))
                 res, out = _train_predict(ds, "pn2v-gmm (bootstrapped)", seed,
                                           {"method": "pn2v", "noise_model": nm.to_dict(), **N2V_MASK}, budget, "pn2v_boot")
-                rows.append({**res, **score(_read_output(out), ct, ds["metric"])})
+                rows.append({**res, **score(read_output(out), ct, ds["metric"])})
         elif row.startswith("pn2v"):
             nm_file = d / ("nm_histogram.json" if "histogram" in row else "nm_gmm.json")
             for _ in range(1800):  # written by the fit-noise-models task, submitted first
@@ -283,10 +255,10 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
             nm = load_noise_model(nm_file)
             tag = "pn2v_hist" if "histogram" in row else "pn2v_gmm"
             res, out = _train_predict(ds, row, seed, {"method": "pn2v", "noise_model": nm.to_dict(), **N2V_MASK}, budget, tag)
-            rows.append({**res, **score(_read_output(out), ct, ds["metric"])})
+            rows.append({**res, **score(read_output(out), ct, ds["metric"])})
         elif row in ("bayes-poisson", "bayes-gauss"):
             res, out = _train_predict(ds, row, seed, {"method": row}, budget, row)
-            rows.append({**res, **score(_read_output(out), ct, ds["metric"])})
+            rows.append({**res, **score(read_output(out), ct, ds["metric"])})
         elif row.startswith("n2v-deconv"):
             lam = 0.0 if "no positivity" in row else POSITIVITY_LAMBDA
             tag = "deconv_nopos" if lam == 0 else "deconv_pos"
@@ -294,15 +266,13 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
                                                       "positivity_lambda": lam, **N2V_MASK}, budget, tag)
             # The denoised image (s convolved with the PSF) vs the noise-free blurred image, and
             # the deconvolved s vs the sharp crop.
-            r = {**res, **score(_read_output(out, "denoised"), ct, "psnr")}
+            r = {**res, **score(read_output(out, "denoised"), ct, "psnr")}
             try:
-                from quietscope.io.reading import open_image
-
-                names = open_image(str(out)).channel_names or []
+                names = output_channels(out)
                 other = [n for n in names if n != "denoised"]
                 if other:
                     sharp = np.load(d / "sharp.npy")
-                    r["deconvolved_psnr"] = score(_read_output(out, other[0]), sharp, "psnr")["psnr"]
+                    r["deconvolved_psnr"] = score(read_output(out, other[0]), sharp, "psnr")["psnr"]
                     r["deconvolved_channel"] = other[0]
             except Exception as exc:  # the primary number is already in r
                 r["deconvolved_error"] = str(exc)
@@ -335,8 +305,6 @@ def priority(task: dict[str, Any]) -> tuple:
 
 
 def fit_calibrated_models(ds: dict[str, Any], kinds: tuple[str, ...] = ("histogram", "gmm")) -> None:
-    from quietscope.noise_models import fit_gmm, fit_histogram, pairs_from_calibration
-
     d = Path(ds["dir"])
     if ds["section"] == "sim":
         s, x = pairs_from_calibration(np.load(d / "calibration.npy"))
@@ -351,8 +319,6 @@ def fit_calibrated_models(ds: dict[str, Any], kinds: tuple[str, ...] = ("histogr
 
 
 def summarise(results: list[dict[str, Any]], datasets: list[dict[str, Any]]) -> dict[str, Any]:
-    from quietscope.metrics import mean_and_sem
-
     table: dict[str, dict[str, Any]] = {}
     for ds in datasets:
         for r in [r for r in results if r["dataset"] == ds["name"] and "error" not in r and "skipped" not in r]:
@@ -448,8 +414,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-json", default=None, help="only print the tables of an earlier run's JSON")
     args = ap.parse_args(argv)
     if args.from_json:
-        import json
-
         rep = json.loads(Path(args.from_json).read_text())
         rep["summary"] = summarise(rep["results"], rep["datasets"])
         text = render(rep["summary"], rep["datasets"], rep)
@@ -463,11 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("distributed", "quietscope", "tornado"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    import torch
-
-    torch.set_num_threads(1)
-    from quietscope.methods import available_methods
-
+    single_thread()
     budget = dict(QUICK_BUDGET if args.quick else FULL_BUDGET)
     if args.seeds:
         budget["seeds"] = args.seeds
@@ -530,27 +490,24 @@ def main(argv: list[str] | None = None) -> int:
     save()
     # Heavier tasks first so the last minutes are not one long task alone.
     tasks.sort(key=priority)
-    # spawn, not fork: the parent already ran dask clients (threads), which a fork can deadlock.
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.jobs, initializer=_worker_init, mp_context=ctx) as pool:
-        futures = {pool.submit(run_task, t): t for t in tasks}
-        for k, fut in enumerate(as_completed(futures), 1):
-            if time.perf_counter() - t_start > args.max_minutes * 60 and not report.get("cut_short"):
-                # Out of time: keep what is done (rows then show n < seeds) rather than nothing.
-                n_cancelled = sum(f.cancel() for f in futures)
-                report["cut_short"] = f"stopped after {args.max_minutes} min; {n_cancelled} queued task(s) cancelled"
-                log.warning(report["cut_short"])
-            if fut.cancelled():
-                continue
-            rows = fut.result()
-            results += rows
-            for r in rows:
-                if "error" in r:
-                    log.warning("%s %s seed %d failed: %s", r["dataset"], r["row"], r["seed"], r["error"])
-                else:
-                    log.info("[%d/%d] %s %s seed %d: PSNR %.2f dB (train %.0f s)", k, len(tasks), r["dataset"],
-                             r["row"], r["seed"], r["psnr"], r.get("train_s", 0))
-            save()
+    # Spawned processes (the parent already ran dask clients, whose threads a fork can deadlock).
+    def cut_short(n_cancelled: int) -> None:
+        # Out of time: keep what is done (rows then show n < seeds) rather than nothing.
+        report["cut_short"] = f"stopped after {args.max_minutes} min; {n_cancelled} queued task(s) cancelled"
+        log.warning(report["cut_short"])
+
+    def finished(k: int, rows: list[dict[str, Any]]) -> None:
+        results.extend(rows)
+        for r in rows:
+            if "error" in r:
+                log.warning("%s %s seed %d failed: %s", r["dataset"], r["row"], r["seed"], r["error"])
+            else:
+                log.info("[%d/%d] %s %s seed %d: PSNR %.2f dB (train %.0f s)", k, len(tasks), r["dataset"],
+                         r["row"], r["seed"], r["psnr"], r.get("train_s", 0))
+        save()
+
+    run_in_processes(run_task, tasks, args.jobs, initializer=_worker_init, echo=False, on_rows=finished,
+                     stop_at=t_start + args.max_minutes * 60, on_stop=cut_short)
     save()
     text = render(report["summary"], datasets, report)
     print(text)

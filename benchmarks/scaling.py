@@ -1,6 +1,6 @@
 """Scale-out figures of the block runner: one run prints a table and writes JSON.
 
-    .venv/bin/python benchmarks/scaling.py [--quick] [--out benchmarks/results/scaling.json]
+    .venv/bin/python -m benchmarks.scaling [--quick] [--out benchmarks/results/scaling.json]
 
 1. Throughput with 1 vs 2 local worker *processes* (``--workers``; torch 1 thread per worker),
    a seeded random U-Net (depth 2, 16 filters) on a 2D float32 image.
@@ -33,9 +33,13 @@ import numpy as np
 import psutil
 import zarr
 
+from benchmarks.harness import RESULTS, run_processor
+from quietscope.io.reading import ImageRef, open_image
 from quietscope.runner.cluster import cpu_count, dask_client
 from quietscope.runner.executor import JobSpec, blocks_per_task, count_blocks, group_tasks, iter_tasks, stream_tasks
 from quietscope.runner.testing import BoxProcessor, UNetProcessor, noop, worker_peak_rss
+from quietscope.training.prefetch import patches_per_second
+from quietscope.training.sampler import PatchSampler
 
 logging.basicConfig(level=logging.WARNING)
 
@@ -56,11 +60,7 @@ def write_image(path: Path, shape: tuple[int, ...], chunks: tuple[int, ...], dty
 
 
 def predict_with(src: str, out: str, proc, halo, factor, opts: dict):
-    from quietscope.chunked import PredictOptions, run_prediction
-    from quietscope.io.reading import open_image
-
-    image = open_image(src)
-    return run_prediction(image, out, proc, ["out"], halo, factor, PredictOptions(**opts), {"benchmark": "scaling"})
+    return run_processor(src, out, proc, ["out"], halo, factor, opts, {"benchmark": "scaling"})
 
 
 def part_throughput(tmp: Path, quick: bool) -> dict:
@@ -90,8 +90,6 @@ def part_throughput(tmp: Path, quick: bool) -> dict:
 
 
 def _job(tmp: Path) -> JobSpec:
-    from quietscope.io.reading import ImageRef
-
     return JobSpec(input=ImageRef(str(tmp / "none.zarr")), output=str(tmp / "none.ome.zarr"), out_axes="zyx",
                    out_dtype="float32", halo=(0, 8, 8), factor=1, processor="noop")
 
@@ -164,10 +162,6 @@ def part_worker_rss(tmp: Path, quick: bool) -> dict:
 
 
 def part_patches(tmp: Path, quick: bool) -> dict:
-    from quietscope.io.reading import open_image
-    from quietscope.training.prefetch import patches_per_second
-    from quietscope.training.sampler import PatchSampler
-
     shape = (32, 512, 512) if quick else (64, 1024, 1024)
     path = tmp / "patches.zarr"
     write_image(path, shape, (16, 128, 128), dtype="uint16")
@@ -181,7 +175,7 @@ def part_patches(tmp: Path, quick: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "scaling.json"))
+    ap.add_argument("--out", default=str(RESULTS / "scaling.json"))
     ap.add_argument("--parts", default="throughput,overhead,submit,rss,patches")
     args = ap.parse_args()
     parts = args.parts.split(",")

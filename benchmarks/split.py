@@ -20,10 +20,10 @@ Metrics: range-invariant PSNR (denoiSplit/CAREamics definition) and SSIM per cha
 clean test field. Sized for ≤ 25 min on a shared 2-core CPU: 64² patches, batch 8, a few hundred
 steps, small networks, so absolute numbers are far below the paper's (days of GPU training).
 
-Run: ``python benchmarks/split.py`` (writes benchmarks/results/split.json and docs/images/), or
+Run: ``python -m benchmarks.split`` (writes benchmarks/results/split.json and docs/images/), or
 the two levels in parallel, one thread each (how the stored results were made, ~17 min):
-``QS_THREADS=1 python benchmarks/split.py --level moderate & QS_THREADS=1 python
-benchmarks/split.py --level high; wait; python benchmarks/split.py --merge``.
+``QS_THREADS=1 python -m benchmarks.split --level moderate & QS_THREADS=1 python -m
+benchmarks.split --level high; wait; python -m benchmarks.split --merge``.
 ``--musplit-fixed-var`` adds a μSplit row with a fixed-variance Gaussian likelihood.
 ``--steps N [--n2v-steps M]`` trains longer and writes ``split_stepsN[_LEVEL].json`` (pictures in
 ``benchmarks/results/split_stepsN_images/``), leaving the default run's files alone.
@@ -52,73 +52,27 @@ from pathlib import Path
 
 import numpy as np
 
+# The task (fields, data, net, training options) and its train/predict/score helpers are shared
+# with split_probe.py: they live in the harness, under split.py's old names.
+from benchmarks.harness import SPLIT_CALIB as CALIB
+from benchmarks.harness import SPLIT_DATA as DATA
+from benchmarks.harness import SPLIT_NET, write_tif
+from benchmarks.harness import SPLIT_TEST as TEST
+from benchmarks.harness import SPLIT_TRAIN as TRAIN
+from benchmarks.harness import split_clean as load_clean
+from benchmarks.harness import split_predict as run_predict
+from benchmarks.harness import split_scores as scores
+from benchmarks.harness import split_train as train
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "bpae"
 RESULTS = ROOT / "benchmarks" / "results" / "split.json"
 IMAGES = ROOT / "docs" / "images"
 
-TRAIN = (slice(0, 680), slice(0, 512))
-TEST = (slice(0, 256), slice(832, 1088))
-CALIB = (slice(256, 512), slice(832, 1088))
 #: (name, photons per intensity unit, Gaussian std relative to the clean channel's std)
 LEVELS = [("moderate", 0.05, 0.1), ("high", 0.01, 0.25)]
 SPLIT_STEPS = 250
 N2V_STEPS = 150
-SPLIT_NET = {"net": {"depth": 3, "filters": 16}, "latent_channels": 8}
-TRAIN_OPTS = {"patch": (64,), "batch": 8, "lr": 1e-3, "val_fraction": 0.1, "val_every": 100,
-              "checkpoint_every": 10_000, "device": "cpu", "seed": 0}
 log = logging.getLogger("split-bench")
-
-
-def load_clean() -> np.ndarray:
-    """The two stains rescaled so that their 1st..99.5th percentile spans 0..1000."""
-    import tifffile
-
-    out = []
-    for name in ("actin", "mito"):
-        a = tifffile.imread(DATA / f"bpae_{name}.tif").astype(np.float64)
-        lo, hi = np.percentile(a, [1, 99.5])
-        out.append(np.clip((a - lo) / (hi - lo), 0, None) * 1000.0)
-    return np.stack(out).astype(np.float32)
-
-
-def write_tif(path: Path, arr: np.ndarray) -> str:
-    import tifffile
-
-    tifffile.imwrite(path, np.ascontiguousarray(arr, dtype=np.float32))
-    return str(path)
-
-
-def read_out(uri: str | Path) -> np.ndarray:
-    from quietscope.io.reading import open_image
-
-    img = open_image(uri)
-    return img.read_tc(0, tuple(slice(None) for _ in img.spatial_shape)).astype(np.float32)
-
-
-def run_predict(model: str, inp: str, out: Path, **kw) -> np.ndarray:
-    from quietscope.chunked import PredictOptions
-    from quietscope.workflows.predict import predict
-
-    inference = kw.pop("inference", None)
-    predict(model, inp, out, PredictOptions(progress=False, overwrite=True, threads=2, **kw), inference=inference)
-    return read_out(out)
-
-
-def train(inputs, model: Path, options: dict, steps: int) -> float:
-    from quietscope.workflows.train import train_model
-
-    res = train_model(inputs, model, options, {**TRAIN_OPTS, "steps": steps}, overwrite=True, progress=False)
-    return res.seconds
-
-
-def scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, list[float]]:
-    from quietscope.metrics import range_invariant_psnr, ssim
-
-    return {
-        "ri_psnr": [round(range_invariant_psnr(p, g), 2) for p, g in zip(pred, gt)],
-        "ssim": [round(ssim(p, g), 3) for p, g in zip(pred, gt)],
-    }
 
 
 def bootstrap_noise_model(pred: np.ndarray, noisy: np.ndarray, path: Path) -> str:

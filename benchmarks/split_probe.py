@@ -1,8 +1,8 @@
 """Can the splitting network split at all? A probe with *clean* targets.
 
-    QS_THREADS=1 .venv/bin/python benchmarks/split_probe.py [--steps 1500]
+    QS_THREADS=1 .venv/bin/python -m benchmarks.split_probe [--steps 1500]
 
-``benchmarks/split.py`` found that after 1500 steps neither denoiSplit nor μSplit separates BPAE
+``benchmarks.split`` found that after 1500 steps neither denoiSplit nor μSplit separates BPAE
 actin from mito (their two outputs correlate > 0.96). This probe removes the noise from the
 question: it trains on the *clean* training field of the same two stains (same crop, patch 64,
 batch 8, same ladder VAE as split.py) and predicts the clean superimposed test field, for
@@ -27,10 +27,22 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import split  # noqa: E402  (the splitting benchmark's data and helpers)
-from common import RESULTS, machine  # noqa: E402
+from benchmarks.harness import (
+    RESULTS,
+    SPLIT_DATA,
+    SPLIT_NET,
+    SPLIT_TEST,
+    SPLIT_TRAIN,
+    machine,
+    split_clean,
+    split_predict,
+    split_scores,
+    split_train,
+    write_tif,
+)
+from quietscope.nets.unet import UNet
 
 VARIANTS = {
     "musplit (learned variance)": {},
@@ -49,17 +61,13 @@ def summarise(out: np.ndarray, gt: np.ndarray, seconds: float) -> dict:
         "corr_outputs": round(corr(out[0], out[1]), 3),
         "corr_out0_actin_mito": [round(corr(out[0], gt[0]), 3), round(corr(out[0], gt[1]), 3)],
         "corr_out1_actin_mito": [round(corr(out[1], gt[0]), 3), round(corr(out[1], gt[1]), 3)],
-        **split.scores(out[:2], gt),
+        **split_scores(out[:2], gt),
         "train_seconds": round(seconds, 1),
     }
 
 
 def unet_split(train: np.ndarray, test_sum: np.ndarray, steps: int, seed: int = 0) -> tuple[np.ndarray, float]:
     """Supervised U-Net: normalised sum in, normalised channels out, MSE, Adam 1e-3, batch 8 of 64²."""
-    import torch
-
-    from quietscope.nets.unet import UNet
-
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     m, s = train.mean(axis=(1, 2)), train.std(axis=(1, 2))
@@ -83,26 +91,24 @@ def unet_split(train: np.ndarray, test_sum: np.ndarray, steps: int, seed: int = 
 
 
 def main() -> int:
-    if not split.DATA.exists():
-        print(f"skipping: {split.DATA} not found (see ../shared/data/README.md)")
+    if not SPLIT_DATA.exists():
+        print(f"skipping: {SPLIT_DATA} not found (see ../shared/data/README.md)")
         return 0
-    import torch
-
     torch.set_num_threads(int(os.environ.get("QS_THREADS", "2")))
     steps = int(sys.argv[sys.argv.index("--steps") + 1]) if "--steps" in sys.argv else 1500
-    clean = split.load_clean()
-    train = clean[(slice(None),) + split.TRAIN]
-    test = clean[(slice(None),) + split.TEST]
+    clean = split_clean()
+    train = clean[(slice(None),) + SPLIT_TRAIN]
+    test = clean[(slice(None),) + SPLIT_TEST]
     report = {"machine": machine(), "steps": steps, "clean_corr_actin_mito": round(corr(test[0], test[1]), 3), "rows": {}}
     out_path = RESULTS / "split_probe.json"
     with tempfile.TemporaryDirectory() as d:
         w = Path(d)
-        files = [split.write_tif(w / f"c{i}.tif", train[i]) for i in range(2)]
-        test_in = split.write_tif(w / "test.tif", test.sum(0))
+        files = [write_tif(w / f"c{i}.tif", train[i]) for i in range(2)]
+        test_in = write_tif(w / "test.tif", test.sum(0))
         for name, extra in VARIANTS.items():
             model = w / "m.qs"
-            sec = split.train(files, model, {"method": "musplit", **split.SPLIT_NET, **extra}, steps)
-            out = split.run_predict(str(model), test_in, w / "out.ome.zarr", inference={"n_samples": 0})
+            sec = split_train(files, model, {"method": "musplit", **SPLIT_NET, **extra}, steps)
+            out = split_predict(str(model), test_in, w / "out.ome.zarr", inference={"n_samples": 0})
             report["rows"][name] = summarise(out, test, sec)
             print(name, report["rows"][name], flush=True)
             out_path.write_text(json.dumps(report, indent=2))

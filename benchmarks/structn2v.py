@@ -2,7 +2,7 @@
 
 Run with the project's venv (about 10-15 minutes on a shared 2-core CPU)::
 
-    .venv/bin/python benchmarks/structn2v.py [--steps 1200] [--seeds 0 1] [--quick]
+    .venv/bin/python -m benchmarks.structn2v [--steps 1200] [--seeds 0 1] [--quick]
 
 Data: a centre crop of BPAE actin (shared/data/bpae, CC-BY-4.0; high SNR, used as the clean
 image), scaled to ``--peak`` photons, then camera noise in ADU::
@@ -31,15 +31,21 @@ import argparse
 import logging
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tifffile
+import torch
+from scipy import ndimage
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import RESULTS, fmt_mean_sem, machine, markdown_table, write_json  # noqa: E402
+from benchmarks.harness import RESULTS, fmt_mean_sem, machine, markdown_table, mean_and_sem, psnr_db, train, write_json
+from quietscope.inference import method_halo, predict_tile, predict_whole
+from quietscope.io import open_image
+from quietscope.io.sample_data import real_clean_2d
+from quietscope.methods.modelfile import load_model
+from quietscope.methods.struct_mask import parse_struct_mask, struct_mask
+from quietscope.noise_analysis import analyse_noise, noise_autocorrelation, residual_quality
 
 log = logging.getLogger("structn2v")
 
@@ -62,8 +68,6 @@ def make_noisy(
         ``(clean_adu, noisy_adu, structured)``, float32: the noise-free image in ADU, the
         noisy image, and the structured noise component alone.
     """
-    from scipy import ndimage
-
     lo, hi = np.percentile(clean, [0.1, 99.9])
     photons = np.clip((clean - lo) / (hi - lo), 0, None) * peak
     structured = ndimage.uniform_filter1d(rng.normal(size=clean.shape), box, axis=-1, mode="reflect")
@@ -75,8 +79,6 @@ def make_noisy(
 
 def lag1(a: np.ndarray) -> dict[str, float]:
     """Lag-1 autocorrelation of ``a`` along y and x (mean of both signs)."""
-    from quietscope.noise_analysis import noise_autocorrelation
-
     acf = noise_autocorrelation([np.asarray(a, np.float64)], max_lag=1)
     return {"y": float(acf[2, 1]), "x": float(acf[1, 2])}
 
@@ -92,22 +94,16 @@ def train_and_predict(
     tif: Path, work: Path, name: str, struct: list[list[int]] | None, args: argparse.Namespace, seed: int
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Train one model through ``train_model`` and predict the whole crop in one tile."""
-    from quietscope.inference import method_halo, predict_tile, predict_whole
-    from quietscope.io import open_image
-    from quietscope.methods.modelfile import load_model
-    from quietscope.workflows.train import train_model
-
     options: dict[str, Any] = {"method": "n2v", "net": {"depth": args.depth, "filters": args.filters}}
     if struct is not None:
         options["struct_mask"] = struct
-    train = {
+    train_options = {
         "patch": (args.patch,), "batch": args.batch, "steps": args.steps, "lr": args.lr, "seed": seed,
         "val_fraction": 0.1, "device": "cpu",
     }
     model = work / f"{name}_s{seed}.qs"
-    t0 = time.perf_counter()
-    res = train_model(tif, model, options, train, overwrite=True, progress=False)
-    seconds = time.perf_counter() - t0
+    trained = train(tif, model, options, train_options)
+    res, seconds = trained.result, trained.seconds
     method, _ = load_model(model)
     image = open_image(tif).read_tc(0, (slice(None), slice(None))).astype(np.float32)
     pred = predict_whole(lambda t: predict_tile(method, t), image, method_halo(method), method.downsampling_factor)[0]
@@ -139,14 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     for noisy_logger in ("quietscope", "matplotlib", "PIL"):
         logging.getLogger(noisy_logger).setLevel(logging.WARNING)
 
-    import tifffile
-    import torch
-
-    from quietscope.io.sample_data import real_clean_2d
-    from quietscope.methods.struct_mask import parse_struct_mask, struct_mask
-    from quietscope.metrics import psnr
-    from quietscope.noise_analysis import analyse_noise, residual_quality
-
     torch.set_num_threads(args.threads)
     real = real_clean_2d(args.size)
     if real is None:
@@ -157,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     clean, noisy, structured = make_noisy(
         clean_raw, rng, args.peak, args.gain, args.offset, args.read_sigma, args.struct_sigma
     )
-    data_range = float(clean.max() - clean.min())
+    data_range = float(clean.max() - clean.min())  # the range score() takes from clean
     report = analyse_noise([noisy])
     spec = report.options[report.options.index("--struct-mask") + 1] if "--struct-mask" in report.options else "x:9"
     axis, length = parse_struct_mask(spec, "yx")
@@ -176,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = {
                     "method": name,
                     "seed": seed,
-                    "psnr_db": psnr(pred, clean, data_range),
+                    "psnr_db": psnr_db(pred, clean),
                     "error_lag1": lag1(pred - clean),
                     # Direct measure of structured noise left behind (simulation only): the
                     # least-squares share of the structured component in the prediction error
@@ -201,13 +189,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _summary(args, source, spec, report, noisy, clean, structured, data_range, rows) -> dict[str, Any]:
-    from quietscope.metrics import psnr
-    from quietscope.metrics.image_quality import mean_and_sem
-
     names = list(dict.fromkeys(r["method"] for r in rows))
     agg: dict[str, Any] = {}
     table_rows = [[
-        "noisy input", fmt_mean_sem(psnr(noisy, clean, data_range), None), "–", "–",
+        "noisy input", fmt_mean_sem(psnr_db(noisy, clean), None), "–", "–",
         f"{lag1(noisy - clean)['x']:+.3f} / {lag1(noisy - clean)['y']:+.3f}", "1.000" if structured.std() > 0 else "–", "–",
     ]]
     for n in names:

@@ -15,7 +15,7 @@ For one N2V model (default size: depth 2, 16 filters) and one 2D and one 3D volu
 
 Usage::
 
-    .venv/bin/python benchmarks/throughput.py [--quick] [--json benchmarks/results/throughput.json]
+    .venv/bin/python -m benchmarks.throughput [--quick] [--json benchmarks/results/throughput.json]
 
 Prints a table and writes JSON.
 """
@@ -37,16 +37,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+from benchmarks.harness import RESULTS, random_model
+from quietscope.inference import method_halo, predict_tile
+from quietscope.io import open_image
+from quietscope.io.writing import OutputSpec, create_ome_zarr, open_level
+from quietscope.methods.modelfile import load_model
+from quietscope.runner.executor import read_padded
+from quietscope.tiling import choose_block_shape, halo_factor, plan_blocks, read_window
 
 
 def make_volume(path: Path, shape: tuple[int, ...], chunks: tuple[int, ...], seed: int = 0) -> str:
     """Write a noisy synthetic volume chunk by chunk (never the whole array in memory)."""
-    from quietscope.io.writing import OutputSpec, create_ome_zarr, open_level
-    from quietscope.tiling import plan_blocks
-    from quietscope.workflows.demo import write_ome_zarr_image  # noqa: F401  (same writer family)
-
     axes = "yx" if len(shape) == 2 else "zyx"
     spec = OutputSpec(path=str(path), axes=axes, shape=shape, chunks=chunks, dtype="uint16", n_levels=1,
                       channel_windows=[(0, 400)])
@@ -62,12 +63,6 @@ def make_volume(path: Path, shape: tuple[int, ...], chunks: tuple[int, ...], see
 
 def raw_forward(model_path: str, src: str, block, chunks, threads: int) -> dict:
     """(a): forward passes over the plan's tiles (with halos), tiles already in memory."""
-    from quietscope.inference import method_halo, predict_tile
-    from quietscope.io import open_image
-    from quietscope.methods.modelfile import load_model
-    from quietscope.runner.executor import read_padded
-    from quietscope.tiling import plan_blocks, read_window
-
     torch.set_num_threads(threads)
     method, _ = load_model(model_path)
     halo = method_halo(method)
@@ -111,11 +106,6 @@ print(json.dumps({{"level0_s": r.seconds_level0, "pyramid_s": r.seconds_pyramid,
 
 
 def measure(kind: str, shape, chunks, model_path: str, tmp: Path, threads: int) -> dict:
-    from quietscope.inference import method_halo
-    from quietscope.io import open_image
-    from quietscope.methods.modelfile import load_model
-    from quietscope.tiling import choose_block_shape, halo_factor
-
     src = make_volume(tmp / f"{kind}.ome.zarr", shape, chunks)
     method, _ = load_model(model_path)
     halo = method_halo(method)
@@ -154,13 +144,11 @@ def measure(kind: str, shape, chunks, model_path: str, tmp: Path, threads: int) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small volumes (smoke test)")
-    ap.add_argument("--json", default=str(HERE / "results" / "throughput.json"))
+    ap.add_argument("--json", default=str(RESULTS / "throughput.json"))
     ap.add_argument("--filters", type=int, default=16, help="U-Net width (16 keeps the 3D run within minutes on 2 cores)")
     ap.add_argument("--cases", default="2D,3D,3D-zfull",
                     help="comma-separated subset of: 2D, 3D, 3D-zfull (3D U-Net without z pooling, as --z-pool no)")
     args = ap.parse_args()
-    from helpers import random_model
-
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as d:
         tmp = Path(d)
@@ -178,7 +166,7 @@ def main() -> None:
     result = {
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU, torch {torch.__version__}",
-        "command": "python benchmarks/throughput.py" + (" --quick" if args.quick else "") + f" --cases {args.cases}",
+        "command": "python -m benchmarks.throughput" + (" --quick" if args.quick else "") + f" --cases {args.cases}",
         "model": f"n2v U-Net depth 2, {args.filters} filters (random weights: speed does not depend on training)",
         "loadavg_at_end": os.getloadavg(),
         "rows": rows,

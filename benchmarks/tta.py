@@ -1,8 +1,8 @@
 """What test-time augmentation (``predict --tta``) is worth on the quality benchmark's models.
 
-Run after ``benchmarks/quality.py`` (no training; each model is predicted twice)::
+Run after ``benchmarks.quality`` (no training; each model is predicted twice)::
 
-    .venv/bin/python benchmarks/tta.py --workdir /tmp/quietscope-bench-quality
+    .venv/bin/python -m benchmarks.tta --workdir /tmp/quietscope-bench-quality
 
 For every trained model that ``quality.py`` left in its ``--workdir`` (``<dataset>/<row>_s<seed>.qs``),
 the noisy test image is predicted through ``quietscope.chunked.predict`` without and with
@@ -13,18 +13,13 @@ an affine fit). Results go to ``benchmarks/results/tta.json``.
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, fmt_mean_sem, machine, markdown_table, write_json  # noqa: E402
-from quality import _read_output, score  # noqa: E402
+from benchmarks.harness import RESULTS, fmt_mean_sem, machine, markdown_table, predict, psnr_db, single_thread, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,12 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", default=str(RESULTS / "tta.json"))
     args = ap.parse_args(argv)
 
-    import torch
-
-    from quietscope.chunked import PredictOptions
-    from quietscope.workflows.predict import predict
-
-    torch.set_num_threads(1)
+    single_thread()
     rows: list[dict[str, Any]] = []
     for d in sorted(Path(args.workdir).iterdir()):
         if not (d / "noisy.ome.zarr").exists():
@@ -50,9 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             rec: dict[str, Any] = {"dataset": d.name, "model": tag, "seed": int(seed)}
             for tta in (False, True):
                 out = d / f"tta-check_{tag}_s{seed}_{int(tta)}.ome.zarr"
-                predict(model, d / "noisy.ome.zarr", out,
-                        PredictOptions(progress=False, overwrite=True, n_levels=1, threads=1, device="cpu"), tta=tta)
-                rec["tta" if tta else "plain"] = score(_read_output(out), clean, metric)["psnr"]
+                rec["tta" if tta else "plain"] = psnr_db(predict(model, d / "noisy.ome.zarr", out, tta=tta), clean, metric)
             rec["gain"] = rec["tta"] - rec["plain"]
             rows.append(rec)
             print(f"{d.name} {tag} s{seed}: {rec['plain']:.2f} -> {rec['tta']:.2f} dB", flush=True)
