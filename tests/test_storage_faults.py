@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from click.testing import CliRunner
 
 from box_job import run_box_job
 from helpers import read_levels, write_zarr_array
@@ -26,6 +29,7 @@ from quietscope.errors import OutputError, StorageError
 from quietscope.io.writing import OutputSpec, create_ome_zarr
 from quietscope.runner.ledger import JOB_ATTR, Ledger
 from quietscope.runner.ledger import _host_id as host_id
+from quietscope_cli.main import cli
 
 SHAPE, CHUNKS, BLOCK = (96, 128), (16, 16), (32, 32)  # 12 blocks, 4 levels (1 streamed)
 OPTS = dict(chunks=CHUNKS, block=BLOCK, progress=False)
@@ -236,3 +240,221 @@ def test_killed_in_its_first_moments_is_resumable(source, tmp_path):
         a.wait()
     run_box_job(src, str(out), {**OPTS, "resume": True})
     _same(out, ref)
+
+
+# ---- each storage fault: one line, exit 2, within seconds -------------------------------------
+def _cli(*args: str) -> tuple[int, str, float]:
+    t0 = time.monotonic()
+    res = CliRunner().invoke(cli, ["-q", *args])
+    return res.exit_code, res.output, time.monotonic() - t0
+
+
+def _one_error_line(text: str, *needles: str) -> str:
+    lines = [ln for ln in text.splitlines() if ln.startswith("quietscope: ")]
+    assert len(lines) == 1 and lines[0].startswith("quietscope: error: "), text[-3000:]
+    assert "Traceback" not in text and "internal error" not in text, text[-3000:]
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture()
+def mount_tmpfs(tmp_path):
+    """``mount_tmpfs(name, size, ro=False)``: a real tmpfs (root only); unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def make(name: str, size: str, ro: bool = False) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        opts = f"size={size}" + (",ro" if ro else "")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(d)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
+        mounted.append(d)
+        return d
+
+    yield make
+    for d in mounted:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    d = tmp_path_factory.mktemp("img")
+    data = (100 + 20 * np.random.default_rng(3).standard_normal((256, 256))).astype(np.float32)
+    return write_zarr_array(d / "in.zarr", data, (64, 64))
+
+
+FILTER = ("filter", "--kind", "box", "--size", "3", "--chunks", "32,32", "--no-progress")
+
+
+def test_read_only_file_system(image, mount_tmpfs):
+    ro = mount_tmpfs("ro", "1m", ro=True)
+    code, text, secs = _cli(*FILTER, image, "-o", str(ro / "out.ome.zarr"))
+    assert code == 2 and secs < 20, (code, secs, text[-2000:])
+    _one_error_line(text, "read-only file system", str(ro / "out.ome.zarr"))
+
+
+def test_immutable_folder(image, tmp_path):
+    d = tmp_path / "immutable"
+    d.mkdir()
+    if subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not possible here (needs root and a file system with attributes)")
+    try:
+        code, text, secs = _cli(*FILTER, image, "-o", str(d / "out.ome.zarr"))
+    finally:
+        subprocess.run(["chattr", "-i", str(d)])
+    assert code == 2 and secs < 20
+    _one_error_line(text, "not permitted", "chattr -i")
+    assert list(d.iterdir()) == []
+
+
+def test_permission_denied(image, tmp_path):
+    d = tmp_path / "locked"
+    d.mkdir()
+    d.chmod(0o555)
+    cmd = [sys.executable, "-m", "quietscope_cli.main", "-q", *FILTER, image, "-o", str(d / "out.ome.zarr")]
+    if os.geteuid() == 0:  # root ignores permission bits unless it drops CAP_DAC_OVERRIDE
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: cannot drop CAP_DAC_OVERRIDE to test permission denied")
+        cmd = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", *cmd]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    secs = time.monotonic() - t0  # includes starting Python and importing torch/dask (~30 s on a loaded 2-core box)
+    assert r.returncode == 2, r.stderr[-2000:]
+    _one_error_line(r.stderr, "permission denied")
+    assert secs < 150 and list(d.iterdir()) == []
+
+
+def test_disk_full_mid_run_then_resume_is_bit_identical(image, mount_tmpfs, tmp_path):
+    ref = tmp_path / "ref.ome.zarr"
+    assert _cli(*FILTER, "--block", "64,64", image, "-o", str(ref))[0] == 0  # same blocks: same arithmetic
+    small = mount_tmpfs("small", "200k")  # ~350 KB of output: full after some blocks
+    out = small / "out.ome.zarr"
+    code, text, secs = _cli(*FILTER, "--block", "64,64", image, "-o", str(out))
+    assert code == 2 and secs < 60, (code, secs, text[-3000:])
+    _one_error_line(text, "ran out of space", "--resume")
+    assert (out / ".quietscope" / "job.json").exists() and not (out / ".quietscope" / "lock.json").exists()
+    n_done = len(Ledger(out).done())
+    assert n_done < 16
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small)], check=True)  # space freed
+    code, text, _ = _cli(*FILTER, "--block", "64,64", image, "-o", str(out), "--resume")
+    assert code == 0, text[-3000:]
+    _same(out, read_levels(ref))
+
+
+def test_scheduler_address_errors_exit_at_once(image, tmp_path):
+    code, text, secs = _cli(*FILTER, image, "-o", str(tmp_path / "a.ome.zarr"), "--scheduler", "not-a-url")
+    assert code == 2 and secs < 15
+    _one_error_line(text, "not a scheduler address", "tcp://")
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, text, secs = _cli(*FILTER, image, "-o", str(tmp_path / "b.ome.zarr"), "--scheduler", f"tcp://127.0.0.1:{port}")
+    assert code == 2 and secs < 15
+    _one_error_line(text, "cannot reach the dask scheduler", str(port))
+    assert not (tmp_path / "a.ome.zarr").exists() and not (tmp_path / "b.ome.zarr").exists()
+
+
+# ---- options and paths ------------------------------------------------------------------------
+def test_overwrite_with_resume_and_bad_output_names_refused(image, tmp_path):
+    code, text, _ = _cli(*FILTER, image, "-o", str(tmp_path / "a.ome.zarr"), "--overwrite", "--resume")
+    assert code == 2
+    _one_error_line(text, "--overwrite and --resume")
+    code, text, _ = _cli(*FILTER, image, "-o", str(tmp_path / "out.png"))
+    assert code == 2
+    _one_error_line(text, "neither .ome.zarr", "out.ome.zarr")
+    assert not (tmp_path / "out.png").exists() and not (tmp_path / "a.ome.zarr").exists()
+
+
+def test_saturating_dtype_is_warned_about(tmp_path, caplog):
+    data = np.random.default_rng(0).integers(0, 4096, (128, 128)).astype(np.uint16)  # 12-bit
+    src = write_zarr_array(tmp_path / "in12.zarr", data, (64, 64))
+    with caplog.at_level("WARNING"):
+        code, text, _ = _cli(*FILTER, src, "-o", str(tmp_path / "o.ome.zarr"), "--dtype", "uint8")
+    assert code == 0
+    warned = [r.getMessage() for r in caplog.records if "saturate" in r.getMessage()]
+    assert warned and "uint16" in warned[0], warned
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert _cli(*FILTER, src, "-o", str(tmp_path / "p.ome.zarr"), "--dtype", "uint16")[0] == 0
+    assert not [r for r in caplog.records if "saturate" in r.getMessage()]
+
+
+def test_resume_matches_the_input_by_location_not_spelling(source, tmp_path, monkeypatch):
+    src, ref = source
+    out = tmp_path / "out.ome.zarr"
+    a = _start(src, out, sleep=0.2)
+    try:
+        _wait_for(lambda: _n_done(out) >= 2, a)
+        a.send_signal(signal.SIGKILL)
+    finally:
+        a.kill()
+        a.wait()
+    monkeypatch.chdir(Path(src).parent)
+    run_box_job(os.path.relpath(src), str(out), {**OPTS, "resume": True})  # relative now, absolute before
+    _same(out, ref)
+
+
+# ---- training: checked before any step --------------------------------------------------------
+TRAIN = ("train", "--patch", "16", "--batch", "2", "--steps", "2", "--depth", "1", "--filters", "4", "--device", "cpu")
+
+
+def test_train_refuses_unwritable_output_before_training(image, mount_tmpfs):
+    ro = mount_tmpfs("ro", "1m", ro=True)
+    code, text, secs = _cli(*TRAIN, image, "-o", str(ro / "m.qs"))
+    assert code == 2 and secs < 20
+    _one_error_line(text, "read-only file system")
+
+
+def test_train_checkpoint_is_not_discarded_and_a_bad_one_is_named(image, tmp_path):
+    model = tmp_path / "m.qs"
+    ckpt = tmp_path / "m.qs.ckpt"
+    ckpt.write_bytes(b"not a checkpoint")
+    code, text, _ = _cli(*TRAIN, image, "-o", str(model))
+    assert code == 2
+    _one_error_line(text, "checkpoint of an interrupted training", "--resume")
+    assert ckpt.read_bytes() == b"not a checkpoint"
+    code, text, _ = _cli(*TRAIN, image, "-o", str(model), "--resume")
+    assert code == 2
+    line = _one_error_line(text, "cannot be read")
+    assert "weights_only" not in line
+    code, text, _ = _cli(*TRAIN, image, "-o", str(model), "--resume", "--overwrite")
+    assert code == 2
+    _one_error_line(text, "--overwrite and --resume")
+
+
+@pytest.mark.parametrize("values", [[7.0], [7.0, 8.0]])
+def test_constant_image_refused_for_training(tmp_path, values):
+    data = np.resize(np.array(values, np.float32), (64, 64))
+    src = write_zarr_array(tmp_path / "c.zarr", data, (32, 32))
+    code, text, _ = _cli(*TRAIN, src, "-o", str(tmp_path / "m.qs"))
+    assert code == 2
+    _one_error_line(text, "constant", "no signal or noise")
+    assert not (tmp_path / "m.qs").exists()
+
+
+# ---- inputs: truncated or corrupt TIFFs fail at open -------------------------------------------
+def test_truncated_and_corrupt_tiff_fail_at_info(tmp_path):
+    import tifffile
+
+    data = np.random.default_rng(0).integers(0, 4096, (8, 64, 64)).astype(np.uint16)
+    good = tmp_path / "good.tif"
+    tifffile.imwrite(good, data)
+    assert _cli("info", str(good))[0] == 0
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    code, text, _ = _cli("info", str(cut))
+    assert code == 2
+    _one_error_line(text, "truncated", "copy it again")
+    packed = tmp_path / "packed.tif"
+    tifffile.imwrite(packed, data, compression="zlib")
+    raw = bytearray(packed.read_bytes())
+    with tifffile.TiffFile(packed) as tf:
+        off = tf.pages[-1].dataoffsets[0]
+    raw[off:off + 64] = b"\xff" * 64  # garbage in the last page's compressed stream
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(bytes(raw))
+    code, text, _ = _cli("info", str(bad))
+    assert code == 2
+    _one_error_line(text, "corrupt", "copy it again")

@@ -275,6 +275,7 @@ def _open_tiff(ref: ImageRef, path: Path) -> Image:
             ij = tf.imagej_metadata or {}
     except Exception as exc:
         raise InputError(f"cannot read TIFF {str(path)!r}: {exc}") from None
+    check_tiff_complete(path)
     if not 0 <= ref.level < n_levels:
         raise InputError(f"--level {ref.level} does not exist in {str(path)!r}: it has levels 0..{n_levels - 1}")
     store = tifffile.imread(path, aszarr=True, level=ref.level)
@@ -300,6 +301,60 @@ def _open_tiff(ref: ImageRef, path: Path) -> Image:
         scale[src_axes.index("z")] = float(ij["spacing"])
         units[src_axes.index("z")] = "micrometer"
     return _make(ref, arr, src_axes, scale, units, n_levels, "tiff", None, {})
+
+
+def check_tiff_complete(path: Path, max_decode_bytes: int = 64 << 20) -> None:
+    """Refuse a truncated or corrupt TIFF at open, in one line (not at the first block read).
+
+    Every page's pixel data must lie inside the file (truncated copies fail here), and the last
+    page must decode (corrupt compressed data fails here) when it is smaller than
+    ``max_decode_bytes``.
+
+    Raises
+    ------
+    InputError
+        The file is truncated or its last page cannot be decoded.
+    """
+    import tifffile
+
+    size = path.stat().st_size
+    problems = _TiffProblems()
+    tiff_log = logging.getLogger("tifffile")
+    tiff_log.addHandler(problems)
+    try:
+        with tifffile.TiffFile(path) as tf:
+            last, end = None, 0
+            for page in tf.pages:
+                offsets, counts = page.dataoffsets, page.databytecounts
+                if offsets:
+                    end = max(end, max(o + c for o, c in zip(offsets, counts)))
+                last = page
+            if problems.messages:  # tifffile logs, and drops, pages whose offsets lie past the end
+                raise InputError(f"TIFF {str(path)!r} is truncated or damaged ({problems.messages[0]}); "
+                                 "copy it again from the source")
+            if end > size:
+                raise InputError(f"TIFF {str(path)!r} is truncated: its pixel data needs {end} bytes but the file has "
+                                 f"{size}; copy it again from the source")
+            if last is not None and getattr(last, "nbytes", 0) <= max_decode_bytes:
+                last.asarray()
+    except InputError:
+        raise
+    except Exception as exc:  # tifffile and its codecs raise many types for damaged data
+        raise InputError(f"TIFF {str(path)!r} is corrupt ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                         "copy it again from the source") from None
+    finally:
+        tiff_log.removeHandler(problems)
+
+
+class _TiffProblems(logging.Handler):
+    """Collects the errors tifffile logs (instead of raising) while a file is checked."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage().split("> ", 1)[-1])
 
 
 def _tiff_pixel_size(tf: Any) -> float | None:
