@@ -19,6 +19,7 @@ import dask.array as da
 import numpy as np
 
 from quietscope.errors import InputError
+from quietscope.io import stores
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,9 @@ def open_image(uri: str | os.PathLike, level: int = 0, axes: str | None = None) 
         Overrides the axes from metadata (a ``tczyx`` subset in the data's dimension order).
     """
     uri = str(uri)
+    if stores.is_url(uri) and not stores.is_local(uri):
+        return _open_url(ImageRef(uri.rstrip("/"), level, axes))
+    uri = str(stores.local_path(uri))
     root, inner = split_uri(uri)
     if not root.exists():
         raise InputError(f"input {uri!r} does not exist; check the path")
@@ -207,11 +211,20 @@ def open_image(uri: str | os.PathLike, level: int = 0, axes: str | None = None) 
     raise InputError(f"input {uri!r} is neither a zarr store nor a TIFF file; give an .ome.zarr, .zarr or .tif path")
 
 
-def _open_zarr(ref: ImageRef, root: Path, inner: str) -> Image:
+def _open_url(ref: ImageRef) -> Image:
+    """An OME-Zarr or zarr array at a URL (s3://, gs://, https://), read through zarr's fsspec
+    store; credentials come from the environment and profile files, never from quietscope."""
+    if ref.uri.lower().endswith((".tif", ".tiff", ".btf")):
+        raise InputError(f"input {ref.uri!r}: TIFF inputs must be local files; copy it here or convert it to OME-Zarr")
+    stores.filesystem(ref.uri)  # a missing s3fs/gcsfs/aiohttp is named here, not as a zarr error
+    return _open_zarr(ref, Path(), "", location=ref.uri)
+
+
+def _open_zarr(ref: ImageRef, root: Path, inner: str, location: str | None = None) -> Image:
     import zarr
 
     try:
-        node = zarr.open(store=str(root / inner) if inner else str(root), mode="r")
+        node = zarr.open(store=location or (str(root / inner) if inner else str(root)), mode="r")
     except Exception as exc:  # zarr raises several types for "not a zarr"
         raise InputError(f"cannot open {ref.uri!r} as zarr ({type(exc).__name__}: {exc}); is it a zarr store?") from None
     if isinstance(node, zarr.Array):

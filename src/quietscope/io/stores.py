@@ -68,6 +68,8 @@ def filesystem(path: str | os.PathLike) -> tuple[Any, str]:
         return LocalFileSystem(), str(local_path(text).absolute())
     try:
         fs, inner = fsspec.core.url_to_fs(text)
+        # Other processes (workers) write ledger markers: never answer from a stale listing.
+        fs.invalidate_cache()
     except ImportError as exc:
         raise StorageError(f"{text!r} needs an optional package ({exc}); install it, e.g. pip install s3fs") from None
     return fs, inner.rstrip("/")
@@ -101,6 +103,8 @@ def check_output_name(output: str | os.PathLike) -> None:
     text = str(output).rstrip("/")
     if scheme(text) in READ_ONLY_SCHEMES:
         raise OutputError(f"output {text!r}: {scheme(text)}:// is read-only; write to a local path, s3:// or gs://")
+    if not is_local(text) and text.lower().endswith((".tif", ".tiff")):
+        raise OutputError(f"output {text!r}: TIFF outputs must be local files; write an .ome.zarr to {scheme(text)}://")
     if not text.lower().endswith(OUTPUT_SUFFIXES):
         raise OutputError(f"output {text!r} is neither .ome.zarr/.zarr nor .tif/.tiff; name it e.g. "
                           f"{Path(text).stem}.ome.zarr")

@@ -243,7 +243,7 @@ def cast_to(data: np.ndarray, dtype: str | np.dtype) -> np.ndarray:
 def open_level(path: str | Path, level: int, mode: str = "r+") -> Any:
     import zarr
 
-    return zarr.open_array(store=str(Path(path) / str(level)), mode=mode)
+    return zarr.open_array(store=stores.zarr_store_url(f"{str(path).rstrip('/')}/{level}"), mode=mode)  # URLs too
 
 
 def build_pyramid(spec: OutputSpec, client: Any | None = None, start_level: int = 1) -> None:
