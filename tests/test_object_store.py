@@ -180,3 +180,43 @@ def test_https_inputs_read_only(http_root, noisy, tmp_path):
         np.testing.assert_array_equal(a, b)
     res = CliRunner().invoke(cli, ["-q", "filter", noisy[1], "-o", f"{http_root}/x.ome.zarr", "--kind", "box", "--size", "3"])
     assert res.exit_code == 2 and "read-only" in res.output
+
+
+def test_store_gone_mid_run_is_one_error_without_a_hang(s3, noisy, tmp_path):
+    """The S3 server dies under a running predict: one StorageError, no hang."""
+    from quietscope.errors import StorageError
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    old = os.environ.get("AWS_ENDPOINT_URL")
+    os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
+    s3fs.S3FileSystem.clear_instance_cache()  # cached file systems would keep the other endpoint
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, endpoint_url=f"http://127.0.0.1:{port}")
+        fs.mkdir("gone")
+        out = "s3://gone/out.ome.zarr"
+        threading.Timer(8.0, proc.kill).start()  # mid-run: the job takes ~12 blocks x 1 s
+        t0 = time.monotonic()
+        with pytest.raises(StorageError) as err:
+            run_box_job(noisy[1], out, {"chunks": (16, 16), "block": (32, 32), "progress": False, "threads": 1},
+                        {"sleep": 1.0})
+        secs = time.monotonic() - t0
+        assert "\n" not in str(err.value) and "--resume" in str(err.value)
+        assert secs < 90, secs
+    finally:
+        proc.kill()
+        proc.wait()
+        if old is None:
+            os.environ.pop("AWS_ENDPOINT_URL", None)
+        else:
+            os.environ["AWS_ENDPOINT_URL"] = old
+        s3fs.S3FileSystem.clear_instance_cache()
