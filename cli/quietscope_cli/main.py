@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from quietscope.errors import QuietscopeError
+from quietscope.errors import QuietscopeError, storage_message
 from quietscope_cli.options import (
     axes_option,
     level_option,
@@ -29,6 +29,16 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     for noisy in ("distributed", "tornado", "asyncio", "matplotlib", "PIL", "fsspec", "numcodecs"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.INFO)
+    if verbose < 2:
+        # A failing task is reported once, as one line, when its error reaches the client; the
+        # workers' own "Compute Failed" records (tracebacks, 60 KB for a bad file) are dropped.
+        logging.getLogger("distributed.worker").addFilter(_drop_task_failures)
+        logging.getLogger("distributed.worker.state_machine").addFilter(_drop_task_failures)
+
+
+def _drop_task_failures(record: logging.LogRecord) -> bool:
+    text = str(record.msg)
+    return not ("Compute Failed" in text or "ended with CancelledError" in text)
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -45,6 +55,11 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if debug:
                 raise
             click.echo(f"quietscope: error: {exc}", err=True)
+            sys.exit(2)
+        except OSError as exc:  # storage failed outside the library's own checks: still one line
+            if debug:
+                raise
+            click.echo(f"quietscope: error: {storage_message(exc, exc.filename or 'a file', role='path')}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("quietscope: interrupted; finished blocks are kept, rerun with --resume to continue", err=True)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,21 +24,25 @@ import numpy as np
 import zarr
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from quietscope.errors import ConfigError
+from quietscope.errors import ConfigError, OutputError, StorageError, storage_message
+from quietscope.io import stores
 from quietscope.io.reading import Image
-from quietscope.io.validation import check_finite_sample
+from quietscope.io.stores import check_output_name, missing_chunks, probe_writable
+from quietscope.io.validation import check_finite_sample, sample_chunk_slices
 from quietscope.io.writing import (
+    PYRAMID_AXES,
     OutputSpec,
     block_local_levels,
     build_pyramid,
     check_output_path,
     create_ome_zarr,
+    level_write_units,
     remove_output,
     write_tiff,
 )
 from quietscope.runner.cluster import ClusterOptions, client_for
 from quietscope.runner.executor import JobSpec, ProcessorFactory, count_blocks, iter_tasks, run_blocks
-from quietscope.runner.ledger import Ledger
+from quietscope.runner.ledger import LEDGER_DIR, LOCK_NAME, JobLock, Ledger, busy_message, stale_reason
 from quietscope.tiling import Factor, axes_layout, choose_block_shape, halo_factor
 
 log = logging.getLogger(__name__)
@@ -243,20 +249,94 @@ def preflight(image: Image, output: str | Path, options: PredictOptions) -> None
     image : Image
         The input.
     output : str or pathlib.Path
-        The output path.
+        The output path or URL.
     options : PredictOptions
-        For ``overwrite`` / ``resume``.
+        For ``overwrite`` / ``resume``, ``dtype`` and the scheduler address.
 
     Raises
     ------
     OutputError
-        The output exists and neither ``overwrite`` nor ``resume`` (of an existing output) is given.
+        The output exists and neither ``overwrite`` nor ``resume`` (of an existing output) is given,
+        another job writes it, or its name is neither OME-Zarr nor TIFF.
+    StorageError
+        The output location is not writable (read-only, permission denied, ...).
+    ConfigError
+        ``overwrite`` with ``resume``, or a malformed or unreachable scheduler address.
     InputError
         The sampled chunks hold NaN or infinite values.
     """
-    if not options.output.resume or not Path(output).exists():
-        check_output_path(output, [image.ref.uri], options.output.overwrite)
+    out = options.output
+    if out.overwrite and out.resume:
+        raise ConfigError("--overwrite and --resume contradict each other: --resume finishes an output, "
+                          "--overwrite replaces it; give one")
+    output = str(output)
+    check_output_name(output)
+    if not is_tiff_output(output):
+        _refuse_if_busy(output)
+    if not out.resume or not stores.exists(output):
+        check_output_path(output, [image.ref.uri], out.overwrite)
+    probe_scheduler(options.compute.scheduler)
+    probe_writable(output, needed_bytes=_output_bytes(image, out.dtype))
     check_finite_sample(image)
+    warn_saturation(image, out.dtype)
+
+
+def _output_bytes(image: Image, dtype: str) -> int:
+    # Level 0 plus the pyramid (a quarter per level in y/x: at most a third more).
+    return int(math.prod(image.shape) * np.dtype(dtype).itemsize * 4 / 3)
+
+
+_SCHEDULER = re.compile(r"^(tcp|tls)://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(\d{1,5})/?$")
+
+
+def probe_scheduler(address: str | None, timeout: float = 5.0) -> None:
+    """Refuse a malformed scheduler address, and one where nothing listens, within seconds.
+
+    distributed would raise a bare ValueError for a malformed address and retry a closed port
+    until its connect timeout: a TCP connect answers both at once.
+
+    Raises
+    ------
+    ConfigError
+        Not ``tcp://host:port`` / ``tls://host:port``, or nothing accepts connections there.
+    """
+    if not address:
+        return
+    m = _SCHEDULER.match(address.strip())
+    if m is None:
+        raise ConfigError(f"--scheduler {address!r} is not a scheduler address; give tcp://HOST:PORT or tls://HOST:PORT "
+                          "(e.g. tcp://10.0.0.5:8786)")
+    host, port = m.group(2).strip("[]"), int(m.group(3))
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__ if not isinstance(exc, TimeoutError) else f"no answer in {timeout:.0f} s"
+        raise ConfigError(f"cannot reach the dask scheduler at {address!r} ({reason}); check the address and that "
+                          "the scheduler is running") from None
+
+
+def warn_saturation(image: Image, dtype: str, limit: float = 0.01, n_chunks: int = 8) -> float:
+    """Warn when an integer (or float16) output would clip more than ``limit`` of the voxels.
+
+    Estimated on a sample of input chunks: denoised values stay in the input's range.
+
+    Returns
+    -------
+    float
+        The sampled fraction that would saturate.
+    """
+    dt = np.dtype(dtype)
+    if dt.kind == "f" and dt.itemsize >= 4:
+        return 0.0
+    info = np.iinfo(dt) if dt.kind in "ui" else np.finfo(dt)
+    rng = np.random.default_rng(0)
+    values = np.concatenate([image.read(sl).ravel().astype(np.float64) for sl in sample_chunk_slices(image, n_chunks, rng)])
+    frac = float(np.mean((values < float(info.min) - 0.5) | (values > float(info.max) + 0.5))) if values.size else 0.0
+    if frac > limit:
+        log.warning("--dtype %s would saturate about %.0f%% of the voxels (the input reaches %.6g, %s holds %g..%g): "
+                    "the output would be clipped; use --dtype %s or float32", dt.name, 100 * frac, float(values.max()),
+                    dt.name, float(info.min), float(info.max), "uint16" if values.max() < 65535.5 and values.min() >= 0 else "float32")
+    return frac
 
 
 def _given_chunks(options: OutputOptions, spatial: tuple[int, ...], sp_axes: str) -> tuple[int, ...] | None:
@@ -358,27 +438,165 @@ def job_record(image: Image, layout: Layout, spec: OutputSpec, token: str, halo:
 
 
 def open_job(spec: OutputSpec, record: dict[str, Any], output: str, inputs: list[str], options: OutputOptions,
-             staged: bool) -> tuple[Ledger, set[str], bool]:
-    """Create the output (all levels and metadata first) or reopen it for ``--resume``.
+             staged: bool, layout: Layout | None = None, local_levels: int = 0) -> tuple[Ledger, set[str], bool]:
+    """Take the output's lock, then create the output or reopen it for ``--resume``.
+
+    Order: the lock, then the job record, then all levels and metadata: a run killed at any
+    moment leaves an output that ``--resume`` finishes (or recreates when nothing was written).
+    A resumed job's finished blocks whose chunks are missing are forgotten, so they are redone.
 
     Returns
     -------
     (Ledger, set of str, bool)
-        The ledger, the keys of blocks already done, and whether the job is complete.
+        The ledger (holding the lock, released by :func:`close_job`), the keys of blocks already
+        done, and whether the job is complete (then no lock is taken and nothing is written).
+
+    Raises
+    ------
+    OutputError
+        Another live job holds the lock, or ``--resume`` of a different job.
     """
     ledger = Ledger(spec.path)
-    if not staged and options.resume and Path(spec.path).exists():
+    if staged:
+        create_ome_zarr(spec)
+        ledger.create(record)
+        return ledger, set(), False
+    existed = stores.exists(output)
+    resumable = options.resume and existed and ledger.has_record()
+    if resumable:
         ledger.check_same_job(record)
-        done, complete = ledger.done(), bool(ledger.job().get("complete"))
-        log.info("resuming %s: %s", spec.path, "the job is complete" if complete else f"{len(done)} blocks already done")
-        return ledger, done, complete
-    if not staged:
+        if ledger.job().get("complete") and not _missing_blocks(spec, layout, local_levels, ledger, every_level=True):
+            log.info("resuming %s: the job is complete", spec.path)
+            return ledger, ledger.done(), True
+    elif options.resume and existed and not _nothing_written(output):
+        ledger.job()  # raises: not a quietscope output, nothing to resume
+    elif not options.resume:
+        _refuse_if_busy(output)
         check_output_path(output, inputs, options.overwrite)
-        if Path(output).exists():
-            remove_output(output)
-    create_ome_zarr(spec)
-    ledger.create(record)
+    ledger.lock = JobLock(output)
+    ledger.lock.acquire()
+    try:
+        if resumable:
+            return ledger, _reopen(ledger, spec, record, layout, local_levels), False
+        if existed:
+            log.info("%s: replacing the existing output", output) if not options.resume else \
+                log.info("resuming %s: nothing was written yet; starting it afresh", output)
+        stores.clear_except(output, f"{LEDGER_DIR}/{LOCK_NAME}")
+        ledger.create(record)
+        create_ome_zarr(spec)
+    except BaseException:
+        close_job(ledger, remove_if_empty=not existed)
+        raise
     return ledger, set(), False
+
+
+def _refuse_if_busy(output: str) -> None:
+    lock = JobLock(output).read()
+    if lock is not None and stale_reason(lock) is None:
+        raise OutputError(busy_message(output, lock))
+
+
+def _nothing_written(output: str) -> bool:
+    """An output with no job record that no block can have touched: only a lock folder, or the
+    metadata an older quietscope wrote before its ledger (blocks start after the ledger).
+    """
+    names = set(stores.list_names(output)) - {LEDGER_DIR}
+    if not names:
+        return True
+    try:
+        attrs = dict(zarr.open_group(stores.zarr_store_url(output), mode="r").attrs)
+    except Exception:
+        return False
+    return "quietscope" in attrs and Ledger(output).done() == set()
+
+
+def _reopen(ledger: Ledger, spec: OutputSpec, record: dict[str, Any], layout: Layout | None, local_levels: int) -> set[str]:
+    """Resume: the blocks done, less those whose chunks went missing (a complete job is reopened)."""
+    job = ledger.job()
+    if job.get("complete"):  # complete, but chunks are missing: the ledger comes back
+        ledger.create({**job, "complete": False})
+        plan = _plan_keys(layout) if layout is not None else set()
+        for key in plan:
+            ledger.mark_done(key)
+    done = ledger.done()
+    if not done:  # nothing finished: recreate (the metadata may be half-written by a kill or a full disk)
+        stores.clear_except(ledger.output, f"{LEDGER_DIR}/{LOCK_NAME}")
+        ledger.create(record)
+        create_ome_zarr(spec)
+        return set()
+    redo = _missing_blocks(spec, layout, local_levels, ledger, every_level=False) & done
+    if redo:
+        log.warning("resuming %s: %d finished block(s) have chunks missing from the store; they are redone",
+                    spec.path, len(redo))
+        ledger.unmark(redo)
+        done -= redo
+    log.info("resuming %s: %d blocks already done", spec.path, len(done))
+    return done
+
+
+def _plan_keys(layout: Layout) -> set[str]:
+    return {t.key for t in iter_tasks(layout.spatial_shape, layout.block, layout.n_t)}
+
+
+def _missing_blocks(spec: OutputSpec, layout: Layout | None, local_levels: int, ledger: Ledger,
+                    every_level: bool) -> set[str]:
+    """Keys of blocks owning a missing chunk on levels 0..``local_levels`` (``every_level``: any
+    missing chunk on any level yields a non-empty set, for the pyramid built after level 0).
+    """
+    if layout is None:
+        return set()
+    gone = missing_chunks(spec.path, int(spec.n_levels or 1))
+    units = level_write_units(spec)
+    keys: set[str] = set()
+    for k, indices in gone.items():
+        if k > local_levels:
+            if every_level:
+                keys.add(f"level-{k}")
+            continue
+        for idx in indices:
+            t, spatial = 0, []
+            for a, i, u in zip(spec.axes, idx, units[k]):
+                if a == "t":
+                    t = i * u
+                elif a in "zyx":
+                    spatial.append(i * u * (2**k if a in PYRAMID_AXES else 1))
+            block = "_".join(str(c // b) for c, b in zip(spatial, layout.block))
+            keys.add(f"t{t}_{block}")
+    return keys
+
+
+def finish_job(ledger: Ledger, spec: OutputSpec, layout: Layout, local_levels: int, output: str) -> None:
+    """Mark the job complete after checking every block and every chunk of every level is stored.
+
+    Raises
+    ------
+    StorageError
+        Blocks or chunks are missing (deleted under the run, or lost by the store); their blocks
+        are forgotten so that ``--resume`` rewrites them.
+    """
+    not_done = _plan_keys(layout) - ledger.done()
+    gone = _missing_blocks(spec, layout, local_levels, ledger, every_level=True)
+    if not_done or gone:
+        ledger.unmark({k for k in gone if not k.startswith("level-")})
+        raise StorageError(
+            f"output {output!r} is incomplete after the run ({len(not_done)} block(s) without a done marker, "
+            f"{len(gone)} block(s)/level(s) with chunks missing): something deleted them or the store lost writes; "
+            "make sure no other process touches the output and rerun with --resume to rewrite them")
+    ledger.set_complete()
+
+
+def close_job(ledger: Ledger, remove_if_empty: bool = False) -> None:
+    """Release the lock (the ledger stays, for ``--resume``); never raises."""
+    if ledger.lock is not None:
+        ledger.lock.release()
+        ledger.lock = None
+    if remove_if_empty:
+        try:
+            names = set(stores.list_names(ledger.output))
+            if names <= {LEDGER_DIR} and not stores.list_keys(ledger.output):
+                stores.remove(ledger.output, recursive=True)
+        except Exception as exc:
+            log.debug("could not tidy %s: %s", ledger.output, exc)
 
 
 def _log_plan(layout: Layout, spec: OutputSpec, halo: tuple[int, ...], factor: Factor, halo_reason: str,
@@ -490,28 +708,52 @@ def run_prediction(
     output = str(output)
     as_tiff = is_tiff_output(output)
     layout = plan_layout(image, len(out_names), halo, options, as_tiff)
+    try:
+        return _run(image, output, factory, out_names, halo, factor, options, provenance, channel_windows,
+                    halo_reason, layout, as_tiff)
+    except OSError as exc:  # also raised by workers: the client re-raises their exception
+        raise StorageError(storage_message(exc, output)) from None
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] not in _STORE_CLIENTS:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise StorageError(f"output {output!r}: the store failed ({type(exc).__name__}: {first}); check the endpoint, "
+                           "the credentials and the network, then rerun with --resume") from None
+
+
+#: Object-store client libraries whose errors are not OSErrors (a store gone away mid-run).
+_STORE_CLIENTS = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google")
+
+
+def _run(image: Image, output: str, factory: ProcessorFactory, out_names: list[str], halo: tuple[int, ...],
+         factor: Factor, options: PredictOptions, provenance: dict[str, Any],
+         channel_windows: list[tuple[float, float]] | None, halo_reason: str, layout: Layout, as_tiff: bool) -> PredictResult:
     tmpdir = _stage_tiff(output, [image.ref.uri], options.output.overwrite) if as_tiff else None
     target = str(Path(tmpdir) / "result.ome.zarr") if tmpdir else output
     windows = channel_windows if channel_windows is not None else input_windows(image, len(out_names))
     spec = output_spec(image, layout, target, options.output, as_tiff, out_names, windows, provenance)
-    ledger, done, complete = open_job(spec, job_record(image, layout, spec, factory.token, halo), output,
-                                      [image.ref.uri], options.output, as_tiff)
-    n_blocks = count_blocks(image.spatial_shape, layout.block) * layout.n_t  # the plan itself stays lazy
-    spatial_block = tuple(min(b, s) for b, s in zip(layout.block, image.spatial_shape))
-    hf = halo_factor(spatial_block, halo)
     local_levels = block_local_levels(spec, layout.expand(layout.block)) if options.blocks.stream_pyramid else 0
-    _log_plan(layout, spec, halo, factor, halo_reason, n_blocks // layout.n_t, hf, local_levels)
-    n_tasks = 0 if complete else n_blocks - len(done)
-    result = PredictResult(output=output, halo=halo, block=layout.block, chunks=layout.chunks, n_blocks=n_blocks,
-                           n_done_before=n_blocks - n_tasks, halo_factor=hf, extra={"local_levels": local_levels})
-    if complete:
-        log.info("all %d blocks already done and the pyramid is complete; nothing to do", n_blocks)
+    ledger, done, complete = open_job(spec, job_record(image, layout, spec, factory.token, halo), output,
+                                      [image.ref.uri], options.output, as_tiff, layout, local_levels)
+    try:
+        n_blocks = count_blocks(image.spatial_shape, layout.block) * layout.n_t  # the plan itself stays lazy
+        spatial_block = tuple(min(b, s) for b, s in zip(layout.block, image.spatial_shape))
+        hf = halo_factor(spatial_block, halo)
+        _log_plan(layout, spec, halo, factor, halo_reason, n_blocks // layout.n_t, hf, local_levels)
+        n_tasks = 0 if complete else n_blocks - len(done)
+        result = PredictResult(output=output, halo=halo, block=layout.block, chunks=layout.chunks, n_blocks=n_blocks,
+                               n_done_before=n_blocks - n_tasks, halo_factor=hf, extra={"local_levels": local_levels})
+        if complete:
+            log.info("all %d blocks already done and the pyramid is complete; nothing to do", n_blocks)
+            return result
+        job = JobSpec(input=image.ref, output=target, out_axes=layout.out_axes, out_dtype=spec.dtype, halo=halo,
+                      factor=factor, processor=factory.token, local_levels=local_levels,
+                      level_shapes=tuple(spec.level_shapes()))
+        _execute(job, spec, factory, layout, done, options, result)
+        if tmpdir:
+            _finish_tiff(output, spec, tmpdir)
+        else:
+            finish_job(ledger, spec, layout, local_levels, output)
         return result
-    job = JobSpec(input=image.ref, output=target, out_axes=layout.out_axes, out_dtype=spec.dtype, halo=halo,
-                  factor=factor, processor=factory.token, local_levels=local_levels, level_shapes=tuple(spec.level_shapes()))
-    _execute(job, spec, factory, layout, done, options, result)
-    if tmpdir:
-        _finish_tiff(output, spec, tmpdir)
-    else:
-        ledger.set_complete()
-    return result
+    finally:
+        close_job(ledger)

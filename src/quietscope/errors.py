@@ -5,6 +5,8 @@ Every error a user can cause (bad path, bad axes, mismatched model, ...) is rais
 prints that line and exits non-zero; anything else is a bug.
 """
 
+import errno
+
 
 class QuietscopeError(Exception):
     """Base class: a problem the user can act on."""
@@ -18,12 +20,43 @@ class OutputError(QuietscopeError):
     """The output cannot be written (exists, inside the input, ...)."""
 
 
+class StorageError(OutputError):
+    """Storage failed under the job: read-only, permission denied, disk full, quota, gone, unreachable."""
+
+
 class ModelError(QuietscopeError):
     """A model file is unreadable, unsafe, or does not match the data."""
 
 
 class ConfigError(QuietscopeError):
     """An option or configuration value is invalid."""
+
+
+_FIXES = {
+    errno.EROFS: ("is on a read-only file system", "write the output to a writable location"),
+    errno.EACCES: ("is not writable (permission denied)", "choose a folder you may write to, or fix its permissions"),
+    errno.EPERM: ("may not be changed (operation not permitted: an immutable or protected folder?)",
+                  "choose another output folder (or lift the attribute, chattr -i)"),
+    errno.ENOSPC: ("ran out of space (disk full)", "free space (or choose a bigger volume), then rerun with --resume"),
+    errno.EDQUOT: ("exceeded the disk quota", "free space within your quota, then rerun with --resume"),
+    errno.ENOENT: ("vanished while being written (deleted or unmounted?)", "restore the location, then rerun with --resume"),
+    errno.ESTALE: ("went away (stale network file handle)", "remount the file system, then rerun with --resume"),
+    errno.EIO: ("gave an I/O error", "check the storage (dmesg, the server), then rerun with --resume"),
+    errno.ENOTDIR: ("has a file where a folder is needed", "choose another output path"),
+}
+
+
+def storage_message(exc: OSError, path: object = None, role: str = "output") -> str:
+    """One line naming the storage fault, the path and the fix (for an OSError from I/O).
+
+    Examples
+    --------
+    >>> storage_message(OSError(errno.ENOSPC, "No space left on device"), "out.ome.zarr")
+    "output 'out.ome.zarr' ran out of space (disk full); free space (or choose a bigger volume), then rerun with --resume"
+    """
+    where = path if path is not None else (exc.filename or "the output")
+    what, fix = _FIXES.get(exc.errno or -1, (f"failed: {exc.strerror or exc}", "check the storage and rerun with --resume"))
+    return f"{role} {str(where)!r} {what}; {fix}"
 
 
 def validation_message(exc: Exception) -> str:

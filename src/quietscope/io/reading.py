@@ -19,6 +19,7 @@ import dask.array as da
 import numpy as np
 
 from quietscope.errors import InputError
+from quietscope.io import stores
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,9 @@ def open_image(uri: str | os.PathLike, level: int = 0, axes: str | None = None) 
         Overrides the axes from metadata (a ``tczyx`` subset in the data's dimension order).
     """
     uri = str(uri)
+    if stores.is_url(uri) and not stores.is_local(uri):
+        return _open_url(ImageRef(uri.rstrip("/"), level, axes))
+    uri = str(stores.local_path(uri))
     root, inner = split_uri(uri)
     if not root.exists():
         raise InputError(f"input {uri!r} does not exist; check the path")
@@ -208,11 +212,21 @@ def open_image(uri: str | os.PathLike, level: int = 0, axes: str | None = None) 
     raise InputError(f"input {uri!r} is neither a zarr store nor a TIFF file; give an .ome.zarr, .zarr or .tif path")
 
 
-def _open_zarr(ref: ImageRef, root: Path, inner: str) -> Image:
+def _open_url(ref: ImageRef) -> Image:
+    """An OME-Zarr or zarr array at a URL (s3://, gs://, https://), read through zarr's fsspec
+    store; credentials come from the environment and profile files, never from quietscope.
+    """
+    if ref.uri.lower().endswith((".tif", ".tiff", ".btf")):
+        raise InputError(f"input {ref.uri!r}: TIFF inputs must be local files; copy it here or convert it to OME-Zarr")
+    stores.filesystem(ref.uri)  # a missing s3fs/gcsfs/aiohttp is named here, not as a zarr error
+    return _open_zarr(ref, Path(), "", location=ref.uri)
+
+
+def _open_zarr(ref: ImageRef, root: Path, inner: str, location: str | None = None) -> Image:
     import zarr
 
     try:
-        node = zarr.open(store=str(root / inner) if inner else str(root), mode="r")
+        node = zarr.open(store=location or (str(root / inner) if inner else str(root)), mode="r")
     except Exception as exc:  # zarr raises several types for "not a zarr"
         raise InputError(f"cannot open {ref.uri!r} as zarr ({type(exc).__name__}: {exc}); is it a zarr store?") from None
     if isinstance(node, zarr.Array):
@@ -276,6 +290,7 @@ def _open_tiff(ref: ImageRef, path: Path) -> Image:
             ij = tf.imagej_metadata or {}
     except Exception as exc:
         raise InputError(f"cannot read TIFF {str(path)!r}: {exc}") from None
+    check_tiff_complete(path)
     if not 0 <= ref.level < n_levels:
         raise InputError(f"--level {ref.level} does not exist in {str(path)!r}: it has levels 0..{n_levels - 1}")
     store = tifffile.imread(path, aszarr=True, level=ref.level)
@@ -301,6 +316,60 @@ def _open_tiff(ref: ImageRef, path: Path) -> Image:
         scale[src_axes.index("z")] = float(ij["spacing"])
         units[src_axes.index("z")] = "micrometer"
     return _make(ref, arr, src_axes, scale, units, n_levels, "tiff", None, {})
+
+
+def check_tiff_complete(path: Path, max_decode_bytes: int = 64 << 20) -> None:
+    """Refuse a truncated or corrupt TIFF at open, in one line (not at the first block read).
+
+    Every page's pixel data must lie inside the file (truncated copies fail here), and the last
+    page must decode (corrupt compressed data fails here) when it is smaller than
+    ``max_decode_bytes``.
+
+    Raises
+    ------
+    InputError
+        The file is truncated or its last page cannot be decoded.
+    """
+    import tifffile
+
+    size = path.stat().st_size
+    problems = _TiffProblems()
+    tiff_log = logging.getLogger("tifffile")
+    tiff_log.addHandler(problems)
+    try:
+        with tifffile.TiffFile(path) as tf:
+            last, end = None, 0
+            for page in tf.pages:
+                offsets, counts = page.dataoffsets, page.databytecounts
+                if offsets:
+                    end = max(end, max(o + c for o, c in zip(offsets, counts)))
+                last = page
+            if problems.messages:  # tifffile logs, and drops, pages whose offsets lie past the end
+                raise InputError(f"TIFF {str(path)!r} is truncated or damaged ({problems.messages[0]}); "
+                                 "copy it again from the source")
+            if end > size:
+                raise InputError(f"TIFF {str(path)!r} is truncated: its pixel data needs {end} bytes but the file has "
+                                 f"{size}; copy it again from the source")
+            if last is not None and getattr(last, "nbytes", 0) <= max_decode_bytes:
+                last.asarray()
+    except InputError:
+        raise
+    except Exception as exc:  # tifffile and its codecs raise many types for damaged data
+        raise InputError(f"TIFF {str(path)!r} is corrupt ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                         "copy it again from the source") from None
+    finally:
+        tiff_log.removeHandler(problems)
+
+
+class _TiffProblems(logging.Handler):
+    """Collects the errors tifffile logs (instead of raising) while a file is checked."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage().split("> ", 1)[-1])
 
 
 def _tiff_pixel_size(tf: Any) -> float | None:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from quietscope.errors import OutputError
+from quietscope.io import stores
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +85,17 @@ def default_n_levels(shape: Sequence[int], chunks: Sequence[int], axes: str, max
 
 
 def check_output_path(output: str | Path, inputs: Sequence[str | Path], overwrite: bool) -> None:
-    """Refuse an output inside an input (or an input inside it) and existing outputs without overwrite."""
-    out = Path(output).resolve()
+    """Refuse an output inside an input (or an input inside it) and existing outputs without overwrite.
+
+    Paths and URLs are compared by location (:func:`quietscope.io.stores.canonical`).
+    Writability is checked separately, before any work (:func:`quietscope.io.stores.probe_writable`).
+    """
+    out = stores.canonical(output)
     for inp in inputs:
-        i = Path(inp).resolve()
-        if out == i or i in out.parents or out in i.parents:
+        i = stores.canonical(inp)
+        if out == i or out.startswith(i.rstrip("/") + "/") or i.startswith(out.rstrip("/") + "/"):
             raise OutputError(f"output {str(output)!r} is inside (or is) input {str(inp)!r}; choose an output path elsewhere")
-    if out.exists() and not overwrite:
+    if stores.exists(output) and not overwrite:
         raise OutputError(f"output {str(output)!r} already exists; pass --overwrite to replace it (or --resume to finish it)")
 
 
@@ -110,11 +115,13 @@ def create_ome_zarr(spec: OutputSpec) -> None:
     from ome_zarr.writer import write_multiscales_metadata
 
     zarr_format = 3 if spec.ngff == "0.5" else 2
-    group = zarr.open_group(spec.path, mode="w", zarr_format=zarr_format)
+    # Not mode "w": that would delete the lock and job record the engine writes first (the
+    # caller clears an old output); arrays of the same name are replaced.
+    group = zarr.open_group(stores.zarr_store_url(spec.path), mode="a", zarr_format=zarr_format)
     datasets = []
     for k, (shape, scale) in enumerate(zip(spec.level_shapes(), spec.level_scales())):
         chunks = tuple(min(c, s) for c, s in zip(spec.chunks, shape))
-        kwargs: dict[str, Any] = dict(name=str(k), shape=shape, chunks=chunks, dtype=spec.dtype, fill_value=0)
+        kwargs: dict[str, Any] = dict(name=str(k), shape=shape, chunks=chunks, dtype=spec.dtype, fill_value=0, overwrite=True)
         if zarr_format == 3:
             kwargs["dimension_names"] = list(spec.axes)
             if spec.shards is not None:
@@ -243,7 +250,7 @@ def open_level(path: str | Path, level: int, mode: str = "r+") -> Any:
     """Open pyramid level ``level`` of an OME-Zarr output as a zarr array."""
     import zarr
 
-    return zarr.open_array(store=str(Path(path) / str(level)), mode=mode)
+    return zarr.open_array(store=stores.zarr_store_url(f"{str(path).rstrip('/')}/{level}"), mode=mode)  # URLs too
 
 
 def build_pyramid(spec: OutputSpec, client: Any | None = None, start_level: int = 1) -> None:

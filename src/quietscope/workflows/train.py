@@ -10,11 +10,12 @@ import numpy as np
 import torch
 
 from quietscope import __version__
-from quietscope.errors import ConfigError, OutputError, validation_message
+from quietscope.errors import ConfigError, ModelError, OutputError, validation_message
 from quietscope.io.reading import Image
 from quietscope.io.sample_data import read_tiff
 from quietscope.io.stacking import open_stacked
-from quietscope.io.validation import check_finite_sample
+from quietscope.io.stores import probe_writable
+from quietscope.io.validation import check_finite_sample, check_not_constant
 from quietscope.methods import build_method, get_method_class
 from quietscope.methods.base import Method, NetConfig
 from quietscope.methods.modelfile import save_model
@@ -142,6 +143,39 @@ def _save(model_path: Path, result: TrainResult, tcfg: TrainConfig, image: Image
         log.warning("could not write the learning-curve plot: %s", exc)
 
 
+def check_model_output(model_path: Path, overwrite: bool, resume: bool) -> None:
+    """Before any data is read: the model file and its checkpoint may be written, and are not
+    replaced by accident (a killed run's checkpoint is hours of work).
+
+    Raises
+    ------
+    ConfigError
+        ``overwrite`` with ``resume``.
+    OutputError
+        The model file, or a checkpoint of an interrupted run, exists without ``overwrite``/``resume``.
+    StorageError
+        The folder is read-only, not permitted or full.
+    ModelError
+        ``resume`` of a checkpoint that cannot be read.
+    """
+    if overwrite and resume:
+        raise ConfigError("--overwrite and --resume contradict each other: --resume continues the checkpoint, "
+                          "--overwrite starts afresh; give one")
+    ckpt = checkpoint_path(model_path)
+    if model_path.exists() and not (overwrite or resume):
+        raise OutputError(f"model file {str(model_path)!r} already exists; pass --overwrite to replace it")
+    if ckpt.exists() and not (overwrite or resume):
+        raise OutputError(f"{str(ckpt)!r} holds the checkpoint of an interrupted training; pass --resume to continue it "
+                          "or --overwrite to discard it and start afresh")
+    probe_writable(model_path)
+    if resume and ckpt.exists():
+        try:
+            torch.load(ckpt, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelError(f"--resume: the checkpoint {str(ckpt)!r} cannot be read ({type(exc).__name__}: damaged or "
+                             "not a quietscope checkpoint); remove it and start with --overwrite") from None
+
+
 def train_model(
     input_uri: str | Path | list[str | Path],
     model_path: str | Path,
@@ -196,12 +230,12 @@ def train_model(
     ...             {"patch": (64,), "steps": 2000})           # doctest: +SKIP
     """
     model_path = Path(model_path)
-    if model_path.exists() and not (overwrite or resume):
-        raise OutputError(f"model file {str(model_path)!r} already exists; pass --overwrite to replace it")
+    check_model_output(model_path, overwrite, resume)
     image = open_stacked(input_uri, level=level, axes=axes)
     # Created now, not at the first checkpoint: a missing folder must not cost a training run.
     model_path.parent.mkdir(parents=True, exist_ok=True)
     check_finite_sample(image)
+    check_not_constant(image)
     train_options = dict(train_options)
     train_options["patch"] = expand_patch(tuple(train_options.get("patch", (64,))), len(image.spatial_axes))
     tcfg = _validated(TrainConfig, train_options, "training options")
