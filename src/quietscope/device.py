@@ -3,7 +3,7 @@ noise inspection."""
 
 from __future__ import annotations
 
-import functools
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -109,14 +109,28 @@ def _as_fp32(obj: Any) -> Any:
     return obj
 
 
-def _autocast_forward(forward: Callable[..., Any], dtype: torch.dtype, device_type: str) -> Callable[..., Any]:
-    @functools.wraps(forward)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        with torch.autocast(device_type=device_type, dtype=dtype):
-            out = forward(*args, **kwargs)
-        return _as_fp32(out)
+def _autocast_hooks(dtype: torch.dtype, device_type: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    # Hooks, not a patched forward: they survive copy.deepcopy (the receptive-field probe
+    # copies the method) and leave the module's own forward and state dict alone.
+    state = threading.local()
 
-    return run
+    def enter(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        stack = state.__dict__.setdefault("stack", [])
+        if any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args):
+            stack.append(None)  # float64 on purpose (receptive-field probes): left alone
+            return
+        ctx = torch.autocast(device_type=device_type, dtype=dtype)
+        ctx.__enter__()
+        stack.append(ctx)
+
+    def leave(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        ctx = state.stack.pop()
+        if ctx is None:
+            return None
+        ctx.__exit__(None, None, None)
+        return _as_fp32(output)
+
+    return enter, leave
 
 
 def set_module_precision(module: torch.nn.Module, precision: str, device_type: str) -> torch.nn.Module:
@@ -147,9 +161,12 @@ def set_module_precision(module: torch.nn.Module, precision: str, device_type: s
     >>> net(torch.zeros(1, 1, 8, 8)).dtype
     torch.float32
     """
-    module.__dict__.pop("forward", None)  # an instance attribute shadows the class's forward
+    for handle in module.__dict__.pop("_quietscope_precision", ()):
+        handle.remove()
     if precision != "fp32":
-        module.forward = _autocast_forward(module.forward, PRECISIONS[precision], device_type)
+        enter, leave = _autocast_hooks(PRECISIONS[precision], device_type)
+        module._quietscope_precision = (module.register_forward_pre_hook(enter),
+                                        module.register_forward_hook(leave, always_call=True))
     return module
 
 
