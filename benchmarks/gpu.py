@@ -69,6 +69,8 @@ class Report:
         self.path.write_text(json.dumps(self.data, indent=2, default=str))
 
     def left(self) -> float:
+        if self.data.get("smoke"):
+            return math.inf  # a check of the script on a slow CPU: no budget
         return BUDGET_S - (time.perf_counter() - self.t0)
 
 
@@ -217,9 +219,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="4096² and 64×1024² volumes, fewer steps")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on whatever device there is (checks the script)")
     ap.add_argument("--filters", type=int, default=32)
+    ap.add_argument("--parts", default="train,precision,raw,pipeline", help="comma-separated subset")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default 500; --quick 200)")
+    ap.add_argument("--cpu", action="store_true", help="run the chosen parts on the CPU (bf16 autocast; no fp16)")
     args = ap.parse_args()
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.smoke:
+    cuda = torch.cuda.is_available() and not args.cpu
+    if not cuda and not (args.smoke or args.cpu):
         print("benchmarks/gpu.py: no CUDA device visible (torch.cuda.is_available() is False; torch "
               f"{torch.__version__}); nothing measured. Install the CUDA build of torch on a GPU machine "
               "(docs/cluster.md) and rerun; --smoke checks the script on the CPU.")
@@ -231,24 +236,33 @@ def main() -> None:
     names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
     rep = Report(args.json, {"date": date.today().isoformat(), "command": " ".join(["python", *sys.argv]),
                              "machine": f"{platform.node()}, {os.cpu_count()} CPU cores, GPUs: {names or 'none'}",
-                             "torch": torch.__version__, "model": f"n2v U-Net depth 2, {args.filters} filters"})
+                             "torch": torch.__version__, "model": f"n2v U-Net depth 2, {args.filters} filters",
+                             "smoke": args.smoke})
     if args.smoke:
         steps, n_tiles = 4, 2
-        volumes = {"2D": ((512, 512), (256, 256)), "3D": ((32, 128, 128), (32, 64, 64))}
+        volumes = {"2D": ((256, 256), (128, 128)), "3D": ((16, 64, 64), (16, 32, 32))}
     elif args.quick:
         steps, n_tiles = 200, 10
         volumes = {"2D": ((4096, 4096), (1024, 1024)), "3D": ((64, 1024, 1024), (32, 256, 256))}
     else:
         steps, n_tiles = 500, 20
         volumes = {"2D": ((16384, 16384), (1024, 1024)), "3D": ((256, 2048, 2048), (32, 256, 256))}
+    steps = args.steps or steps
+    parts = set(args.parts.split(","))
     gpus: list[str | None] = (["1", "all"] if len(visible_gpus()) > 1 else ["1"]) if cuda else [None]
+    filters = 8 if args.smoke else args.filters
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as d:
         tmp = Path(d)
-        model2 = part_train(rep, tmp, str(device), steps, 8 if args.smoke else args.filters)
-        part_precision(rep, model2, device, ["fp32", "bf16", "fp16"] if cuda else ["fp32", "bf16"])
-        model3 = random_model(tmp / "m3.qs", 3, depth=2, filters=8 if args.smoke else args.filters, batch_norm=False)
-        raw = part_raw(rep, model2, device, {k: (s, c, model3) for k, (s, c) in volumes.items()}, n_tiles)
-        part_pipeline(rep, model3, model2, tmp, volumes, gpus, raw)
+        if parts & {"train", "precision"}:
+            model2 = part_train(rep, tmp, str(device), steps, filters)
+        else:
+            model2 = random_model(tmp / "m2.qs", 2, depth=2, filters=filters, batch_norm=False)
+        if "precision" in parts:
+            part_precision(rep, model2, device, ["fp32", "bf16", "fp16"] if cuda else ["fp32", "bf16"])
+        model3 = random_model(tmp / "m3.qs", 3, depth=2, filters=filters, batch_norm=False)
+        raw = part_raw(rep, model2, device, {k: (s, c, model3) for k, (s, c) in volumes.items()}, n_tiles) if parts & {"raw", "pipeline"} else {}
+        if "pipeline" in parts:
+            part_pipeline(rep, model3, model2, tmp, volumes, gpus, raw)
     print(f"JSON: {args.json}")
 
 

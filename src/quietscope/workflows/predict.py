@@ -108,7 +108,6 @@ def predict(
     return run_prediction(image, output, factory, names, model.halo, model.factor, options, provenance, windows)
 
 
-
 def _check_gpu_options(options: PredictOptions) -> None:
     """``--gpus`` errors before anything is written or started (one line each)."""
     if not options.compute.gpus:
