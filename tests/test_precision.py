@@ -148,3 +148,12 @@ def test_module_precision_restores_fp32():
         low = net(x)
     assert low.dtype == torch.float32 and not torch.equal(low, ref)
     assert torch.equal(net(x), ref)
+
+
+def test_filter_refuses_a_lower_precision(tmp_path):
+    from quietscope.workflows.filter import filter_image
+
+    src = write_zarr_array(tmp_path / "in.zarr", _image((32, 32)), (32, 32))
+    with pytest.raises(ConfigError, match="filters compute in float32"):
+        filter_image(src, tmp_path / "out.ome.zarr", "box", size=3, options=PredictOptions(precision="bf16", progress=False))
+    assert not (tmp_path / "out.ome.zarr").exists()
