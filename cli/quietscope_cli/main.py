@@ -128,6 +128,7 @@ def info(input_uri: str, axes: str | None, level: int, as_json: bool) -> None:
 @click.option("--keep", type=click.Choice(["best", "last"]), default="best", show_default=True,
               help="Weights the model file keeps: those of the best validation loss, or of the last step.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--amp", is_flag=True, help="Mixed precision: the network under bf16 autocast (fp16 + grad scaler on GPUs without bf16).")
 @click.option("--noise-model", default=None, type=click.Path(dir_okay=False), help="pn2v/denoisplit: noise model file (JSON) from 'quietscope noise-model'.")
 @click.option("--samples", "n_samples", default=None, type=int, help="pn2v: prior samples predicted per pixel.")
 @click.option("--psf-sigma", default=None, help="n2v-deconv: Gaussian PSF sigma, one value or one per spatial axis.")
@@ -146,7 +147,7 @@ def info(input_uri: str, axes: str | None, level: int, as_json: bool) -> None:
 def train(input_uri: str, output: str, method: str, patch: str, batch: int, steps: int, lr: float, seed: int,
           depth: int, filters: int, n2v2: bool, batch_norm: bool, z_pool: str, masked_percent: float, struct_mask: str | None,
           val_fraction: float, foreground: float, checkpoint_every: int, val_every: int, early_stop: int | None, keep: str,
-          device: str, noise_model: str | None, n_samples: int | None, psf_sigma: str | None, psf: str | None,
+          device: str, amp: bool, noise_model: str | None, n_samples: int | None, psf_sigma: str | None, psf: str | None,
           positivity_lambda: float | None, gain: float | None, offset: float | None, noise_sigma: float | None,
           params: tuple[str, ...], channels: tuple[str, ...], overwrite: bool, resume: bool, axes: str | None, level: int) -> None:
     """Train a self-supervised model on INPUT (patches are sampled; the volume is never loaded)."""
@@ -188,6 +189,8 @@ def train(input_uri: str, output: str, method: str, patch: str, batch: int, step
         "val_fraction": val_fraction, "foreground": foreground, "checkpoint_every": checkpoint_every,
         "val_every": val_every, "early_stop": early_stop, "keep": keep, "device": device,
     }
+    if amp:
+        train_options["amp"] = True
     res = train_model([input_uri, *channels] if channels else input_uri, output, method_options, train_options, axes=axes, level=level,
                       overwrite=overwrite, resume=resume)
     best = (f", best validation loss {res.best_val:.5g} at step {res.best_step}; keeps the weights of step {res.kept_step}"

@@ -4,6 +4,9 @@
 * ``cluster="local"``, ``workers=N``: a ``LocalCluster`` of N worker *processes* on this machine,
   listening on 127.0.0.1 only, each with ``threads`` task threads (default ``cores // N``) and
   torch/BLAS intra-op threads set so that the workers together use ``cores`` threads.
+* ``cluster="local"``, ``gpus="all"|"N"|"0,2"``: one worker process per GPU, each seeing only its
+  own device (``CUDA_VISIBLE_DEVICES``; dask-cuda's ``LocalCUDACluster`` when the optional ``gpu``
+  extra is installed), worker resource ``GPU=1``, on 127.0.0.1 only.
 * ``cluster="slurm"``: a dask-jobqueue ``SLURMCluster`` from a YAML profile (one worker per GPU job,
   ``--gres=gpu:1`` and worker resource ``GPU=1``), optionally TLS-secured.
 * ``scheduler="tcp://..."`` or ``"tls://..."``: connect to a running scheduler (TLS files for tls://).
@@ -13,6 +16,7 @@ Nothing listens on a public interface unless a profile names one explicitly.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import sys
@@ -21,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from distributed import WorkerPlugin
+from distributed import LocalCluster, WorkerPlugin
 from pydantic import BaseModel, ConfigDict, Field
 
 from quietscope.errors import ConfigError, validation_message
@@ -218,6 +222,9 @@ class ClusterOptions(BaseModel):
     tls_cert: str | None = None
     tls_key: str | None = None
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker process")
+    gpus: str | None = Field(None, description="local: one worker process per GPU: all, a count N, or indices 0,2")
+    precision: str = Field("auto", pattern="^(auto|fp32|bf16|fp16)$",
+                           description="network precision: auto (fp32 on the CPU, bf16 on a GPU that has it), fp32, bf16, fp16")
 
 
 @contextmanager
@@ -256,6 +263,9 @@ def client_for(options: ClusterOptions) -> Iterator[Any]:
         options.tls_cert or (prof.tls_cert if prof else None),
         options.tls_key or (prof.tls_key if prof else None),
     )
+    if options.gpus and (options.scheduler or options.cluster != "local"):
+        raise ConfigError("--gpus starts GPU workers on this machine; with --scheduler or --cluster slurm the GPUs "
+                          "are the remote workers' (one per SLURM job): leave --gpus out")
     if options.scheduler:
         opened = _remote_client(options.scheduler, security)
     elif options.cluster == "slurm":
@@ -311,6 +321,8 @@ def _local_client(options: ClusterOptions) -> tuple[Any, Any]:
     # distributed always starts HTTP servers; never expose them on a public interface.
     common = dict(host=LOOPBACK, dashboard_address=f"{LOOPBACK}:0", worker_dashboard_address=f"{LOOPBACK}:0",
                   silence_logs=logging.WARNING)
+    if options.gpus:
+        return _local_gpu_client(options, common)
     if options.workers:
         task_threads, torch_threads = thread_budget(options.workers, options.threads, torch_threads=options.torch_threads)
         env = {v: str(torch_threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
@@ -339,3 +351,142 @@ def worker_info(client: Any) -> dict[str, Any]:
         return client.scheduler_info(n_workers=-1)["workers"]
     except TypeError:  # older distributed
         return client.scheduler_info()["workers"]
+
+
+# ---- one worker per GPU on this machine ------------------------------------------------------
+def cuda_device_count() -> int:
+    """GPUs torch can use in this process (0 without a CUDA build or driver)."""
+    import torch  # external; imported here so that filter-only clients never load it
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process can use, as ``CUDA_VISIBLE_DEVICES`` entries (index ``i`` = ``cuda:i``).
+
+    When ``CUDA_VISIBLE_DEVICES`` is set (e.g. by SLURM for an allocation), its first
+    :func:`cuda_device_count` entries; otherwise ``0 .. count-1``.
+    """
+    n = cuda_device_count()
+    env = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return env[:n] if env else [str(i) for i in range(n)]
+
+
+def resolve_gpus(spec: str, available: list[str] | None = None) -> list[str]:
+    """The devices of ``--gpus``: ``all``, a count ``N`` (the first N), or indices ``0,2``.
+
+    Parameters
+    ----------
+    spec : str
+        ``all``, ``N`` or a comma-separated list of indices into the visible GPUs (``cuda:i``
+        numbering; ``1,`` is the single GPU 1).
+    available : list of str, optional
+        Visible GPUs as ``CUDA_VISIBLE_DEVICES`` entries (default: :func:`visible_gpus`).
+
+    Returns
+    -------
+    list of str
+        One ``CUDA_VISIBLE_DEVICES`` value per worker, all distinct.
+
+    Raises
+    ------
+    ConfigError
+        No GPU is visible, or the spec asks for GPUs that are not there.
+
+    Examples
+    --------
+    >>> resolve_gpus("0,2", ["4", "5", "7"])
+    ['4', '7']
+    """
+    gpus = visible_gpus() if available is None else list(available)
+    text = str(spec).strip().lower()
+    if not gpus:
+        raise ConfigError(f"--gpus {spec}: no CUDA GPU is visible here (torch sees none); leave --gpus out to run on "
+                          "the CPU, or install a CUDA build of torch (docs/cluster.md)")
+    if text == "all":
+        return gpus
+    if "," not in text:
+        if not text.isdigit() or int(text) < 1:
+            raise ConfigError(f"--gpus {spec!r} is not all, a count N or indices like 0,2")
+        if int(text) > len(gpus):
+            raise ConfigError(f"--gpus {spec}: only {len(gpus)} GPU(s) are visible; use --gpus all or a smaller count")
+        return gpus[: int(text)]
+    try:
+        idx = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--gpus {spec!r} is not all, a count N or indices like 0,2") from None
+    bad = [i for i in idx if not 0 <= i < len(gpus)]
+    if bad or not idx or len(set(idx)) != len(idx):
+        raise ConfigError(f"--gpus {spec}: indices must be distinct and in 0..{len(gpus) - 1} ({len(gpus)} GPU(s) visible)")
+    return [gpus[i] for i in idx]
+
+
+class PinnedGPUCluster(LocalCluster):
+    """A ``LocalCluster`` with one worker process per GPU, pinned by ``CUDA_VISIBLE_DEVICES``.
+
+    What dask-cuda's ``LocalCUDACluster`` does, without its dependency (NVML): worker ``i`` gets
+    ``CUDA_VISIBLE_DEVICES=devices[i]`` in its nanny's environment (set before the process
+    starts, so CUDA never initialises on another GPU; a restarted worker gets the same one) and
+    the resource ``GPU=1``.
+    """
+
+    def __init__(self, devices: list[str], **kwargs: Any) -> None:
+        self.devices = list(devices)
+        super().__init__(n_workers=0, processes=True, **kwargs)
+        self.scale(len(self.devices))
+
+    def new_worker_spec(self) -> dict[Any, dict[str, Any]]:
+        (name, spec), = super().new_worker_spec().items()
+        spec = copy.deepcopy(spec)
+        options = spec.setdefault("options", {})
+        options["env"] = {**(options.get("env") or {}), "CUDA_VISIBLE_DEVICES": self.devices[int(name) % len(self.devices)]}
+        options["resources"] = {**(options.get("resources") or {}), "GPU": 1}
+        return {name: spec}
+
+
+def worker_device() -> str:
+    """Run in a worker: the GPU it sees (``CUDA_VISIBLE_DEVICES``, and the device's name)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)")
+    torch = sys.modules.get("torch")
+    name = ""
+    if torch is not None and torch.cuda.is_available():
+        name = f", cuda:0 = {torch.cuda.get_device_name(0)}"
+    return f"CUDA_VISIBLE_DEVICES={visible}{name}"
+
+
+def _gpu_cluster(devices: list[str], task_threads: int, env: dict[str, str], common: dict[str, Any]) -> Any:
+    try:
+        from dask_cuda import LocalCUDACluster  # optional dependency: the `gpu` extra
+    except ImportError:
+        return PinnedGPUCluster(devices, threads_per_worker=task_threads, env=env, **common)
+    # dask-cuda rotates the list per worker (worker i sees devices[i] as cuda:0) and binds
+    # each worker to the CPU cores and network card nearest its GPU.
+    return LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(devices), n_workers=len(devices),
+                            threads_per_worker=task_threads, resources={"GPU": 1}, **common)
+
+
+def _local_gpu_client(options: ClusterOptions, common: dict[str, Any]) -> tuple[Any, Any]:
+    from distributed import Client
+
+    devices = resolve_gpus(str(options.gpus))
+    if options.workers and options.workers != len(devices):
+        raise ConfigError(f"--workers {options.workers} and --gpus {options.gpus} ({len(devices)} GPUs) disagree: "
+                          "--gpus starts one worker per GPU; leave --workers out")
+    # One block task at a time per GPU (GPU=1); the other threads run the pyramid tasks.
+    task_threads, torch_threads = thread_budget(len(devices), options.threads, torch_threads=options.torch_threads)
+    env = {v: str(torch_threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    local = _gpu_cluster(devices, task_threads, env, common)
+    client = Client(local)
+    try:
+        client.wait_for_workers(len(devices), timeout=300)
+        client.register_plugin(_torch_plugin(torch_threads))
+        seen = client.run(worker_device)
+    except BaseException:
+        client.close()
+        local.close()
+        raise
+    log.info("local GPU cluster (%s): %d worker processes x %d threads, resource GPU=1 each; on %s only; dashboard %s",
+             type(local).__name__, len(devices), task_threads, LOOPBACK, local.dashboard_link)
+    for addr, dev in sorted(seen.items()):
+        log.info("  worker %s: %s", addr, dev)
+    return client, local

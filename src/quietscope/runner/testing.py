@@ -133,3 +133,32 @@ def torch_threads() -> int:
     import torch
 
     return int(torch.get_num_threads())
+
+
+@dataclass(frozen=True)
+class DeviceProbeProcessor:
+    """Fills each block with the number in its worker's ``CUDA_VISIBLE_DEVICES`` (halo 0).
+
+    Shows which GPU worker computed each block without a GPU: the output is a map of devices.
+    A block whose task did not request ``GPU=1`` is filled with ``-1`` instead.
+    """
+
+    sleep: float = 0.0
+
+    @property
+    def token(self) -> str:
+        return f"device-probe-{self.sleep}"
+
+    def build(self) -> Callable[[np.ndarray], np.ndarray]:
+        device = float(os.environ.get("CUDA_VISIBLE_DEVICES", "-2").split(",")[0])
+
+        def fn(tile: np.ndarray) -> np.ndarray:
+            from distributed import get_worker
+            from distributed.utils import thread_state
+
+            time.sleep(self.sleep)
+            restrictions = get_worker().state.tasks[thread_state.key].resource_restrictions
+            value = device if restrictions == {"GPU": 1} else -1.0
+            return np.full(tile.shape, value, dtype=np.float32)
+
+        return fn

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from quietscope.device import resolve_device
+from quietscope.device import amp_precision, resolve_device, set_module_precision
 from quietscope.errors import ConfigError, ModelError
 from quietscope.io.reading import Image
 from quietscope.methods.base import Method
@@ -53,6 +53,7 @@ class TrainConfig(BaseModel):
         "best", description="weights the model keeps: those of the best validation loss, or of the last step"
     )
     device: str = "auto"
+    amp: bool = Field(False, description="mixed precision: the network under bf16 autocast (fp16 + grad scaler on GPUs without bf16)")
 
 
 @dataclass
@@ -126,7 +127,14 @@ def train(
     best = (math.inf, -1, None)
     bad_vals = 0
     ckpt = Path(checkpoint) if checkpoint else None
-    fingerprint = json.dumps({"method": method.config.model_dump(mode="json"), "train": config.model_dump(mode="json")}, sort_keys=True)
+    # amp left out when off: checkpoints of earlier versions still resume.
+    train_fields = config.model_dump(mode="json", exclude=None if config.amp else {"amp"})
+    fingerprint = json.dumps({"method": method.config.model_dump(mode="json"), "train": train_fields}, sort_keys=True)
+    precision = amp_precision(device) if config.amp else "fp32"
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    if config.amp:
+        log.info("mixed precision: the network under %s autocast%s; losses and noise models in float32", precision,
+                 " with a gradient scaler" if scaler else "")
     if resume:
         if ckpt is None or not ckpt.exists():
             raise ConfigError(f"--resume: no checkpoint at {str(ckpt)!r}; start without --resume")
@@ -141,6 +149,8 @@ def train(
         history = json.loads(state["history"])
         best = (float(state["best_val"]), int(state["best_step"]), state.get("best_state"))
         bad_vals = int(state["bad_vals"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         log.info("resumed from %s at step %d", ckpt, start_step)
 
     pool = None
@@ -152,12 +162,13 @@ def train(
     t0 = time.perf_counter()
     bar = tqdm(total=config.steps, initial=start_step, disable=not progress, desc="train", unit="step")
     stopped_early = False
+    set_module_precision(method.net, precision, device.type)
     try:
         step = start_step
         for step in range(start_step, config.steps):
             if step % config.checkpoint_every == 0 or pool is None:
                 if ckpt is not None and step > start_step:
-                    _save_checkpoint(ckpt, method, opt, gen, step, history, best, bad_vals, fingerprint)
+                    _save_checkpoint(ckpt, method, opt, gen, step, history, best, bad_vals, fingerprint, scaler)
                 pool = torch.from_numpy(prefetcher.get(step // config.checkpoint_every))
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, config.steps, config.lr)
@@ -167,8 +178,13 @@ def train(
             if not torch.isfinite(loss):
                 raise ConfigError(f"training diverged at step {step} (loss {loss.item()}); lower --lr or check the data")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             rec = {"step": step + 1, "loss": float(loss.item())}
             if val_batch is not None and ((step + 1) % config.val_every == 0 or step + 1 == config.steps):
                 rec["val_loss"] = validation_loss(method, val_batch, config.seed, device, val_draws)
@@ -191,6 +207,7 @@ def train(
                 stopped_early = True
                 break
     finally:
+        set_module_precision(method.net, "fp32", device.type)
         bar.close()
         prefetcher.close()
     kept_step = len(history)
@@ -205,7 +222,7 @@ def train(
             log.info("keeping the weights of step %d (best validation %s %.5g; later validations were higher); "
                      "--keep last keeps the last", kept_step, "score" if any("select" in r for r in history) else "loss", best[0])
     if ckpt is not None:
-        _save_checkpoint(ckpt, method, opt, gen, config.steps, history, best, bad_vals, fingerprint)
+        _save_checkpoint(ckpt, method, opt, gen, config.steps, history, best, bad_vals, fingerprint, scaler)
     method.eval()
     return TrainResult(
         method=method,
@@ -285,7 +302,7 @@ def _validation_metrics(method: Method, batch: torch.Tensor, device: torch.devic
         return {k: float(v) for k, v in method.validation_metrics(batch.to(device)).items()}
 
 
-def _save_checkpoint(ckpt, method, opt, gen, step, history, best, bad_vals, fingerprint) -> None:
+def _save_checkpoint(ckpt, method, opt, gen, step, history, best, bad_vals, fingerprint, scaler=None) -> None:
     state = {
         "fingerprint": fingerprint,
         "method": method.state_dict(),
@@ -300,6 +317,8 @@ def _save_checkpoint(ckpt, method, opt, gen, step, history, best, bad_vals, fing
     }
     if best[2] is not None:
         state["best_state"] = best[2]
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     torch.save(state, tmp)
     tmp.replace(ckpt)

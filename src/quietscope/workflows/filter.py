@@ -7,8 +7,10 @@ from pathlib import Path
 
 from quietscope import __version__
 from quietscope.chunked import PredictOptions, PredictResult, preflight, run_prediction
+from quietscope.errors import ConfigError
 from quietscope.io.reading import open_image
 from quietscope.methods.filters import DEFAULT_TRUNCATE, filter_processor
+from quietscope.runner.cluster import resolve_gpus
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,10 @@ def filter_image(
     options = options or PredictOptions()
     image = open_image(input_uri, level=level, axes=axes)
     proc = filter_processor(kind, len(image.spatial_axes), size, sigma, truncate)
+    if options.compute.precision not in ("auto", "fp32"):
+        raise ConfigError(f"--precision {options.compute.precision}: filters compute in float32; --precision is for predict")
+    if options.compute.gpus:
+        resolve_gpus(options.compute.gpus)  # no GPU: one clear line before anything is written
     preflight(image, output, options)
     names = ["filtered"] if image.n_channels == 1 else [f"filtered_ch{i}" for i in range(image.n_channels)]
     provenance = {

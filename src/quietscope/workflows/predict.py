@@ -6,11 +6,22 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from quietscope import __version__
-from quietscope.chunked import PredictOptions, PredictResult, preflight, run_prediction
-from quietscope.device import resolve_device
-from quietscope.inference import ModelProcessor, file_token, load_for_inference
+from quietscope.chunked import BlockOptions, PredictOptions, PredictResult, preflight, run_prediction
+from quietscope.device import resolve_device, resolve_precision, set_module_precision
+from quietscope.errors import ConfigError
+from quietscope.inference import (
+    GPU_MEMORY_FRACTION,
+    ModelProcessor,
+    file_token,
+    gpu_work_voxels,
+    load_for_inference,
+    probe_bytes_per_voxel,
+)
 from quietscope.io.reading import open_image
+from quietscope.runner.cluster import resolve_gpus
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +84,56 @@ def predict(
     # Checked on the CPU before any worker starts: a mismatch must not cost a cluster start.
     model = load_for_inference(model_path, "cpu", inference, tta, image.spatial_axes, image.n_channels,
                                f"input {str(input_uri)!r}")
+    _check_gpu_options(options)
     preflight(image, output, options)
     device = resolve_device(options.device)
+    precision = resolve_precision(options.compute.precision, device)
+    bytes_per_voxel = None
+    if device.type == "cuda":
+        bytes_per_voxel, options = _size_for_gpu(model_path, device, precision, inference, tta, options)
     if tta:
         log.info("test-time augmentation: mean of 8 flips/rotations in y/x per block (halo %s)", list(model.halo))
     stats = model.manifest.get("data_stats", {})
     names = model.method.output_names
     windows = [(float(stats.get("min", 0.0)), float(stats.get("max", 1.0)))] * len(names) if stats else None
     items = tuple(sorted(inference.items()))
-    factory = ModelProcessor(str(Path(model_path).resolve()), str(device),
-                             file_token(model_path, str(device) + repr(items) + f"tta={tta}"), items, tta)
+    # fp32 keeps the token of earlier versions (their outputs resume); other precisions differ.
+    token_extra = str(device) + repr(items) + f"tta={tta}" + (f"precision={precision}" if precision != "fp32" else "")
+    factory = ModelProcessor(str(Path(model_path).resolve()), str(device), file_token(model_path, token_extra), items, tta,
+                             precision=precision, bytes_per_voxel=bytes_per_voxel)
     provenance = {"quietscope_version": __version__, "model": str(model_path), "method": model.name,
                   "input": str(input_uri), "input_level": level, "inference": inference, "tta": tta}
-    log.info("method %s, device %s, normalisation mean %s std %s", model.name, device,
+    log.info("method %s, device %s, precision %s, normalisation mean %s std %s", model.name, device, precision,
              [round(v, 4) for v in model.method.norm_mean.tolist()], [round(v, 4) for v in model.method.norm_std.tolist()])
     return run_prediction(image, output, factory, names, model.halo, model.factor, options, provenance, windows)
 
+
+def _check_gpu_options(options: PredictOptions) -> None:
+    """``--gpus`` errors before anything is written or started (one line each)."""
+    if not options.compute.gpus:
+        return
+    if options.device not in ("auto", "cuda"):
+        raise ConfigError(f"--gpus gives each worker its own GPU (it is cuda there); --device {options.device} "
+                          "contradicts it: leave --device at auto (or cuda)")
+    resolve_gpus(options.compute.gpus)
+
+
+def _size_for_gpu(model_path: str | Path, device: Any, precision: str, inference: dict[str, Any], tta: bool,
+                  options: PredictOptions) -> tuple[float, PredictOptions]:
+    """Measure the model's device memory per voxel once; size the blocks from the GPU's memory.
+
+    Blocks are planned from the GPU's *total* memory (the same plan on every run, so --resume
+    finds the same blocks); each worker then bounds its passes by its own free memory.
+    """
+    probe = load_for_inference(model_path, str(device), inference, tta)
+    set_module_precision(probe.method.net, precision, device.type)
+    bpv = probe_bytes_per_voxel(probe.method, device)
+    del probe
+    total = torch.cuda.mem_get_info(device)[1]
+    plan_voxels = gpu_work_voxels(total, bpv)
+    default = BlockOptions.model_fields["max_tile_voxels"].default
+    log.info("GPU sizing: %.0f bytes/voxel measured at %s; %.1f GiB on %s -> passes of <= %d voxels (%.0f%% of memory)",
+             bpv, precision, total / 2**30, device, plan_voxels, 100 * GPU_MEMORY_FRACTION)
+    if options.blocks.block is None and options.blocks.max_tile_voxels == default:
+        options = options.model_copy(update={"max_tile_voxels": plan_voxels})
+    return bpv, options
