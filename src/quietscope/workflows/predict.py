@@ -10,6 +10,7 @@ from quietscope import __version__
 from quietscope.chunked import PredictOptions, PredictResult, preflight, run_prediction
 from quietscope.device import resolve_device
 from quietscope.inference import ModelProcessor, file_token, load_for_inference
+from quietscope.inference_memory import memory_profile
 from quietscope.io.reading import open_image
 
 log = logging.getLogger(__name__)
@@ -87,5 +88,9 @@ def predict(
                   "input": str(input_uri), "input_level": level, "inference": inference, "tta": tta}
     log.info("method %s, device %s, normalisation mean %s std %s", model.name, device,
              [round(v, 4) for v in model.method.norm_mean.tolist()], [round(v, 4) for v in model.method.norm_std.tolist()])
-    return run_prediction(image, output, factory, names, model.halo, model.factor, options, provenance, windows)
+    memory = memory_profile(model.method, len(names))
+    log.info("memory per voxel: %.0f bytes of activations (probed, with slack), %.0f of block buffers",
+             memory.net_bytes_per_voxel, memory.io_bytes_per_voxel)
+    return run_prediction(image, output, factory, names, model.halo, model.factor, options, provenance, windows,
+                          memory=memory)
 
