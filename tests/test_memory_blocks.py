@@ -10,7 +10,7 @@ import zarr
 from click.testing import CliRunner
 
 from helpers import random_model, write_zarr_array
-from quietscope.chunked import PredictOptions
+from quietscope.chunked import PredictOptions, tasks_at_once
 from quietscope.errors import ConfigError
 from quietscope.inference import method_halo, predict_tile, predict_whole
 from quietscope.inference_memory import memory_profile, probe_memory
@@ -131,3 +131,11 @@ def test_read_windows_align_for_subtiles(tmp_path):
     halo, f = method_halo(method), method.downsampling_factor
     rs, re = read_window((8, 16, 16), (24, 48, 48), halo, f)
     assert all(a % f == 0 and (b - a) % f == 0 for a, b in zip(rs, re))
+
+
+def test_tasks_sharing_a_budget():
+    assert tasks_at_once(PredictOptions(), 3) == (1, 1)  # in-process 3D: one block, all cores
+    assert tasks_at_once(PredictOptions(), 2) == (2, None)  # 2D: both task threads busy
+    assert tasks_at_once(PredictOptions(max_in_flight=2), 3) == (2, 2)
+    assert tasks_at_once(PredictOptions(threads=3, workers=2), 3) == (3, None)
+    assert tasks_at_once(PredictOptions(scheduler="tcp://h:8786"), 3) == (1, None)

@@ -330,19 +330,24 @@ def default_memory(device: str = "cpu") -> int:
     return int(DEFAULT_MEMORY_SHARE["cpu"] * psutil.virtual_memory().total)
 
 
-def tasks_at_once(options: PredictOptions) -> tuple[int, int | None]:
+def tasks_at_once(options: PredictOptions, ndim: int = 3) -> tuple[int, int | None]:
     """``(tasks sharing one worker's memory, max_in_flight)`` for a memory-sized plan.
 
-    In-process (the default) one big sub-tiled block runs at a time with all cores on its
-    convolutions (3D convolutions use intra-op threads well, and one task in flight gets the
-    whole budget); with worker processes, each task thread of a worker gets an equal share.
+    In-process (the default) a 3D plan runs one big sub-tiled block at a time with all cores on
+    its convolutions (3D convolutions use intra-op threads well, and one task in flight gets the
+    whole budget); a 2D plan keeps its task threads busy (reading and writing one block overlaps
+    computing another) and splits the budget between them. With worker processes, each task
+    thread of a worker gets an equal share.
     """
     comp, blk = options.compute, options.blocks
     if comp.scheduler or comp.cluster != "local" or comp.workers:
         per_worker = comp.threads or (thread_budget(comp.workers)[0] if comp.workers and comp.cluster == "local" else 1)
         return per_worker, blk.max_in_flight
+    threads = comp.threads or 2
+    if ndim < 3:
+        return min(blk.max_in_flight or threads, threads), blk.max_in_flight
     in_flight = blk.max_in_flight or 1
-    return min(in_flight, comp.threads or 2), in_flight
+    return min(in_flight, threads), in_flight
 
 
 def _memory_plan(spatial: tuple[int, ...], align: tuple[int, ...], halo: tuple[int, ...], factor: Factor,
@@ -350,7 +355,7 @@ def _memory_plan(spatial: tuple[int, ...], align: tuple[int, ...], halo: tuple[i
     """Block and sub-tile for the per-task memory budget (``ConfigError`` when one tile cannot fit)."""
     blk = options.blocks
     total = blk.memory or default_memory(options.device if options.device != "auto" else "cpu")
-    n_tasks, in_flight = tasks_at_once(options)
+    n_tasks, in_flight = tasks_at_once(options, len(spatial))
     budget = total // n_tasks
     f = per_axis(factor, len(spatial))
     try:
@@ -538,9 +543,9 @@ def _memory_report(layout: Layout, halo: tuple[int, ...], factor: Factor) -> dic
     if layout.predicted_bytes is None:
         return {}
     cf = compute_factor(layout.spatial_shape, layout.block, halo, factor, layout.subtile)
-    log.info("memory plan: %.2f GB per task (%s at once); block %s predicted in sub-tiles of %s (+ halo); "
+    log.info("memory plan: %.2f GB per task (max in flight: %s); block %s predicted in sub-tiles of %s (+ halo); "
              "predicted peak %.2f GB per task; voxels computed per voxel written %.3f",
-             (layout.memory_budget or 0) / 1e9, layout.max_in_flight or "tasks", layout.block, layout.subtile,
+             (layout.memory_budget or 0) / 1e9, layout.max_in_flight or "default", layout.block, layout.subtile,
              layout.predicted_bytes / 1e9, cf)
     return {"subtile": layout.subtile, "memory_budget": layout.memory_budget, "predicted_bytes": layout.predicted_bytes,
             "compute_factor": cf}
