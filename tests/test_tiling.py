@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from quietscope.tiling import (
+    MemoryProfile,
+    block_window,
     choose_block_shape,
+    choose_subtile,
+    compute_factor,
     halo_factor,
     halo_from_radius,
+    parse_bytes,
     per_axis,
     plan_blocks,
+    plan_memory_blocks,
     read_window,
     reflect_indices,
+    subtile_cuts,
+    subtile_voxels,
     trim_slices,
     whole_window,
 )
@@ -111,3 +121,53 @@ def test_block_choice_in_powers_of_two_of_chunks_along_pyramid_axes():
     assert pow2 == (768, 384)  # 8 x 4 chunks: levels 1 and 2 are written by each block
     assert np.prod([b + 2 * h for b, h in zip(pow2, halo)]) <= 1_500_000
     assert halo_factor(pow2, halo) < halo_factor(free, halo) + 0.01  # alignment costs little halo
+
+
+def test_parse_bytes():
+    assert parse_bytes("2GB") == 2 * 10**9 and parse_bytes("512MiB") == 512 * 2**20 and parse_bytes(" 1.5 g") == 15 * 10**8
+    for bad in ("", "GB", "2 parsecs", "-1GB", "0"):
+        with pytest.raises(ValueError):
+            parse_bytes(bad)
+
+
+@pytest.mark.parametrize("length, halo, tile", [(64, 8, 16), (68, 8, 16), (40, 8, 24), (20, 4, 4), (96, 24, 4), (12, 0, 4)])
+def test_subtile_cuts_cover_once_with_halo_inside_the_window(length, halo, tile):
+    cuts = subtile_cuts(length, halo, tile)
+    cover = np.zeros(length, int)
+    for a, b, r0, r1 in cuts:
+        cover[a:b] += 1
+        assert 0 <= r0 <= a < b <= r1 <= length
+        assert (a - r0 == halo or r0 == 0) and (r1 - b == halo or r1 == length)  # full halo unless at the edge
+        assert r1 - r0 <= tile + 2 * halo and r0 % 4 == 0 and a % 4 == 0
+    assert (cover == 1).all()
+    assert len(cuts) == 1 or len(cuts) == len(range(halo + tile, length - halo, tile)) + 1
+
+
+def test_choose_subtile_respects_the_budget_and_prefers_low_overhead():
+    halo = (24, 24, 24)
+    t = choose_subtile((128, 1024, 1024), halo, 4, 4e6)
+    assert math.prod(a + 2 * h for a, h in zip(t, halo)) <= 4e6 and all(a % 4 == 0 for a in t)
+    assert max(t) - min(t) <= 8  # equal halos: about a cube
+    assert choose_subtile((16, 64, 64), halo, 4, 1e9) == (16, 64, 64)  # capped at the volume
+    with pytest.raises(ValueError):
+        choose_subtile((64, 64, 64), halo, 4, 52**3 - 1)
+
+
+def test_memory_plan_fits_the_budget_and_goes_deep_in_z():
+    prof = MemoryProfile(net_bytes_per_voxel=1000.0, io_bytes_per_voxel=20.0, fixed_bytes=5e7)
+    shape, chunks, halo = (128, 1024, 1024), (32, 256, 256), (24, 24, 24)
+    for budget in (1e9, 2e9, 8e9):
+        block, tile = plan_memory_blocks(shape, chunks, halo, 4, prof, budget, pow2_axes=(1, 2))
+        win = block_window(block, halo, 4)
+        assert prof.task_bytes(win, tuple(min(t + 2 * h, w) for t, h, w in zip(tile, halo, win))) <= budget
+        assert all(b % c == 0 for b, c in zip(block, chunks))
+        assert block[0] >= 64 or budget < 2e9  # several chunks deep in z once the buffers fit
+        assert compute_factor(shape, block, halo, 4, tile) <= compute_factor(shape, chunks, halo, 4, tile)
+    with pytest.raises(ValueError):
+        plan_memory_blocks(shape, chunks, halo, 4, prof, 1e8)
+
+
+def test_compute_factor_counts_subtile_halos():
+    assert compute_factor((64,), (64,), (8,), 4) == pytest.approx(80 / 64)
+    assert subtile_voxels((80,), (8,), (16,)) == 4 * 32  # reads [0,32) [16,48) [32,64) [48,80)
+    assert compute_factor((64,), (64,), (8,), 4, (16,)) == pytest.approx(128 / 64)

@@ -34,7 +34,11 @@ def level_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 _PREDICT_OPTIONS = [
     click.option("--chunks", default=None, help="Output chunk shape over the spatial axes, e.g. 256,256 (default: the input's)."),
     click.option("--block", default=None, help="Block shape (a multiple of --chunks); default chosen from the halo and memory."),
-    click.option("--max-tile-voxels", default=1_500_000, show_default=True, type=int, help="Memory bound: voxels of one block plus halo."),
+    click.option("--memory", default=None,
+                 help="Memory per worker, e.g. 2GB: sizes blocks and the sub-tiles the net sees from the method's "
+                      "measured bytes per voxel (default: 1/16 of RAM, or half a GPU's memory)."),
+    click.option("--max-tile-voxels", default=None, type=int,
+                 help="Instead of --memory: bound voxels of one block plus halo (1500000 for filters), no sub-tiles."),
     click.option("--dtype", default="float32", show_default=True, help="Output dtype (integers are rounded and clipped)."),
     click.option("--ngff", default="0.5", show_default=True, type=click.Choice(["0.4", "0.5"]), help="OME-NGFF version (0.5: zarr v3)."),
     click.option("--levels", "n_levels", default=None, type=int, help="Pyramid levels (default: until y,x fit one chunk)."),
@@ -79,6 +83,7 @@ def predict_options_from(kw: dict[str, Any]) -> Any:
         "chunks": parse_ints(kw.pop("chunks"), "--chunks"),
         "block": parse_ints(kw.pop("block"), "--block"),
         "max_tile_voxels": kw.pop("max_tile_voxels"),
+        "memory": kw.pop("memory"),
         "dtype": kw.pop("dtype"),
         "ngff": kw.pop("ngff"),
         "n_levels": kw.pop("n_levels"),

@@ -40,10 +40,23 @@ from quietscope.io.writing import (
     remove_output,
     write_tiff,
 )
-from quietscope.runner.cluster import ClusterOptions, client_for
+from quietscope.runner.cluster import ClusterOptions, client_for, thread_budget
 from quietscope.runner.executor import JobSpec, ProcessorFactory, count_blocks, iter_tasks, run_blocks
 from quietscope.runner.ledger import LEDGER_DIR, LOCK_NAME, JobLock, Ledger, busy_message, stale_reason
-from quietscope.tiling import Factor, axes_layout, choose_block_shape, halo_factor
+from quietscope.runner.subtiles import SubtiledFactory
+from quietscope.tiling import (
+    Factor,
+    MemoryProfile,
+    axes_layout,
+    block_window,
+    choose_block_shape,
+    choose_subtile,
+    compute_factor,
+    halo_factor,
+    parse_bytes,
+    per_axis,
+    plan_memory_blocks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +96,22 @@ class BlockOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     block: tuple[int, ...] | None = None
-    max_tile_voxels: int = Field(1_500_000, ge=1024, description="memory bound for one block plus halo")
+    max_tile_voxels: int | None = Field(None, ge=1024, description="voxel bound for one block plus halo (no sub-tiles)")
+    memory: int | None = Field(None, ge=1, description="bytes per worker (\"2GB\" accepted); default: a share of RAM")
     max_in_flight: int | None = Field(None, ge=1)
     blocks_per_task: int | None = Field(None, ge=1, description="default: runner.executor.blocks_per_task")
     stream_pyramid: bool = True
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory(cls, v: Any) -> Any:
+        return None if v is None or v == "" else parse_bytes(v)
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> BlockOptions:
+        if self.memory is not None and self.max_tile_voxels is not None:
+            raise ValueError("give --memory (bytes, sub-tiled blocks) or --max-tile-voxels (voxels), not both")
+        return self
 
 
 _FLAT_ALIASES = {"cluster_profile": "profile"}
@@ -230,6 +255,10 @@ class Layout:
     n_t: int
     spatial_axes: str
     spatial_shape: tuple[int, ...]
+    subtile: tuple[int, ...] | None = None  # sub-tile output extent, when blocks are sized by memory
+    memory_budget: int | None = None  # bytes per task
+    predicted_bytes: float | None = None  # predicted peak of one task
+    max_in_flight: int | None = None
 
     def expand(self, spatial_values: tuple[int, ...], t: int = 1, c: int | None = None) -> tuple[int, ...]:
         """Per-spatial-axis values laid out over the output axes (t and c filled in)."""
@@ -352,8 +381,86 @@ def _given_chunks(options: OutputOptions, spatial: tuple[int, ...], sp_axes: str
     return chunks
 
 
-def plan_layout(image: Image, n_out: int, halo: tuple[int, ...], options: PredictOptions, as_tiff: bool) -> Layout:
-    """Decide chunks, shards, block shape and output axes for ``image``.
+#: Share of the machine's RAM (or of one GPU's memory) the default --memory gives all tasks of
+#: one worker together: small enough to leave room for viewers and other jobs on a shared node.
+DEFAULT_MEMORY_SHARE = {"cpu": 1 / 16, "cuda": 1 / 2}
+DEFAULT_MAX_TILE_VOXELS = 1_500_000
+
+
+def default_memory(device: str = "cpu") -> int:
+    """Default ``--memory`` of one worker: a share of RAM (CPU) or of the GPU's memory.
+
+    Parameters
+    ----------
+    device : str
+        ``cpu``, ``cuda`` or ``cuda:N`` (``auto`` counts as CPU).
+
+    Returns
+    -------
+    int
+        Bytes.
+    """
+    if device.startswith("cuda"):
+        import torch  # only for a CUDA device: filter-only runs never import torch
+
+        index = int(device.split(":")[1]) if ":" in device else 0
+        return int(DEFAULT_MEMORY_SHARE["cuda"] * torch.cuda.get_device_properties(index).total_memory)
+    import psutil  # a dependency of distributed
+
+    return int(DEFAULT_MEMORY_SHARE["cpu"] * psutil.virtual_memory().total)
+
+
+def tasks_at_once(options: PredictOptions, ndim: int = 3) -> tuple[int, int | None]:
+    """``(tasks sharing one worker's memory, max_in_flight)`` for a memory-sized plan.
+
+    In-process (the default) a 3D plan runs one big sub-tiled block at a time with all cores on
+    its convolutions (3D convolutions use intra-op threads well, and one task in flight gets the
+    whole budget); a 2D plan keeps its task threads busy (reading and writing one block overlaps
+    computing another) and splits the budget between them. With worker processes, each task
+    thread of a worker gets an equal share.
+    """
+    comp, blk = options.compute, options.blocks
+    if comp.scheduler or comp.cluster != "local" or comp.workers:
+        per_worker = comp.threads or (thread_budget(comp.workers)[0] if comp.workers and comp.cluster == "local" else 1)
+        return per_worker, blk.max_in_flight
+    threads = comp.threads or 2
+    if ndim < 3:
+        return min(blk.max_in_flight or threads, threads), blk.max_in_flight
+    in_flight = blk.max_in_flight or 1
+    return min(in_flight, threads), in_flight
+
+
+def _memory_plan(spatial: tuple[int, ...], align: tuple[int, ...], halo: tuple[int, ...], factor: Factor,
+                 profile: MemoryProfile, options: PredictOptions, pow2: list[int]) -> dict[str, Any]:
+    """Block and sub-tile for the per-task memory budget (``ConfigError`` when one tile cannot fit)."""
+    blk = options.blocks
+    total = blk.memory or default_memory(options.device if options.device != "auto" else "cpu")
+    n_tasks, in_flight = tasks_at_once(options, len(spatial))
+    budget = total // n_tasks
+    f = per_axis(factor, len(spatial))
+    try:
+        if blk.block:
+            block = tuple(blk.block)
+            tile = choose_subtile(spatial, halo, f, (0.8 * budget - profile.fixed_bytes) / profile.net_bytes_per_voxel)
+        else:
+            block, tile = plan_memory_blocks(spatial, align, halo, f, profile, budget, pow2_axes=pow2)
+    except ValueError:
+        need = profile.net_bytes(tuple(k + 2 * h for k, h in zip(f, halo))) / 0.8 * n_tasks
+        raise ConfigError(f"--memory {total / 1e9:.3g} GB cannot hold one tile of this net ({n_tasks} task(s) at once, "
+                          f"{profile.net_bytes_per_voxel:.0f} bytes per voxel, halo {halo}): give --memory "
+                          f"{need / 1e9:.2g}GB or more") from None
+    win = block_window(tuple(min(b, s) for b, s in zip(block, spatial)), halo, f)
+    predicted = profile.task_bytes(win, tuple(min(t + 2 * h, w) for t, h, w in zip(tile, halo, win)))
+    if predicted > budget:
+        raise ConfigError(f"--block {block} needs {predicted / 1e9:.2g} GB per task, more than --memory allows "
+                          f"({budget / 1e9:.2g} GB per task): give a smaller --block or a larger --memory")
+    return {"block": block, "subtile": tile, "memory_budget": int(budget), "predicted_bytes": predicted,
+            "max_in_flight": in_flight}
+
+
+def plan_layout(image: Image, n_out: int, halo: tuple[int, ...], options: PredictOptions, as_tiff: bool,
+                profile: MemoryProfile | None = None, factor: Factor = 1) -> Layout:
+    """Decide chunks, shards, block shape (and sub-tile) and output axes for ``image``.
 
     Parameters
     ----------
@@ -364,9 +471,15 @@ def plan_layout(image: Image, n_out: int, halo: tuple[int, ...], options: Predic
     halo : tuple of int
         Halo per spatial axis.
     options : PredictOptions
-        The user's choices (chunks, shards, block, memory bound).
+        The user's choices (chunks, shards, block, memory or voxel bound).
     as_tiff : bool
         Whether the output is a TIFF (one level, no block-local pyramid).
+    profile : MemoryProfile, optional
+        The processor's memory per voxel (a model's, probed): blocks and sub-tiles are then sized
+        by ``options.blocks.memory`` unless ``max_tile_voxels`` is given. Without it blocks are
+        bounded by ``max_tile_voxels`` and predicted whole.
+    factor : int or tuple of int
+        Down-sampling factor (sub-tiles are aligned to it).
 
     Returns
     -------
@@ -375,7 +488,8 @@ def plan_layout(image: Image, n_out: int, halo: tuple[int, ...], options: Predic
     Raises
     ------
     ConfigError
-        Chunks, shards or blocks that do not fit the data or each other.
+        Chunks, shards or blocks that do not fit the data or each other, or a memory budget
+        that cannot hold one tile.
     """
     out, blk = options.output, options.blocks
     spatial, sp_axes = image.spatial_shape, image.spatial_axes
@@ -386,17 +500,25 @@ def plan_layout(image: Image, n_out: int, halo: tuple[int, ...], options: Predic
         if len(out.shards) != len(spatial) or any(s % c for s, c in zip(out.shards, chunks)):
             raise ConfigError(f"--shards {out.shards} must have one value per spatial axis, each a multiple of --chunks {chunks}")
     align = tuple(out.shards) if out.shards else chunks
-    if blk.block:
+    if blk.block and (len(blk.block) != len(spatial) or any(b % a for b, a in zip(blk.block, align))):
+        raise ConfigError(f"--block {tuple(blk.block)} must have one value per spatial axis, each a multiple of {align} (chunks/shards)")
+    # Powers of two of chunks in y and x let each block write its own coarse pyramid levels.
+    pow2 = [i for i, a in enumerate(sp_axes) if a in "yx"] if blk.stream_pyramid and not as_tiff else []
+    plan: dict[str, Any] = {}
+    if profile is None and blk.memory is not None:
+        raise ConfigError("--memory sizes blocks from a model's measured bytes per voxel; for this processor bound "
+                          "blocks with --max-tile-voxels instead")
+    if profile is not None and blk.max_tile_voxels is None:
+        plan = _memory_plan(spatial, align, halo, factor, profile, options, pow2)
+        block = plan.pop("block")
+    elif blk.block:
         block = tuple(blk.block)
-        if len(block) != len(spatial) or any(b % a for b, a in zip(block, align)):
-            raise ConfigError(f"--block {block} must have one value per spatial axis, each a multiple of {align} (chunks/shards)")
     else:
-        # Powers of two of chunks in y and x let each block write its own coarse pyramid levels.
-        pow2 = [i for i, a in enumerate(sp_axes) if a in "yx"] if blk.stream_pyramid and not as_tiff else []
-        block = choose_block_shape(spatial, align, halo, blk.max_tile_voxels, pow2_axes=pow2)
+        block = choose_block_shape(spatial, align, halo, blk.max_tile_voxels or DEFAULT_MAX_TILE_VOXELS, pow2_axes=pow2)
     out_axes = "".join(a for a in "tczyx" if (a == "t" and "t" in image.axes)
                        or (a == "c" and ("c" in image.axes or n_out > 1)) or a in sp_axes)
-    return Layout(chunks, tuple(out.shards) if out.shards else None, block, out_axes, n_out, image.n_timepoints, sp_axes, spatial)
+    return Layout(chunks, tuple(out.shards) if out.shards else None, block, out_axes, n_out, image.n_timepoints, sp_axes,
+                  spatial, **plan)
 
 
 def output_spec(image: Image, layout: Layout, target: str, options: OutputOptions, as_tiff: bool,
@@ -615,6 +737,38 @@ def _log_plan(layout: Layout, spec: OutputSpec, halo: tuple[int, ...], factor: F
                  if local_levels < spec.n_levels - 1 else "")
 
 
+def _subtiled(factory: ProcessorFactory, layout: Layout, halo: tuple[int, ...], factor: Factor) -> ProcessorFactory:
+    """``factory`` predicting each block window in sub-tiles, when the window exceeds one sub-tile."""
+    if layout.subtile is None:
+        return factory
+    win = block_window(tuple(min(b, s) for b, s in zip(layout.block, layout.spatial_shape)), halo, factor)
+    if all(w <= t + 2 * h for w, t, h in zip(win, layout.subtile, halo)):
+        return factory
+    return SubtiledFactory(factory, tuple(halo), tuple(layout.subtile))
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    import resource  # POSIX only
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _memory_report(layout: Layout, halo: tuple[int, ...], factor: Factor) -> dict[str, Any]:
+    """Log and return the memory plan: sub-tile, budget, predicted peak, computed voxels per voxel written."""
+    if layout.predicted_bytes is None:
+        return {}
+    cf = compute_factor(layout.spatial_shape, layout.block, halo, factor, layout.subtile)
+    log.info("memory plan: %.2f GB per task (max in flight: %s); block %s predicted in sub-tiles of %s (+ halo); "
+             "predicted peak %.2f GB per task; voxels computed per voxel written %.3f",
+             (layout.memory_budget or 0) / 1e9, layout.max_in_flight or "default", layout.block, layout.subtile,
+             layout.predicted_bytes / 1e9, cf)
+    return {"subtile": layout.subtile, "memory_budget": layout.memory_budget, "predicted_bytes": layout.predicted_bytes,
+            "compute_factor": cf}
+
+
 def _execute(job: JobSpec, spec: OutputSpec, factory: ProcessorFactory, layout: Layout, done: set[str],
              options: PredictOptions, result: PredictResult) -> None:
     """Run the remaining blocks, then the coarse levels the blocks could not write themselves."""
@@ -623,7 +777,7 @@ def _execute(job: JobSpec, spec: OutputSpec, factory: ProcessorFactory, layout: 
         if n_tasks > 0:
             stats = run_blocks(
                 client, job, factory, iter_tasks(layout.spatial_shape, layout.block, layout.n_t, done), n_tasks,
-                max_in_flight=options.blocks.max_in_flight, progress=options.progress, group=options.blocks.blocks_per_task,
+                max_in_flight=layout.max_in_flight or options.blocks.max_in_flight, progress=options.progress, group=options.blocks.blocks_per_task,
             )
             result.seconds_level0 = stats["seconds"]
             result.voxels_per_s = stats["voxels_per_s"]
@@ -662,6 +816,7 @@ def run_prediction(
     provenance: dict[str, Any],
     channel_windows: list[tuple[float, float]] | None = None,
     halo_reason: str = "measured receptive field",
+    memory: MemoryProfile | None = None,
 ) -> PredictResult:
     """Predict ``image`` block by block with ``factory``'s tile function into ``output``.
 
@@ -687,6 +842,9 @@ def run_prediction(
         Display windows; default: percentiles of the input.
     halo_reason : str
         Where the halo came from (for the log).
+    memory : MemoryProfile, optional
+        The processor's memory model (``inference_memory.memory_profile`` for a model): blocks
+        and sub-tiles are then sized by ``options.blocks.memory`` (default :func:`default_memory`).
 
     Returns
     -------
@@ -707,7 +865,8 @@ def run_prediction(
     """
     output = str(output)
     as_tiff = is_tiff_output(output)
-    layout = plan_layout(image, len(out_names), halo, options, as_tiff)
+    layout = plan_layout(image, len(out_names), halo, options, as_tiff, memory, factor)
+    factory = _subtiled(factory, layout, halo, factor)
     try:
         return _run(image, output, factory, out_names, halo, factor, options, provenance, channel_windows,
                     halo_reason, layout, as_tiff)
@@ -742,7 +901,8 @@ def _run(image: Image, output: str, factory: ProcessorFactory, out_names: list[s
         _log_plan(layout, spec, halo, factor, halo_reason, n_blocks // layout.n_t, hf, local_levels)
         n_tasks = 0 if complete else n_blocks - len(done)
         result = PredictResult(output=output, halo=halo, block=layout.block, chunks=layout.chunks, n_blocks=n_blocks,
-                               n_done_before=n_blocks - n_tasks, halo_factor=hf, extra={"local_levels": local_levels})
+                               n_done_before=n_blocks - n_tasks, halo_factor=hf,
+                               extra={"local_levels": local_levels, **_memory_report(layout, halo, factor)})
         if complete:
             log.info("all %d blocks already done and the pyramid is complete; nothing to do", n_blocks)
             return result
@@ -750,6 +910,10 @@ def _run(image: Image, output: str, factory: ProcessorFactory, out_names: list[s
                       factor=factor, processor=factory.token, local_levels=local_levels,
                       level_shapes=tuple(spec.level_shapes()))
         _execute(job, spec, factory, layout, done, options, result)
+        if layout.predicted_bytes is not None:
+            result.extra["peak_rss_bytes"] = peak_rss_bytes()
+            log.info("memory: peak RSS of this process %.2f GB (predicted %.2f GB per task, %.2f GB budget per task)",
+                     result.extra["peak_rss_bytes"] / 1e9, layout.predicted_bytes / 1e9, (layout.memory_budget or 0) / 1e9)
         if tmpdir:
             _finish_tiff(output, spec, tmpdir)
         else:

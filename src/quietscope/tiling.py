@@ -211,3 +211,195 @@ def axes_layout(out_axes: str, spatial_axes: str, spatial_values: Sequence[int],
     (1, 2, 256, 128)
     """
     return tuple(t if a == "t" else c if a == "c" else int(spatial_values[spatial_axes.index(a)]) for a in out_axes)
+
+
+# ---- blocks sized by memory ----------------------------------------------------------------
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """``"2GB"`` -> ``2_000_000_000``; ``"1.5GiB"``, ``"800M"`` and plain numbers (bytes) too.
+
+    Examples
+    --------
+    >>> parse_bytes("2GB"), parse_bytes("512MiB"), parse_bytes(1000)
+    (2000000000, 536870912, 1000)
+    """
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        s = str(text).strip().lower().replace(" ", "")
+        num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = s[len(num):]
+        if unit not in _UNITS or not num:
+            raise ValueError(f"{text!r} is not a memory size; write e.g. 2GB, 1.5GiB or 800MB")
+        value = float(num) * _UNITS[unit]
+    if not value > 0:
+        raise ValueError(f"memory size {text!r} must be positive")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """Peak bytes of one block task: the net on one sub-tile plus the block's own buffers.
+
+    ``net_bytes_per_voxel`` (activations, probed per method) times the sub-tile's window voxels,
+    plus ``fixed_bytes`` (weights, workspaces), plus ``io_bytes_per_voxel`` times the block's
+    read-window voxels (input, its float32 copy, the assembled prediction, the cast output).
+    """
+
+    net_bytes_per_voxel: float
+    io_bytes_per_voxel: float = 16.0
+    fixed_bytes: float = 0.0
+
+    def net_bytes(self, window: Shape) -> float:
+        return self.fixed_bytes + self.net_bytes_per_voxel * math.prod(window)
+
+    def task_bytes(self, block_window: Shape, tile_window: Shape) -> float:
+        """Predicted peak of one task predicting a block window in sub-tiles of ``tile_window``."""
+        return self.net_bytes(tile_window) + self.io_bytes_per_voxel * math.prod(block_window)
+
+
+def subtile_cuts(length: int, halo: int, tile: int) -> list[tuple[int, int, int, int]]:
+    """Sub-tiles along one axis of a window of ``length``: ``(out_start, out_stop, read_start, read_stop)``.
+
+    The window's outer ``halo`` voxels are context only, so the cuts fall at ``halo + k * tile``
+    and each sub-tile reads ``halo`` more on each side, clipped to the window: where a sub-tile
+    meets the window's edge the net sees that edge exactly as the whole window would, so every
+    output voxel equals the whole-window prediction. With ``halo`` and ``tile`` multiples of the
+    down-sampling factor (and ``length`` too), every read starts on the window's pooling grid.
+    """
+    if length <= tile + 2 * halo:
+        return [(0, length, 0, length)]
+    cuts = [0] + list(range(halo + tile, length - halo, tile)) + [length]
+    return [(a, b, max(0, a - halo), min(length, b + halo)) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def iter_subtiles(window: Shape, halo: Shape, tile: Shape) -> Iterator[tuple[tuple[slice, ...], tuple[slice, ...], tuple[slice, ...]]]:
+    """The sub-tile grid of a window: ``(read, out, crop)`` slices per sub-tile.
+
+    ``read`` cuts the sub-tile's input out of the window, ``out`` is where its result goes in the
+    window, ``crop`` cuts that result out of the sub-tile's prediction.
+    """
+    per_axis_cuts = [subtile_cuts(n, h, t) for n, h, t in zip(window, halo, tile)]
+    for combo in product(*per_axis_cuts):
+        read = tuple(slice(r0, r1) for _, _, r0, r1 in combo)
+        out = tuple(slice(a, b) for a, b, _, _ in combo)
+        crop = tuple(slice(a - r0, b - r0) for a, b, r0, _ in combo)
+        yield read, out, crop
+
+
+def subtile_voxels(window: Shape, halo: Shape, tile: Shape) -> int:
+    """Voxels the net computes for one window predicted in sub-tiles (separable per axis)."""
+    return math.prod(sum(r1 - r0 for *_, r0, r1 in subtile_cuts(n, h, t)) for n, h, t in zip(window, halo, tile))
+
+
+def choose_subtile(shape: Shape, halo: Shape, factor: Factor, max_window_voxels: float) -> Shape:
+    """The sub-tile (output extent, multiples of ``factor``) with the least halo overhead whose
+    window ``tile + 2 * halo`` holds at most ``max_window_voxels``.
+
+    Grows one axis at a time by one factor step, the axis that lowers
+    ``prod(t + 2h) / prod(t)`` most, never beyond the volume's extent.
+
+    Raises
+    ------
+    ValueError
+        Not even the smallest sub-tile (one factor step per axis) fits.
+    """
+    f = per_axis(factor, len(shape))
+    cap = [round_up(s, k) for s, k in zip(shape, f)]
+    t = list(f)
+    if math.prod(a + 2 * h for a, h in zip(t, halo)) > max_window_voxels:
+        raise ValueError("the smallest sub-tile does not fit")
+    while True:
+        best, best_factor = None, halo_factor(tuple(t), halo)
+        for ax in range(len(t)):
+            if t[ax] >= cap[ax]:
+                continue
+            trial = list(t)
+            trial[ax] = min(t[ax] + f[ax], cap[ax])
+            if math.prod(a + 2 * h for a, h in zip(trial, halo)) > max_window_voxels:
+                continue
+            hf = halo_factor(tuple(trial), halo)
+            if hf < best_factor - 1e-12:
+                best, best_factor = trial, hf
+        if best is None:
+            return tuple(t)
+        t = best
+
+
+def _axis_compute(size: int, block: int, halo: int, f: int, tile: int) -> int:
+    """Voxels computed along one axis over all blocks of that axis (sub-tiles included)."""
+    total = 0
+    for start in range(0, size, block):
+        (rs,), (re,) = read_window((start,), (min(start + block, size),), (halo,), f)
+        total += sum(r1 - r0 for *_, r0, r1 in subtile_cuts(re - rs, halo, tile))
+    return total
+
+
+def compute_factor(shape: Shape, block: Shape, halo: Shape, factor: Factor, tile: Shape | None = None) -> float:
+    """Voxels the net computes per voxel written, over the whole plan (block halos, pooling
+    alignment and sub-tile halos all counted; ``tile=None``: one tile per block)."""
+    f = per_axis(factor, len(shape))
+    tile = tile or tuple(10**12 for _ in shape)
+    return math.prod(_axis_compute(s, b, h, k, t) / s for s, b, h, k, t in zip(shape, block, halo, f, tile))
+
+
+def block_window(block: Shape, halo: Shape, factor: Factor) -> Shape:
+    """Read-window extent of a block starting at 0 (its largest possible window)."""
+    rs, re = read_window((0,) * len(block), block, halo, factor)
+    return tuple(b - a for a, b in zip(rs, re))
+
+
+def plan_memory_blocks(
+    shape: Shape,
+    chunks: Shape,
+    halo: Shape,
+    factor: Factor,
+    profile: MemoryProfile,
+    budget: float,
+    pow2_axes: Sequence[int] = (),
+    net_share: float = 0.8,
+    min_gain: float = 0.01,
+) -> tuple[Shape, Shape]:
+    """Block (multiples of ``chunks``) and sub-tile for a per-task memory ``budget`` in bytes.
+
+    The sub-tile, what the net sees at once, gets ``net_share`` of the budget and is chosen for
+    the least halo overhead (:func:`choose_subtile`). The block is then the one, among
+    ``1..8``, the powers of two and all chunks per axis (only powers of two, or all, along
+    ``pow2_axes``), with the fewest voxels computed over the whole plan (block halos, pooling
+    alignment and sub-tile halos; the count is separable per axis) whose task
+    (:meth:`MemoryProfile.task_bytes`) fits the budget; of those within ``min_gain`` of the
+    least, the smallest block (finer progress and resume). Deep blocks pay the z halo once for
+    many chunks of z.
+
+    Returns
+    -------
+    (block, tile)
+        The block shape and the sub-tile's output extent.
+
+    Raises
+    ------
+    ValueError
+        The budget cannot hold the smallest sub-tile with its halo, or one chunk's buffers.
+    """
+    f = per_axis(factor, len(shape))
+    tile = choose_subtile(shape, halo, f, (net_share * budget - profile.fixed_bytes) / profile.net_bytes_per_voxel)
+    options = []  # per axis: (chunks per block, block extent, window extent, voxels computed along the axis)
+    for ax, (s, c, h, k, t) in enumerate(zip(shape, chunks, halo, f, tile)):
+        n_max = max(1, -(-s // c))
+        pow2 = {2**i for i in range(n_max.bit_length())} | {n_max}
+        ns = sorted(pow2 if ax in pow2_axes else pow2 | set(range(1, min(8, n_max) + 1)))
+        options.append([(n, min(n * c, s), block_window((min(n * c, s),), (h,), k)[0],
+                         _axis_compute(s, min(n * c, s), h, k, t) / s) for n in ns if n <= n_max])
+    fitting = []
+    for combo in product(*options):
+        win = tuple(o[2] for o in combo)
+        if profile.task_bytes(win, tuple(min(t + 2 * h, w) for t, h, w in zip(tile, halo, win))) <= budget:
+            fitting.append((math.prod(o[3] for o in combo), math.prod(o[1] for o in combo), combo))
+    if not fitting:
+        raise ValueError("one chunk with its halo does not fit")
+    least = min(cost for cost, _, _ in fitting)
+    _, _, combo = min((size, cost, combo) for cost, size, combo in fitting if cost <= least * (1 + min_gain))
+    return tuple(o[0] * c for o, c in zip(combo, chunks)), tile

@@ -20,6 +20,7 @@ from quietscope.inference import (
     load_for_inference,
     probe_bytes_per_voxel,
 )
+from quietscope.inference_memory import memory_profile
 from quietscope.io.reading import open_image
 from quietscope.runner.cluster import resolve_gpus
 
@@ -105,7 +106,11 @@ def predict(
                   "input": str(input_uri), "input_level": level, "inference": inference, "tta": tta}
     log.info("method %s, device %s, precision %s, normalisation mean %s std %s", model.name, device, precision,
              [round(v, 4) for v in model.method.norm_mean.tolist()], [round(v, 4) for v in model.method.norm_std.tolist()])
-    return run_prediction(image, output, factory, names, model.halo, model.factor, options, provenance, windows)
+    memory = memory_profile(model.method, len(names))
+    log.info("memory per voxel: %.0f bytes of activations (probed, with slack), %.0f of block buffers",
+             memory.net_bytes_per_voxel, memory.io_bytes_per_voxel)
+    return run_prediction(image, output, factory, names, model.halo, model.factor, options, provenance, windows,
+                          memory=memory)
 
 
 def _check_gpu_options(options: PredictOptions) -> None:

@@ -1,0 +1,113 @@
+"""How much memory a method needs per voxel, measured once on a small probe tile.
+
+``--max-tile-voxels`` bounds voxels, but a 3D U-Net with 32 filters keeps several hundred bytes
+of activations per voxel alive, so a voxel bound does not bound memory. :func:`probe_memory`
+runs the method once on a tiny tile under a dispatch mode that counts the bytes of every tensor
+storage alive at once (exact and allocator-independent, on any device; the probe takes well
+under a second). :func:`memory_profile` turns that into the
+:class:`~quietscope.tiling.MemoryProfile` the planner sizes blocks and sub-tiles with.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from quietscope.tiling import MemoryProfile, per_axis
+
+#: Allocator slack over the counted tensors (heap fragmentation, oneDNN scratch, the input's
+#: copies): the measured peak RSS of a 3D U-Net (32 filters, CPU) is 1.1-1.3x the counted bytes
+#: on tiles of 0.1-0.4 M voxels (benchmarks/throughput.py --cases 3D-lightsheet reports both).
+SLACK = 1.25
+
+
+class _PeakBytes(TorchFunctionMode):
+    """Counts the bytes of tensor storages created under it that are alive at the same time.
+
+    Why hand-written: torch has peak-memory statistics for CUDA only; CPU RSS cannot be reset
+    portably and glibc keeps freed memory, so the count follows storages instead.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _free(self, key: int, n: int) -> None:
+        self.live -= n
+        self._seen.discard(key)
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key = id(st)
+                if key in self._seen:
+                    continue
+                n = st.nbytes()
+                self._seen.add(key)
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(st, self._free, key, n)
+        return out
+
+
+def probe_memory(method: Any, steps: int = 4) -> float:
+    """Peak bytes of activations per voxel of ``method.predict`` (counted, without slack).
+
+    Parameters
+    ----------
+    method : Method
+        A loaded method in eval mode (on any device).
+    steps : int
+        Probe extent per axis in down-sampling factors (4: a 16^3 tile for a depth-2 U-Net).
+
+    Returns
+    -------
+    float
+        Bytes per voxel of the tile.
+
+    Examples
+    --------
+    >>> probe_memory(load_model("m.qs")[0])     # doctest: +SKIP
+    804.0
+    """
+    cfg = method.config
+    f = per_axis(method.downsampling_factor, cfg.spatial_ndim)
+    shape = tuple(steps * k for k in f)
+    device = next((p.device for p in method.parameters()), torch.device("cpu"))
+    x = torch.zeros((1, method.predict_in_channels) + shape, device=device)
+    mode = _PeakBytes()
+    with torch.inference_mode(), mode:
+        method.predict(x)
+    return mode.peak / math.prod(shape)
+
+
+def memory_profile(method: Any, n_out: int) -> MemoryProfile:
+    """The planner's memory model of ``method``: probed activations with slack, weights, buffers.
+
+    Parameters
+    ----------
+    method : Method
+        A loaded method.
+    n_out : int
+        Output channels (the assembled prediction of a block window).
+
+    Returns
+    -------
+    MemoryProfile
+    """
+    weights = sum(p.numel() * p.element_size() for p in method.parameters())
+    cin = method.predict_in_channels
+    # Block buffers per read-window voxel: the raw read, its float32 copy, a reflected copy
+    # at the border, the assembled float32 prediction and the cast output.
+    io = 4.0 * (3 * cin + 2 * n_out)
+    return MemoryProfile(net_bytes_per_voxel=SLACK * probe_memory(method), io_bytes_per_voxel=io,
+                         fixed_bytes=4 * weights + 64e6)
