@@ -170,3 +170,75 @@ def test_pipeline_real_comparison_runs_and_refuses_overwrite(n2v_model, tmp_path
 def test_prior_mean_helper_is_the_sample_mean():
     s = torch.arange(12.0).reshape(3, 4)
     torch.testing.assert_close(prior_mean(s), s.mean(-1))
+
+
+# ---- 8-bit, clipped data -------------------------------------------------------------------
+def test_censored_gmm_gives_clipped_pixels_the_mass_beyond_the_limit():
+    from scipy import stats
+
+    nm = GMMNoiseModel([[0.0], [float(np.log(SIGMA**2 / 255.0**2))], [0.0]], 0.0, 255.0, 1e-3, clip=(0.0, 255.0))
+    s = torch.tensor([2.0, 2.0, 253.0, 100.0])
+    x = torch.tensor([0.0, 3.0, 255.0, 101.0])
+    got = nm.log_likelihood(x, s).numpy()
+    want = [stats.norm.logcdf(0.5, 2.0, SIGMA), stats.norm.logpdf(3.0, 2.0, SIGMA),
+            stats.norm.logsf(254.5, 253.0, SIGMA), stats.norm.logpdf(101.0, 100.0, SIGMA)]
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    again = GMMNoiseModel.from_dict(json.loads(json.dumps(nm.to_dict())))
+    assert again.clip == (0.0, 255.0) and again.clip_limits == (0.0, 255.0)
+    assert GMMNoiseModel.from_dict({**nm.to_dict(), "clip": None}).clip_limits is None
+
+
+def test_censored_fit_recovers_the_noise_of_clipped_8bit_data():
+    from quietscope.noise_models import detect_clipping, fit_gmm
+
+    rng = np.random.default_rng(0)
+    s = rng.uniform(0, 40, 60_000).astype(np.float32)  # dark signals: much of the noise falls below 0
+    x = np.clip(np.round(s + rng.normal(0, 6.0, s.size)), 0, 255).astype(np.float32)
+    clip = detect_clipping(x, (0, 255))
+    assert clip == (0.0, None)
+    plain = fit_gmm(s, x, 1, 2, n_iterations=400, seed=0)
+    censored = fit_gmm(s, x, 1, 2, n_iterations=400, seed=0, clip=clip, min_sigma=0.5)
+    probe = np.array([5.0, 20.0, 35.0])
+    _, sd_plain = plain.mean_std(probe)
+    _, sd_cens = censored.mean_std(probe)
+    assert np.all(np.abs(sd_cens - 6.0) < 0.4), sd_cens  # the latent noise, clipping undone
+    # The plain fit reads the clipped pile at dark signals as narrower noise.
+    assert abs(sd_plain[0] - 6.0) > 0.5 and abs(sd_plain[0] - 6.0) > 2 * abs(sd_cens[0] - 6.0)
+
+
+def test_integer_data_fit_options_censor_only_piled_up_ends():
+    from quietscope.workflows.noise_model import integer_data_fit_options
+
+    x = np.r_[np.zeros(50), np.full(10_000, 100.0)].astype(np.float32)
+    opts = integer_data_fit_options(np.uint8, x, x)
+    assert opts["clip"] == (0.0, None) and opts["min_sigma"] >= 0.5
+    assert integer_data_fit_options(np.float32, x, x) == {}
+    assert integer_data_fit_options(np.uint16, x[50:], x[50:])["clip"] is None
+
+
+def test_inspect_noise_warns_on_stretched_8bit_data():
+    from quietscope.noise_analysis.report import eight_bit_warning
+
+    rng = np.random.default_rng(0)
+    block = np.clip(rng.normal(120, 60, (64, 64)), 0, 255).astype(np.uint8)
+    msg = eight_bit_warning([block])
+    assert msg is not None and "contrast-stretched" in msg and "affine" in msg
+    assert eight_bit_warning([np.full((64, 64), 100, np.uint8)]) is None
+    assert eight_bit_warning([block.astype(np.uint16)]) is None
+
+
+def test_cli_pn2v_boot_refuses_resume_and_train_accepts_init(n2v_model, tmp_path):
+    from click.testing import CliRunner
+
+    from quietscope_cli.main import cli
+
+    d, path, model = n2v_model
+    r = CliRunner().invoke(cli, ["train", str(path), "-o", str(tmp_path / "b.qs"), "--method", "pn2v-boot", "--resume"])
+    assert r.exit_code != 0 and "pn2v-boot" in r.output
+    nm = tmp_path / "nm.json"
+    gaussian_model().save(nm)
+    out = tmp_path / "p.qs"
+    r = CliRunner().invoke(cli, ["train", str(path), "-o", str(out), "--method", "pn2v", "--noise-model", str(nm),
+                                 "--init", str(model), "--samples", "4", "--steps", "1", "--patch", "32", "--batch", "2"])
+    assert r.exit_code == 0, r.output
+    assert read_manifest(out)["init"]["model"] == str(model)
