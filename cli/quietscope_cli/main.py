@@ -106,7 +106,13 @@ def info(input_uri: str, axes: str | None, level: int, as_json: bool) -> None:
 @cli.command()
 @click.argument("input_uri", metavar="INPUT")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write (.qs).")
-@click.option("--method", default="n2v", show_default=True, help="Method name (see 'quietscope methods').")
+@click.option("--method", default="n2v", show_default=True,
+              help="Method name (see 'quietscope methods'), or pn2v-boot: N2V -> bootstrapped GMM -> warm-started PN2V "
+                   "in --steps in total, keeping PN2V only if a held-apart self-supervised check says it beats N2V.")
+@click.option("--init", "init", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="pn2v: warm-start from this N2V model (its network; PN2V's prior mean starts equal to its prediction).")
+@click.option("--n2v-fraction", default=None, type=float,
+              help="pn2v-boot: share of --steps that N2V trains for (PN2V gets the rest; default 0.7).")
 @click.option("--patch", default="64", show_default=True, help="Patch size: one number or one per spatial axis (16,64,64).")
 @click.option("--batch", default=16, show_default=True, type=int)
 @click.option("--steps", default=2000, show_default=True, type=int)
@@ -144,7 +150,7 @@ def info(input_uri: str, axes: str | None, level: int, as_json: bool) -> None:
 @axes_option
 @level_option
 @handle_errors
-def train(input_uri: str, output: str, method: str, patch: str, batch: int, steps: int, lr: float, seed: int,
+def train(input_uri: str, output: str, method: str, init: str | None, n2v_fraction: float, patch: str, batch: int, steps: int, lr: float, seed: int,
           depth: int, filters: int, n2v2: bool, batch_norm: bool, z_pool: str, masked_percent: float, struct_mask: str | None,
           val_fraction: float, foreground: float, checkpoint_every: int, val_every: int, early_stop: int | None, keep: str,
           device: str, amp: bool, noise_model: str | None, n_samples: int | None, psf_sigma: str | None, psf: str | None,
@@ -191,8 +197,17 @@ def train(input_uri: str, output: str, method: str, patch: str, batch: int, step
     }
     if amp:
         train_options["amp"] = True
+    if method == "pn2v-boot":
+        from quietscope.workflows.pn2v_boot import train_pn2v_boot
+
+        if resume or init or channels:
+            raise click.UsageError("--method pn2v-boot takes neither --resume, --init nor --channels (it trains its own N2V)")
+        choice = train_pn2v_boot(input_uri, output, method_options, train_options, axes=axes, level=level,
+                                 overwrite=overwrite, **({"n2v_fraction": n2v_fraction} if n2v_fraction is not None else {}))
+        click.echo(f"model: {output} (kept {choice.kept.upper()}: {choice.reason})")
+        return
     res = train_model([input_uri, *channels] if channels else input_uri, output, method_options, train_options, axes=axes, level=level,
-                      overwrite=overwrite, resume=resume)
+                      overwrite=overwrite, resume=resume, init=init)
     best = (f", best validation loss {res.best_val:.5g} at step {res.best_step}; keeps the weights of step {res.kept_step}"
             if res.best_val is not None else "")
     click.echo(f"model: {output} ({res.seconds:.0f} s{best})")

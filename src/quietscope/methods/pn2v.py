@@ -27,13 +27,23 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
+from quietscope.errors import ConfigError
 from quietscope.methods.base import Method, register
 from quietscope.methods.n2v import N2V, N2VConfig
 from quietscope.nets.unet import UNet
 from quietscope.noise_models import noise_model_from_dict
 from quietscope.noise_models.base import NoiseModel
 
-__all__ = ["PN2V", "PN2VConfig", "marginal_nll", "mmse_estimate", "prior_mean"]
+__all__ = [
+    "PN2V",
+    "PN2VConfig",
+    "blind_spot_risk",
+    "implied_prior_std",
+    "marginal_nll",
+    "mmse_estimate",
+    "prior_mean",
+    "spread_offsets",
+]
 
 #: Default samples per pixel. PN2V uses 800 on a GPU; 64 keeps a CPU training step and the
 #: last layer's memory ~12x smaller while the sample mean's error (std / 8) stays well under
@@ -93,6 +103,15 @@ def prior_mean(samples: torch.Tensor) -> torch.Tensor:
     return samples.mean(dim=-1)
 
 
+def spread_offsets(n_samples: int) -> torch.Tensor:
+    """``n_samples`` offsets of unit standard deviation and exactly zero mean: the standard
+    normal's quantiles at ``(k + 1/2) / K``, re-centred and re-scaled. A warm-started PN2V adds
+    them (times its prior std) to N2V's prediction, so its prior mean *is* N2V's prediction."""
+    q = torch.special.ndtri((torch.arange(n_samples, dtype=torch.float64) + 0.5) / n_samples)
+    q = q - q.mean()
+    return (q / q.std(correction=0)).to(torch.float32)
+
+
 # ---- configuration -------------------------------------------------------------------------
 class PN2VConfig(N2VConfig):
     """N2V's masking and U-Net options plus the noise model and the number of prior samples."""
@@ -142,6 +161,8 @@ class PN2V(N2V):
         self.noise_model = noise_model_from_dict(config.noise_model)
         self.estimate: Literal["mmse", "prior"] = "mmse"
         self._range_checked = False
+        # Set by warm_start: the N2V normalisation the copied weights expect must survive train().
+        self._normalization_fixed = False
 
     @property
     def memory_per_voxel(self) -> int:
@@ -188,6 +209,10 @@ class PN2V(N2V):
         )
 
     def set_normalization(self, mean: Any, std: Any) -> None:
+        if self._normalization_fixed:
+            # Warm-started: N2V's weights expect N2V's normalisation; new statistics would
+            # move the prior mean away from N2V's prediction before the first step.
+            mean, std = self.norm_mean.clone(), self.norm_std.clone()
         super().set_normalization(mean, std)
         # The data's mean must lie inside the noise model's range whatever its tails do: a
         # mean outside means another intensity scale (e.g. a model fitted on other data).
@@ -229,3 +254,173 @@ class PN2V(N2V):
             ]
         )
         return out.reshape(x.shape)
+
+    # ---- warm start from N2V ---------------------------------------------------------------
+    def warm_start(self, n2v: N2V, prior_std: Any) -> None:
+        """Start from a trained N2V network: PN2V's prior mean equals N2V's prediction.
+
+        Every layer is copied; the head's ``K`` outputs per channel copy N2V's head output and
+        add :func:`spread_offsets` times ``prior_std`` (raw units, one per channel), so at step 0
+        the prior samples are spread by ``prior_std`` around N2V's prediction and their mean is
+        that prediction to float rounding. N2V's normalisation is kept through training.
+
+        Parameters
+        ----------
+        n2v : N2V
+            A trained N2V or N2V2 method with the same network options and channels.
+        prior_std : float or sequence of float
+            Initial spread of the prior samples per channel, raw units
+            (:func:`implied_prior_std`).
+
+        Raises
+        ------
+        ConfigError
+            ``n2v`` is not an N2V-family model, or its network or channels differ.
+        """
+        _check_warm_start_source(self, n2v)
+        c, k = self.config.in_channels, self.config.n_samples
+        state = {name: t.detach().clone() for name, t in n2v.net.state_dict().items()}
+        w, b = state["head.weight"], state["head.bias"]
+        state["head.weight"] = w.repeat_interleave(k, dim=0)
+        std = torch.as_tensor(prior_std, dtype=torch.float32).reshape(-1).expand(c)
+        # Offsets in normalised units: the head works before de-normalisation.
+        offsets = spread_offsets(k)[None, :] * (std / n2v.norm_std.detach().cpu())[:, None]
+        state["head.bias"] = (b[:, None] + offsets).reshape(-1)
+        self.net.load_state_dict(state, strict=True)
+        Method.set_normalization(self, n2v.norm_mean.detach().cpu(), n2v.norm_std.detach().cpu())
+        self._normalization_fixed = True
+
+
+def _check_warm_start_source(pn2v: PN2V, n2v: Any) -> None:
+    if not isinstance(n2v, N2V) or isinstance(n2v, PN2V):
+        got = getattr(n2v, "name", type(n2v).__name__)
+        raise ConfigError(f"--init must be an N2V or N2V2 model (got {got!r}); train one with 'quietscope train --method n2v'")
+    a, b = pn2v.config, n2v.config
+    if (a.spatial_ndim, a.in_channels) != (b.spatial_ndim, b.in_channels):
+        raise ConfigError(
+            f"--init model is {b.spatial_ndim}D with {b.in_channels} channel(s) but the data are {a.spatial_ndim}D "
+            f"with {a.in_channels}; warm-start from an N2V model trained on data like these"
+        )
+    if a.net != b.net:
+        raise ConfigError(f"--init model's network ({b.net}) differs from this one ({a.net}); drop the network options")
+
+
+def implied_prior_std(
+    n2v: N2V, noise_model: NoiseModel, batch: torch.Tensor, generator: torch.Generator, draws: int = 8
+) -> list[float]:
+    """Per channel, the prior spread that N2V's blind-spot error and the noise model imply.
+
+    On masked pixels the residual ``x - N2V(masked)`` holds N2V's own error plus the noise,
+    so the error variance is the residual variance less the noise model's mean variance at
+    N2V's predictions, floored at a tenth of the noise std (never a collapsed prior).
+
+    Parameters
+    ----------
+    n2v : N2V
+        The trained N2V (in eval mode).
+    noise_model : NoiseModel
+        The noise model PN2V trains with.
+    batch : torch.Tensor, shape (B, C, *patch)
+        Raw patches of the training data.
+    generator : torch.Generator
+        Draws the masks.
+    draws : int
+        Mask draws over ``batch``.
+
+    Returns
+    -------
+    list of float
+        One std per channel, raw units.
+    """
+    n2v.eval()
+    res: list[list[torch.Tensor]] = [[] for _ in range(n2v.config.in_channels)]
+    pred_all: list[list[torch.Tensor]] = [[] for _ in range(n2v.config.in_channels)]
+    with torch.no_grad():
+        for _ in range(draws):
+            masked, mask = n2v.blind_spot_mask(n2v.normalize(batch), generator)
+            pred = n2v.denormalize(n2v.net(masked))
+            for ch in range(n2v.config.in_channels):
+                m = mask[:, ch]
+                res[ch].append(batch[:, ch][m] - pred[:, ch][m])
+                pred_all[ch].append(pred[:, ch][m])
+    out = []
+    for ch in range(n2v.config.in_channels):
+        r, p = torch.cat(res[ch]).double(), torch.cat(pred_all[ch]).double().numpy()
+        _, nstd = noise_model.mean_std(p)
+        noise_var = float(np.mean(nstd**2))
+        out.append(math.sqrt(max(float(r.var()) - noise_var, 0.01 * noise_var)))
+    return out
+
+
+def blind_spot_risk(
+    method: N2V,
+    batch: torch.Tensor,
+    variance: Any,
+    generator: torch.Generator,
+    draws: int = 8,
+    valid: tuple[float, float] | None = None,
+) -> torch.Tensor:
+    """Per-pixel unbiased estimates of the squared error of ``method``'s estimate at masked pixels.
+
+    Stein's unbiased risk estimate (SURE) needs no clean image: for an estimate ``f(x_i)`` of
+    pixel ``i``'s signal that depends on its own observation ``x_i`` (noise of variance ``v_i``
+    given the signal) only through a smooth function, ``E[(f - s)^2] = E[(f - x)^2 - v + 2 v
+    df/dx]``. At a masked pixel the network sees only the neighbours, so N2V's estimate does
+    not depend on ``x_i`` (``df/dx = 0``: the blind-spot loss less ``v``), and PN2V's MMSE
+    estimate depends on it only through the posterior weights, whose derivative autograd
+    gives exactly. Both methods scored with the same ``generator`` seed see the same masks:
+    the difference of their means is a paired, ground-truth-free estimate of which estimate
+    is closer to the clean signal. It is exact for Gaussian noise; for Poisson–Gaussian noise
+    ``v_i`` is taken at the blind-spot estimate (N2V's prediction, PN2V's prior mean), which
+    does not depend on ``x_i``.
+
+    Parameters
+    ----------
+    method : N2V or PN2V
+        A trained model (its own masking options are used).
+    batch : torch.Tensor, shape (B, C, *patch)
+        Raw held-apart patches.
+    variance : callable
+        Noise variance of the data given a signal, ``variance(signal_tensor, channel) ->
+        tensor`` (raw units); take it from the data (e.g. their Poisson–Gaussian line), not from
+        the noise model being judged, or a too-narrow model judges itself too kindly.
+    generator : torch.Generator
+        Draws the masks; seed it alike for the methods compared.
+    draws : int
+        Mask draws over ``batch``.
+    valid : (float, float), optional
+        Observations at or outside these limits (clipped pixels) are left out: SURE does not
+        hold for them.
+
+    Returns
+    -------
+    torch.Tensor, shape (N,)
+        One risk estimate per scored pixel, raw units squared, pixels of all channels together.
+    """
+    method.eval()
+    out = []
+    for _ in range(draws):
+        masked, mask = method.blind_spot_mask(method.normalize(batch), generator)
+        with torch.no_grad():
+            if isinstance(method, PN2V):
+                samples = method._samples(masked).movedim(2, -1)  # (B, C, *spatial, K)
+            else:
+                pred = method.denormalize(method.net(masked))
+        for ch in range(method.config.in_channels):
+            m = mask[:, ch]
+            x = batch[:, ch][m].detach().clone()
+            if valid is not None:
+                keep = (x > valid[0]) & (x < valid[1])
+            if isinstance(method, PN2V):
+                s_k = samples[:, ch][m]
+                x.requires_grad_(True)
+                f = mmse_estimate(method.noise_model, x, s_k)
+                (df,) = torch.autograd.grad(f.sum(), x)
+                x, f = x.detach(), f.detach()
+                v = variance(prior_mean(s_k), ch)
+                risk = (f - x) ** 2 - v + 2 * v * df
+            else:
+                f = pred[:, ch][m]
+                risk = (f - x) ** 2 - variance(f, ch)
+            out.append(risk[keep] if valid is not None else risk)
+    return torch.cat(out).double()

@@ -133,6 +133,43 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
+#: Share of 8-bit pixels at 0 or at 255 from which the data count as clipped.
+EIGHT_BIT_CLIPPED = 1e-4
+
+
+def eight_bit_warning(blocks: Sequence[np.ndarray]) -> str | None:
+    """A warning for 8-bit data that look contrast-stretched: pixels piled up at 0 and/or 255.
+
+    Raw camera data are 12-16 bit; 8-bit images with clipped ends were almost always rescaled
+    (stretched) one by one before saving (e.g. W2S: noisy ≈ 0.6 · clean + 12, ~0.2 % of the
+    pixels at 0 or 255). Their gain is not the camera's, the clipped pixels are censored
+    values (not noise), and a reference image of the same sample was stretched differently.
+
+    Parameters
+    ----------
+    blocks : sequence of numpy.ndarray
+        Raw blocks in the data's own dtype.
+
+    Returns
+    -------
+    str or None
+        The warning, or ``None`` for data that are not 8-bit or not clipped.
+    """
+    if not blocks or any(b.dtype != np.uint8 for b in blocks):
+        return None
+    n = sum(b.size for b in blocks)
+    low = sum(int(np.count_nonzero(b == 0)) for b in blocks) / n
+    high = sum(int(np.count_nonzero(b == 255)) for b in blocks) / n
+    if max(low, high) < EIGHT_BIT_CLIPPED:
+        return None
+    return (
+        f"the data are 8-bit with {100 * low:.2g} % of the pixels at 0 and {100 * high:.2g} % at 255: they look "
+        "contrast-stretched and clipped, not raw camera counts. The gain and photon numbers above are in stretched "
+        "units; 'noise-model bootstrap' and 'train --method pn2v-boot' treat the clipped pixels as censored; compare "
+        "results with a reference image only after an affine fit; use the raw camera files if you have them"
+    )
+
+
 _INDEPENDENT = "pixel-independent noise"
 _ZERO_MEAN = "zero-mean noise"
 _POISSON = "Poisson-dominated noise"
@@ -297,10 +334,11 @@ def build_report(
         reasons.append("the noise is pixel-independent, which is what Noise2Void needs.")
         if trusted:
             reasons.append(
-                "alternative: pn2v, usually a little more accurate: fit a noise model with "
-                "'quietscope noise-model bootstrap N2V_MODEL DATA -o nm.json' (or 'noise-model fit "
-                "--calibration STACK'), then train with '--method pn2v --noise-model nm.json' "
-                "(camera: " + " ".join(gain_opts) + ")."
+                "alternative: pn2v, sometimes a little more accurate: 'quietscope train DATA --method pn2v-boot' "
+                "trains N2V, bootstraps a noise model from it and a PN2V warm-started from it within the same --steps, "
+                "and keeps PN2V only if a held-apart self-supervised check says it beats N2V. By hand: "
+                "'quietscope noise-model bootstrap N2V_MODEL DATA -o nm.json' (or 'noise-model fit --calibration STACK'), "
+                "then '--method pn2v --noise-model nm.json --init N2V_MODEL' (camera: " + " ".join(gain_opts) + ")."
             )
     return NoiseReport(
         estimate=estimate,

@@ -18,6 +18,7 @@ from quietscope.noise_models.fit import DEFAULT_MAX_PAIRS, fit_noise_model
 from quietscope.noise_models.gmm import GMMNoiseModel, fit_gmm
 from quietscope.noise_models.histogram import HistogramNoiseModel, fit_histogram
 from quietscope.noise_models.pairs import (
+    detect_clipping,
     match_variance_line,
     pairs_from_calibration,
     pairs_from_paired,
@@ -71,6 +72,7 @@ def load_noise_model(path: str | Path) -> NoiseModel:
 
 __all__ = [
     "DEFAULT_MAX_PAIRS",
+    "detect_clipping",
     "fit_noise_model",
     "GMMNoiseModel",
     "HistogramNoiseModel",

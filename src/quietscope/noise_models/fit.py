@@ -30,6 +30,9 @@ def fit_noise_model(
     n_iterations: int = 2000,
     seed: int = 0,
     observed_range: tuple[float, float] | None = None,
+    clip: tuple[float | None, float | None] | None = None,
+    half_step: float = 0.5,
+    min_sigma: float | None = None,
 ) -> NoiseModel:
     """Fit a noise model of ``kind`` to ``(signal, observation)`` pairs.
 
@@ -51,6 +54,11 @@ def fit_noise_model(
         Seeds the GMM fit.
     observed_range : (float, float), optional
         GMM: observations it must accept beyond ``observation``'s range.
+    clip, half_step : optional
+        GMM: clipping limits and half quantisation step of the observations
+        (:class:`~quietscope.noise_models.gmm.GMMNoiseModel`); ``None``: no clipping.
+    min_sigma : float, optional
+        GMM: floor on each component's std (default ``1e-3 x`` the signal range).
 
     Returns
     -------
@@ -58,7 +66,7 @@ def fit_noise_model(
     """
     if kind == "gmm":
         return fit_gmm(signal, observation, n_gaussian, n_coeff, n_iterations=n_iterations, seed=seed,
-                       observed_range=observed_range)
+                       observed_range=observed_range, clip=clip, half_step=half_step, min_sigma=min_sigma)
     if kind == "histogram":
         return fit_histogram(signal, observation, bins=bins, min_row_pairs=min_row_pairs)
     raise ConfigError(f"noise model kind {kind!r} is unknown; use gmm or histogram")

@@ -69,12 +69,36 @@ def _gmm_log_likelihood(
     min_signal: float,
     max_signal: float,
     min_sigma: float,
+    clip: tuple[float | None, float | None] | None = None,
+    half_step: float = 0.5,
 ) -> torch.Tensor:
     x, s = torch.broadcast_tensors(x, s)
     means, variance, log_alpha = _mixture_params(weight, s, min_signal, max_signal, min_sigma)
     residual = x.unsqueeze(-1) - means
     log_normal = -0.5 * (residual**2 / variance + torch.log(2 * math.pi * variance))
-    return torch.logsumexp(log_alpha + log_normal, dim=-1)
+    out = torch.logsumexp(log_alpha + log_normal, dim=-1)
+    if clip is None:
+        return out
+    # Censored ends (a camera or a contrast stretch that clips): an observation at the low
+    # limit says only "the value fell at or below it", so its likelihood is the mixture's
+    # probability mass up to the limit (plus half a quantisation step), not a density.
+    lo, hi = clip
+    sd = torch.sqrt(variance)
+    if lo is not None:
+        below = torch.logsumexp(log_alpha + torch.special.log_ndtr((lo + half_step - means) / sd), dim=-1)
+        out = torch.where(x <= lo, below, out)
+    if hi is not None:
+        above = torch.logsumexp(log_alpha + torch.special.log_ndtr((means - (hi - half_step)) / sd), dim=-1)
+        out = torch.where(x >= hi, above, out)
+    return out
+
+
+def _clip_tuple(clip: Any) -> tuple[float | None, float | None] | None:
+    if clip is None:
+        return None
+    lo, hi = clip
+    out = (None if lo is None else float(lo), None if hi is None else float(hi))
+    return None if out == (None, None) else out
 
 
 class GMMNoiseModel(NoiseModel):
@@ -91,6 +115,12 @@ class GMMNoiseModel(NoiseModel):
     observed_range : (float, float), optional
         Smallest and largest observation of the fitting pairs; widens
         :attr:`observation_range` to cover them.
+    clip : (float or None, float or None), optional
+        Observation limits at which the data are clipped (8-bit 0/255, a saturated camera):
+        observations at or beyond a limit are censored, their likelihood is the probability
+        mass beyond the limit (less half a quantisation step ``half_step``). ``None``: no clipping.
+    half_step : float
+        Half the quantisation step of the observations (0.5 for integer data).
     """
 
     kind: ClassVar[str] = "gmm"
@@ -102,6 +132,8 @@ class GMMNoiseModel(NoiseModel):
         max_signal: float,
         min_sigma: float,
         observed_range: tuple[float, float] | None = None,
+        clip: tuple[float | None, float | None] | None = None,
+        half_step: float = 0.5,
     ) -> None:
         super().__init__()
         w = np.asarray(weight, dtype=np.float32)
@@ -122,6 +154,17 @@ class GMMNoiseModel(NoiseModel):
         self.observed_range = (
             None if observed_range is None else tuple(float(v) for v in observed_range)
         )
+        self.clip = _clip_tuple(clip)
+        self.half_step = float(half_step)
+
+    @property
+    def clip_limits(self) -> tuple[float, float] | None:
+        """``(low, high)`` clipping limits (infinite where an end is not clipped), or ``None``:
+        observations at or beyond them carry no density (e.g. for Stein's risk estimate)."""
+        if self.clip is None:
+            return None
+        lo, hi = self.clip
+        return (-math.inf if lo is None else lo, math.inf if hi is None else hi)
 
     @property
     def n_gaussian(self) -> int:
@@ -160,10 +203,13 @@ class GMMNoiseModel(NoiseModel):
                 self.min_signal,
                 self.max_signal,
                 self.min_sigma,
+                self.clip,
+                self.half_step,
             )
 
     def mean_std(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and std of ``x`` given ``s`` from the mixture moments (closed form)."""
+        """Mean and std of ``x`` given ``s`` from the mixture moments (closed form), before any
+        clipping (:attr:`clip`): the noise of the unclipped signal."""
         s = np.asarray(s, dtype=np.float64)
         with torch.no_grad():
             means, variance, log_alpha = _mixture_params(
@@ -179,7 +225,9 @@ class GMMNoiseModel(NoiseModel):
         return mean.numpy(), np.sqrt(var.numpy())
 
     def to_dict(self) -> dict[str, Any]:
+        clip = {} if self.clip is None else {"clip": list(self.clip), "half_step": self.half_step}
         return {
+            **clip,
             "kind": self.kind,
             "version": 1,
             "min_signal": self.min_signal,
@@ -209,8 +257,12 @@ class GMMNoiseModel(NoiseModel):
                 raise ModelError(
                     "GMM noise model 'observed_range' is not a finite [low, high] pair; re-save it"
                 )
+        clip = d.get("clip")
+        if clip is not None and (not isinstance(clip, (list, tuple)) or len(clip) != 2
+                                 or not all(v is None or (isinstance(v, (int, float)) and math.isfinite(v)) for v in clip)):
+            raise ModelError("GMM noise model 'clip' is not a [low, high] pair of numbers or nulls; re-save it")
         try:
-            return cls(w, lo, hi, min_sigma, observed)
+            return cls(w, lo, hi, min_sigma, observed, clip, float(d.get("half_step", 0.5)))
         except ConfigError as e:
             raise ModelError(f"{e}; refit and re-save the noise model") from None
 
@@ -263,6 +315,8 @@ def fit_gmm(
     max_pairs: int = 1_000_000,
     seed: int = 0,
     observed_range: tuple[float, float] | None = None,
+    clip: tuple[float | None, float | None] | None = None,
+    half_step: float = 0.5,
 ) -> GMMNoiseModel:
     """Fit a :class:`GMMNoiseModel` by maximum likelihood on ``(signal, observation)`` pairs.
 
@@ -295,6 +349,10 @@ def fit_gmm(
     observed_range : (float, float), optional
         Observations the model must accept besides ``observation``'s own range (e.g. the
         data before :func:`~quietscope.noise_models.match_variance_line` rescaled it).
+    clip, half_step : optional
+        Clipping limits and half quantisation step of the observations (see
+        :class:`GMMNoiseModel`); the fit then maximises the censored likelihood, so clipped
+        pixels inform the fit without pulling a component onto the limit.
 
     Returns
     -------
@@ -319,6 +377,7 @@ def fit_gmm(
     if not learning_rate > 0:
         raise ConfigError(f"learning_rate={learning_rate} is invalid; use a value > 0 (e.g. 0.1)")
     k, n_coeff = int(n_gaussian), int(n_coeff)
+    clip = _clip_tuple(clip)
 
     lo = float(s.min()) if min_signal is None else float(min_signal)
     hi = float(s.max()) if max_signal is None else float(max_signal)
@@ -363,10 +422,10 @@ def fit_gmm(
     for _ in range(int(n_iterations)):
         idx = torch.randint(n, (min(int(batch_size), n),), generator=generator)
         weight = torch.cat([means, shape])
-        loss = -_gmm_log_likelihood(weight, x_t[idx], s_t[idx], lo, hi, min_sigma).mean()
+        loss = -_gmm_log_likelihood(weight, x_t[idx], s_t[idx], lo, hi, min_sigma, clip, half_step).mean()
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         schedule.step()
     weight = torch.cat([means, shape]).detach()
-    return GMMNoiseModel(weight.numpy(), lo, hi, min_sigma, observed)
+    return GMMNoiseModel(weight.numpy(), lo, hi, min_sigma, observed, clip, half_step)

@@ -181,3 +181,39 @@ def match_variance_line(
     bin_signal, bin_factor = np.asarray(centres), np.asarray(factors)
     c = np.interp(s, bin_signal, bin_factor)
     return (s + c * r).astype(np.float32), bin_signal, bin_factor
+
+
+#: Share of the observations that must sit exactly at an end of the range for it to count as
+#: clipped (a few pixels at 0 or 255 happen by chance; clipping piles many up there).
+CLIP_MIN_SHARE = 1e-4
+
+
+def detect_clipping(
+    observation: np.ndarray, limits: tuple[float, float], min_share: float = CLIP_MIN_SHARE
+) -> tuple[float | None, float | None]:
+    """Which ends of a fixed value range the observations are clipped at.
+
+    Integer camera data cannot go beyond their type's range: 8-bit images that were contrast
+    stretched pile pixels up at 0 and 255 (W2S: about 0.2 %). Those values are censored
+    (the true value was at or beyond the limit), which a noise model must not read as noise
+    that sits exactly on the limit.
+
+    Parameters
+    ----------
+    observation : np.ndarray
+        Observed values (any shape).
+    limits : (float, float)
+        The representable range, e.g. ``(0, 255)`` for uint8.
+    min_share : float
+        Share of the observations at a limit from which that end counts as clipped.
+
+    Returns
+    -------
+    (float or None, float or None)
+        The clipped low and high limits (``None`` for an end that is not clipped).
+    """
+    x = as_float_array(observation, "observation").ravel()
+    need = max(1, int(math.ceil(min_share * x.size)))
+    lo, hi = (float(v) for v in limits)
+    return (lo if int(np.count_nonzero(x <= lo)) >= need else None,
+            hi if int(np.count_nonzero(x >= hi)) >= need else None)

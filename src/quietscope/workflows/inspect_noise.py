@@ -32,7 +32,7 @@ from quietscope.noise_analysis.correlation import (
     residual_quality,
 )
 from quietscope.noise_analysis.plots import plot_autocorrelation, plot_mean_variance
-from quietscope.noise_analysis.report import NoiseReport, analyse_noise, build_report
+from quietscope.noise_analysis.report import NoiseReport, analyse_noise, build_report, eight_bit_warning
 
 log = logging.getLogger(__name__)
 
@@ -341,6 +341,10 @@ def inspect_noise(
         )
         report = build_report(report.estimate, report.structure, quality)
         report.notes += residual_advice(report.structure, quality)
+    stretched = eight_bit_warning(blocks)
+    if stretched:
+        log.warning("%s", stretched)
+        report.notes.append(stretched)
 
     result = InspectResult(
         report=report,

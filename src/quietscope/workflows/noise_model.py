@@ -29,7 +29,7 @@ from quietscope.noise_analysis.poisson_gaussian import estimate_poisson_gaussian
 from quietscope.noise_models import load_noise_model
 from quietscope.noise_models.base import NoiseModel
 from quietscope.noise_models.fit import DEFAULT_MAX_PAIRS, Kind, fit_noise_model
-from quietscope.noise_models.pairs import match_variance_line, pairs_from_paired, pairs_from_prediction
+from quietscope.noise_models.pairs import detect_clipping, match_variance_line, pairs_from_paired, pairs_from_prediction
 from quietscope.noise_models.plot import plot_noise_model
 from quietscope.workflows.predict import predict
 
@@ -45,6 +45,7 @@ __all__ = [
     "fit_from_calibration",
     "fit_from_pairs",
     "fit_noise_model",
+    "integer_data_fit_options",
     "paired_pairs",
     "sample_pairs",
 ]
@@ -407,6 +408,7 @@ def bootstrap(
     plot_path: str | Path | None = None,
     seed: int = 0,
     variance_from_data: bool = False,
+    censor_clipped: bool = True,
     **fit: Any,
 ) -> NoiseModel:
     """Fit a noise model on DATA with a trained denoiser's prediction as pseudo-signal.
@@ -419,6 +421,11 @@ def bootstrap(
     follows DATA's own Poisson–Gaussian line (:func:`data_variance_line`,
     :func:`~quietscope.noise_models.pairs.match_variance_line`): the denoiser's error no longer
     widens the model. For data whose noise is Poisson–Gaussian (cameras, photon counters).
+
+    With ``censor_clipped`` (GMM only) integer data are treated as what they are
+    (:func:`integer_data_fit_options`): observations piled up at the ends of the type's range
+    (8-bit 0/255 after a contrast stretch, a saturated camera) are censored, and no component
+    may be narrower than half a quantisation step.
     """
     if variance_from_data and kind != "gmm":
         raise ConfigError("--variance-from-data applies to GMM noise models; drop it or use --kind gmm")
@@ -429,6 +436,8 @@ def bootstrap(
         # observations; the GMM extrapolates, so it must accept the sample's whole range, or PN2V
         # training refuses the data whenever a batch holds one of those pixels.
         fit = {"observed_range": (float(x_all.min()), float(x_all.max())), **fit}
+        if censor_clipped:
+            fit = {**integer_data_fit_options(open_image(data_uri, axes=axes).dtype, s_all, x_all), **fit}
     if not variance_from_data:
         return _finish(s, x, kind, plot_path, {"seed": seed, **fit})
 
@@ -440,6 +449,39 @@ def bootstrap(
         bin_s.min(), bin_s.max(),
     )
     return _finish(s, x_fit, kind, plot_path, {"seed": seed, **fit})
+
+
+def integer_data_fit_options(dtype: Any, s: np.ndarray, x: np.ndarray) -> dict[str, Any]:
+    """GMM fit options for integer data: censored ends where pixels pile up at the type's
+    limits, and a std floor of half a quantisation step (a component narrower than that sits
+    on one integer value and turns the quantisation into spikes of density). ``{}`` for
+    floating-point data.
+
+    Parameters
+    ----------
+    dtype : numpy dtype
+        The data's type.
+    s, x : np.ndarray
+        Pseudo-signal and observations of the fitting pairs.
+
+    Returns
+    -------
+    dict
+        ``clip``, ``half_step`` and ``min_sigma`` for :func:`fit_noise_model`.
+    """
+    dt = np.dtype(dtype)
+    if dt.kind not in "iu":
+        return {}
+    info = np.iinfo(dt)
+    clip = detect_clipping(x, (float(info.min), float(info.max)))
+    if clip != (None, None):
+        lo, hi = clip
+        log.info("the data are clipped at %s: %.3f %% of the sampled pixels at %s, %.3f %% at %s; those are censored in "
+                 "the noise model", dt.name, 100 * float(np.mean(x <= info.min)), info.min, 100 * float(np.mean(x >= info.max)),
+                 info.max)
+    span = float(s.max() - s.min())
+    return {"clip": clip if clip != (None, None) else None, "half_step": 0.5,
+            "min_sigma": max(0.5, 1e-3 * span) if span > 0 else 0.5}
 
 
 def data_variance_line(

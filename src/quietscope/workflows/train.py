@@ -16,16 +16,20 @@ from quietscope.io.sample_data import read_tiff
 from quietscope.io.stacking import open_stacked
 from quietscope.io.stores import probe_writable
 from quietscope.io.validation import check_finite_sample, check_not_constant
-from quietscope.methods import build_method, get_method_class
+from quietscope.methods import available_methods, build_method, get_method_class
 from quietscope.methods.base import Method, NetConfig
-from quietscope.methods.modelfile import save_model
+from quietscope.methods.modelfile import load_model, save_model
+from quietscope.methods.n2v import N2V
+from quietscope.methods.pn2v import PN2V, implied_prior_std
 from quietscope.methods.struct_mask import load_struct_mask, parse_struct_mask, struct_mask
 from quietscope.noise_models import load_noise_model
 from quietscope.training.config import expand_patch, resolve_z_pool
 from quietscope.training.curves import plot_learning_curve
 from quietscope.training.loop import TrainConfig, TrainResult, train
+from quietscope.training.sampler import PatchSampler, split_train_val
 
-__all__ = ["checkpoint_path", "recommended_options", "resolve_method_files", "resolve_z_pool", "train_model"]
+__all__ = ["checkpoint_path", "load_init", "recommended_options", "resolve_method_files", "resolve_z_pool", "train_model",
+           "warm_start"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +95,8 @@ def recommended_options(method: str) -> dict[str, Any]:
         E.g. ``{"patch": "32", "steps": 4000, "params": {"context_levels": 2}}``; empty when the
         method has no recommendation.
     """
+    if method not in available_methods():  # e.g. pn2v-boot, a pipeline of two methods
+        return {}
     return dict(get_method_class(method).recommended_options)
 
 
@@ -120,7 +126,60 @@ def _build(image: Image, method_options: dict[str, Any], tcfg: TrainConfig) -> M
     return build_method(config)
 
 
-def _save(model_path: Path, result: TrainResult, tcfg: TrainConfig, image: Image, input_uri: Any, level: int) -> None:
+#: Patches of the training data on which a warm start measures N2V's blind-spot error.
+_WARM_START_PATCHES = 64
+
+
+def load_init(init: str | Path, method_options: dict[str, Any]) -> tuple[N2V, dict[str, Any]]:
+    """Read the ``--init`` model and return it with ``method_options`` taking its network.
+
+    Parameters
+    ----------
+    init : str or pathlib.Path
+        An N2V/N2V2 model file.
+    method_options : dict
+        The PN2V options; their ``net`` is replaced by the init model's (the weights fix it).
+
+    Returns
+    -------
+    (N2V, dict)
+
+    Raises
+    ------
+    ConfigError
+        ``--init`` with another method than pn2v, or an init model that is not N2V.
+    ModelError
+        The model file is unreadable.
+    """
+    if str(method_options.get("method", "n2v")) != "pn2v":
+        raise ConfigError("--init warm-starts --method pn2v from an N2V model; drop --init for other methods")
+    n2v, _ = load_model(init)
+    if not isinstance(n2v, N2V) or isinstance(n2v, PN2V):
+        raise ConfigError(f"--init {str(init)!r} is a {n2v.name} model; warm-start from an N2V or N2V2 model")
+    net = n2v.config.net.model_dump()
+    if method_options.get("net") and {**net, **method_options["net"]} != net:
+        log.info("--init: the network options of %s are used (%s); the ones given are ignored", init, net)
+    return n2v, {**method_options, "net": net}
+
+
+def warm_start(method: Method, n2v: N2V, image: Image, tcfg: TrainConfig) -> list[float]:
+    """Warm-start PN2V ``method`` from ``n2v`` (:meth:`PN2V.warm_start`), its prior spread
+    measured on patches of the training region; returns that spread per channel (raw units).
+    """
+    if not isinstance(method, PN2V):
+        raise ConfigError(f"--init warm-starts --method pn2v; {method.name} cannot start from an N2V model")
+    train_region, _ = split_train_val(image.spatial_shape, tuple(tcfg.patch), tcfg.val_fraction)
+    sampler = PatchSampler(image, tuple(tcfg.patch), train_region, augment=False)
+    batch = torch.from_numpy(sampler.sample(_WARM_START_PATCHES, np.random.default_rng(tcfg.seed + 7)))
+    std = implied_prior_std(n2v, method.noise_model, batch, torch.Generator().manual_seed(tcfg.seed + 7))
+    method.warm_start(n2v, std)
+    log.info("warm start from N2V: prior mean = N2V's prediction, prior spread %s (raw units)",
+             ", ".join(f"{v:.4g}" for v in std))
+    return std
+
+
+def _save(model_path: Path, result: TrainResult, tcfg: TrainConfig, image: Image, input_uri: Any, level: int,
+          extra: dict[str, Any] | None = None) -> None:
     info = {
         "train": tcfg.model_dump(mode="json"),
         "axes": image.axes,
@@ -134,6 +193,7 @@ def _save(model_path: Path, result: TrainResult, tcfg: TrainConfig, image: Image
         "kept_step": result.kept_step,
         "train_seconds": result.seconds,
         "created_by": f"quietscope {__version__}",
+        **(extra or {}),
     }
     save_model(model_path, result.method, info)
     checkpoint_path(model_path).unlink(missing_ok=True)
@@ -186,6 +246,7 @@ def train_model(
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
+    init: str | Path | None = None,
 ) -> TrainResult:
     """Train a model on ``input_uri`` and save it to ``model_path`` (one self-describing file).
 
@@ -209,6 +270,9 @@ def train_model(
         Replace an existing model file; continue from its checkpoint.
     progress : bool
         Show a progress bar.
+    init : str or pathlib.Path, optional
+        ``--method pn2v`` only: an N2V model to warm-start from (:func:`warm_start`); its
+        network options replace the ones given.
 
     Returns
     -------
@@ -239,10 +303,16 @@ def train_model(
     train_options = dict(train_options)
     train_options["patch"] = expand_patch(tuple(train_options.get("patch", (64,))), len(image.spatial_axes))
     tcfg = _validated(TrainConfig, train_options, "training options")
+    n2v = None
+    if init is not None:
+        n2v, method_options = load_init(init, method_options)
     method = _build(image, resolve_method_files(method_options, image), tcfg)
+    extra = None
+    if n2v is not None:
+        extra = {"init": {"model": str(init), "prior_std": warm_start(method, n2v, image, tcfg)}}
     log.info("training %s on %s: axes %s, shape %s, patch %s, batch %d, %d steps",
              method.name, input_uri, image.axes, image.shape, tcfg.patch, tcfg.batch, tcfg.steps)
     result = train(image, method, tcfg, checkpoint=checkpoint_path(model_path), resume=resume, progress=progress)
-    _save(model_path, result, tcfg, image, input_uri, level)
+    _save(model_path, result, tcfg, image, input_uri, level, extra)
     log.info("model written to %s (%.1f s)", model_path, result.seconds)
     return result

@@ -1,0 +1,229 @@
+"""Fully unsupervised PN2V (``train --method pn2v-boot``) against N2V at an equal *total* step budget.
+
+Issue 20: bootstrapped PN2V must never lose to the N2V it came from. Per dataset and seed:
+
+* **N2V**: ``train --method n2v`` for the whole budget ``--steps``;
+* **pn2v-boot**: ``train --method pn2v-boot`` with the same ``--steps`` *in total*: N2V for
+  ``n2v_fraction`` of them, a GMM noise model bootstrapped from its prediction (8-bit data:
+  clipped ends censored), PN2V warm-started from that N2V for the rest, and the self-supervised
+  keep-the-better rule (Stein's risk estimate on the held-apart slab; ``workflows/pn2v_boot.py``).
+  Its output is the model it kept. The stages are scored too (its N2V, PN2V's posterior mean,
+  PN2V's prior mean), so that the ground-truth ranking can be set against the choice.
+
+Data (``shared/data``):
+
+* ``w2s-chC``: W2S fields 081–090 of channel C, one real noisy frame each, stacked along t as one
+  8-bit image of 10 × 512² and trained together (one model per channel: the noise model is one
+  per model, and the three stains have different photon counts). PSNR after an affine
+  least-squares fit of the prediction onto the 400-frame mean, per field, averaged over fields.
+* ``bpae``: the BPAE actin field (680 × 1100) with synthetic Poisson–Gaussian noise (Poisson
+  25 photons at the field's mean + Gaussian 0.1 × the image std, noise seed 0; float32);
+  PSNR with the clean image's range, and after an affine fit.
+
+Network and budget: U-Net depth 2, 16 filters, batch 16, 32² patches, 2 % masked, Adam lr 1e-3
+cosine; the same for every model. One torch thread per process::
+
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/pn2v_boot.py --steps 1000 --seeds 0 1 2 --jobs 2
+
+Rows are appended to the JSON (``--output``) as each task finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, fmt_mean_sem, machine, markdown_table, write_json  # noqa: E402
+
+FIELDS = [f"fov{i:03d}" for i in range(81, 91)]
+BUDGET = {"batch": 16, "patch": 32, "depth": 2, "filters": 16, "lr": 1e-3, "mask_percent": 2.0}
+BPAE_NOISE = (25.0, 0.1)
+
+
+def _data_dir() -> Path:
+    from quietscope.io.sample_data import find_data_dir
+
+    data = find_data_dir()
+    if data is None:
+        raise SystemExit("shared/data not found (set QUIETSCOPE_DATA); this benchmark needs the real images")
+    return data
+
+
+def make_data(work: Path, name: str) -> dict[str, Any]:
+    """Write dataset ``name`` as OME-Zarr (noisy) + npy (clean); return its paths."""
+    from quietscope.io.sample_data import read_tiff
+    from quietscope.simulate import poisson_gaussian
+    from quietscope.workflows.demo import write_ome_zarr_image
+
+    d = work / name
+    d.mkdir(parents=True, exist_ok=True)
+    src = d / "noisy.ome.zarr"
+    if name.startswith("w2s"):
+        ch = name.split("-ch")[1]
+        noisy = np.stack([read_tiff(_data_dir() / "w2s" / "noisy" / f"{f}_ch{ch}.tif") for f in FIELDS])
+        clean = np.stack([read_tiff(_data_dir() / "w2s" / "clean" / f"{f}_ch{ch}.tif") for f in FIELDS]).astype(np.float32)
+        if not src.exists():
+            write_ome_zarr_image(src, noisy, "tyx", (1, 256, 256))  # uint8, as recorded
+    else:
+        clean = read_tiff(_data_dir() / "bpae" / "bpae_actin.tif").astype(np.float32)
+        photons, g = BPAE_NOISE
+        noisy = poisson_gaussian(clean, photons / float(clean.mean()), g, float(clean.std()), seed=0).astype(np.float32)
+        if not src.exists():
+            write_ome_zarr_image(src, noisy, "yx", (256, 256))
+        clean = clean[None]
+    np.save(d / "clean.npy", clean)
+    return {"name": name, "dir": str(d)}
+
+
+def score(pred: np.ndarray, clean: np.ndarray, name: str) -> dict[str, float]:
+    """Mean over fields of PSNR after an affine fit (and, on BPAE, with the clean range)."""
+    from quietscope.metrics import affine_fit, psnr
+
+    pred = pred.reshape(clean.shape).astype(np.float64)
+    out = {"psnr_affine": float(np.mean([psnr(affine_fit(p, c), c) for p, c in zip(pred, clean)]))}
+    if name == "bpae":
+        out["psnr_range"] = psnr(pred[0], clean[0].astype(np.float64))
+    return out
+
+
+def _predict(model: Path, src: Path, out: Path, inference: dict | None = None) -> np.ndarray:
+    from quietscope.chunked import PredictOptions
+    from quietscope.io.reading import open_image
+    from quietscope.workflows.predict import predict
+
+    predict(model, src, out, PredictOptions(progress=False, overwrite=True, n_levels=1, threads=1, device="cpu"),
+            inference=inference)
+    arr = np.asarray(open_image(str(out)).array)
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    return arr
+
+
+def _options() -> tuple[dict[str, Any], dict[str, Any]]:
+    method = {"net": {"depth": BUDGET["depth"], "filters": BUDGET["filters"]}, "masked_pixel_percentage": BUDGET["mask_percent"]}
+    return method, {"patch": (BUDGET["patch"],), "batch": BUDGET["batch"], "lr": BUDGET["lr"], "pool_size": 256, "device": "cpu"}
+
+
+def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
+    import torch
+
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING)
+    from quietscope.workflows.pn2v_boot import boot_dir, train_pn2v_boot
+    from quietscope.workflows.train import train_model
+
+    d, name, seed, steps = Path(task["dir"]), task["name"], task["seed"], task["steps"]
+    clean, src = np.load(d / "clean.npy"), d / "noisy.ome.zarr"
+    method, tr = _options()
+    tr = {**tr, "steps": steps, "seed": seed, "val_every": max(steps // 10, 1), "checkpoint_every": max(steps // 10, 1)}
+    base = {"dataset": name, "seed": seed, "steps": steps}
+    rows: list[dict[str, Any]] = []
+    partial = d / f"rows_s{seed}_steps{steps}.json"
+    t0 = time.perf_counter()
+    n2v = d / f"n2v_s{seed}_steps{steps}.qs"
+    if not n2v.exists():  # a rerun after a crash keeps the models it finished (same options)
+        train_model(str(src), n2v, {**method, "method": "n2v"}, tr, overwrite=True, progress=False)
+    t_n2v = time.perf_counter() - t0
+    rows.append({**base, "row": "n2v", "train_s": t_n2v, **score(_predict(n2v, src, d / f"p_n2v_s{seed}.ome.zarr"), clean, name)})
+    write_json(partial, rows)
+
+    t0 = time.perf_counter()
+    boot = d / f"boot_s{seed}_steps{steps}.qs"
+    if boot.exists():
+        from quietscope.methods.modelfile import read_manifest
+        from quietscope.workflows.pn2v_boot import BootChoice
+
+        r = read_manifest(boot)["pn2v_boot"]
+        choice = BootChoice(**{k: r[k] for k in BootChoice.__dataclass_fields__})
+    else:
+        choice = train_pn2v_boot(str(src), boot, method, tr, overwrite=True, progress=False,
+                                 n2v_fraction=task["n2v_fraction"])
+    t_boot = time.perf_counter() - t0
+    stages = boot_dir(boot)
+    s_n2v = score(_predict(stages / "n2v.qs", src, d / f"p_bn2v_s{seed}.ome.zarr"), clean, name)
+    s_mmse = score(_predict(stages / "pn2v.qs", src, d / f"p_mmse_s{seed}.ome.zarr"), clean, name)
+    s_prior = score(_predict(stages / "pn2v.qs", src, d / f"p_prior_s{seed}.ome.zarr", {"estimate": "prior"}), clean, name)
+    final = s_mmse if choice.kept == "pn2v" else s_n2v
+    rec = {"kept": choice.kept, "sure_n2v": choice.n2v_risk, "sure_pn2v": choice.pn2v_risk, "sure_diff": choice.difference,
+           "sure_diff_se": choice.difference_se, "sure_pixels": choice.n_pixels, "variance_source": choice.variance_source}
+    gt_pref = "pn2v" if s_mmse["psnr_affine"] > s_n2v["psnr_affine"] else "n2v"
+    rows.append({**base, "row": "pn2v-boot (kept model)", "train_s": t_boot, **final, **rec, "gt_prefers": gt_pref,
+                 "agrees": gt_pref == choice.kept})
+    rows.append({**base, "row": "boot stage: N2V", **s_n2v})
+    rows.append({**base, "row": "boot stage: PN2V MMSE", **s_mmse})
+    rows.append({**base, "row": "boot stage: PN2V prior mean", **s_prior})
+    write_json(partial, rows)
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]], datasets: list[str]) -> tuple[str, list[dict[str, Any]]]:
+    from quietscope.metrics import mean_and_sem
+
+    names = ["n2v", "pn2v-boot (kept model)", "boot stage: N2V", "boot stage: PN2V MMSE", "boot stage: PN2V prior mean"]
+    table, summary = [], []
+    for ds in datasets:
+        got = {(r["row"], r["seed"]): r for r in rows if r["dataset"] == ds}
+        seeds = sorted({s for (_, s) in got})
+        diffs = [got[("pn2v-boot (kept model)", s)]["psnr_affine"] - got[("n2v", s)]["psnr_affine"]
+                 for s in seeds if ("pn2v-boot (kept model)", s) in got and ("n2v", s) in got]
+        mm = [got[("boot stage: PN2V MMSE", s)]["psnr_affine"] - got[("n2v", s)]["psnr_affine"]
+              for s in seeds if ("boot stage: PN2V MMSE", s) in got and ("n2v", s) in got]
+        kept = [got[("pn2v-boot (kept model)", s)] for s in seeds if ("pn2v-boot (kept model)", s) in got]
+        entry = {"dataset": ds, "n": len(seeds),
+                 **{k: mean_and_sem([got[(k, s)]["psnr_affine"] for s in seeds if (k, s) in got]) for k in names},
+                 "kept_minus_n2v": mean_and_sem(diffs) if diffs else None, "pn2v_mmse_minus_n2v": mean_and_sem(mm) if mm else None,
+                 "kept": [r["kept"] for r in kept], "agrees": [r["agrees"] for r in kept]}
+        summary.append(entry)
+        table.append([ds, str(len(seeds))] + [fmt_mean_sem(*entry[k]) if entry[k][0] is not None else "–" for k in names]
+                     + [fmt_mean_sem(*entry["kept_minus_n2v"]) if diffs else "–", fmt_mean_sem(*entry["pn2v_mmse_minus_n2v"]) if mm else "–",
+                        "/".join(entry["kept"]), "/".join("yes" if a else "no" for a in entry["agrees"])])
+    header = ["data", "seeds", "N2V (all steps)", "pn2v-boot (kept)", "stage N2V", "stage PN2V MMSE", "stage PN2V prior",
+              "kept − N2V", "PN2V MMSE − N2V", "kept", "choice = GT ranking"]
+    return markdown_table(header, table), summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--datasets", nargs="+", default=["w2s-ch0", "w2s-ch1", "w2s-ch2", "bpae"])
+    ap.add_argument("--n2v-fraction", type=float, default=0.7)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--workdir", default="/tmp/qs-pn2v-boot")
+    ap.add_argument("--output", default=str(RESULTS / "pn2v_boot.json"))
+    args = ap.parse_args()
+    work, t_start = Path(args.workdir), time.perf_counter()
+    data = {ds: make_data(work, ds) for ds in args.datasets}
+    tasks = [{**data[ds], "seed": s, "steps": args.steps, "n2v_fraction": args.n2v_fraction}
+             for s in args.seeds for ds in args.datasets]  # seed-major: whole seeds finish first
+    rows: list[dict[str, Any]] = []
+    head = {"machine": machine(), "budget": {**BUDGET, "steps": args.steps, "n2v_fraction": args.n2v_fraction},
+            "fields": FIELDS, "bpae_noise": BPAE_NOISE}
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+        futures = {ex.submit(run_task, t): t for t in tasks}
+        for f in as_completed(futures):
+            try:
+                rows.extend(f.result())
+            except Exception as exc:  # one failed task must not lose the others
+                print(f"task {futures[f]['name']} seed {futures[f]['seed']} failed: {exc!r}", flush=True)
+                continue
+            table, summary = summarise(rows, args.datasets)
+            write_json(args.output, {**head, "rows": rows, "summary": summary, "wall_seconds": time.perf_counter() - t_start})
+            print(table, flush=True)
+    print(f"JSON: {args.output}")
+
+
+if __name__ == "__main__":
+    main()

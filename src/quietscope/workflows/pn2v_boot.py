@@ -1,0 +1,264 @@
+"""``quietscope train --method pn2v-boot``: fully unsupervised PN2V that keeps N2V when PN2V is not better.
+
+One command, one total step budget: N2V (a share ``n2v_fraction`` of the steps) -> a GMM noise
+model bootstrapped from N2V's prediction of the data (Prakash et al. 2020) -> PN2V warm-started
+from that N2V (:meth:`quietscope.methods.pn2v.PN2V.warm_start`, the remaining steps) -> a
+ground-truth-free comparison on the held-apart validation slab, and the model file holds the
+winner.
+
+What the comparison compares: at the same masked pixels of the same held-apart patches (the
+slab neither network trained on), Stein's unbiased estimate of the squared error of each
+model's *final* estimate of the pixel, in raw units (:func:`quietscope.methods.pn2v.blind_spot_risk`):
+N2V's blind-spot prediction, and PN2V's posterior mean, which folds the pixel's own
+observation back in. The noise variance SURE needs is the data's own Poisson–Gaussian line
+(from local residuals, as ``inspect-noise`` measures it), not the bootstrapped noise model, so a
+noise model that is too narrow cannot vouch for itself. PN2V is kept only if its mean estimated
+error is lower by more than ``margin`` paired standard errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from quietscope.chunked import PredictOptions
+from quietscope.errors import ConfigError, InputError, OutputError
+from quietscope.io.reading import Image
+from quietscope.io.stacking import open_stacked
+from quietscope.methods.modelfile import load_model, read_manifest, save_model
+from quietscope.methods.n2v import N2VConfig
+from quietscope.methods.pn2v import PN2V, blind_spot_risk
+from quietscope.training.config import expand_patch
+from quietscope.training.loop import TrainConfig, TrainResult
+from quietscope.training.sampler import PatchSampler, split_train_val
+from quietscope.workflows.noise_model import bootstrap, data_variance_line
+from quietscope.workflows.train import train_model
+
+__all__ = ["BootChoice", "DEFAULT_N2V_FRACTION", "boot_dir", "choose", "train_pn2v_boot"]
+
+log = logging.getLogger(__name__)
+
+#: Share of the total steps N2V gets; the warm-started PN2V gets the rest.
+DEFAULT_N2V_FRACTION = 0.7
+#: Held-apart patches and mask draws of the final comparison (tens of thousands of pixels).
+VAL_PATCHES, VAL_DRAWS = 64, 16
+_FORMAT_KEYS = ("format", "format_version", "quietscope_version", "torch_version", "method")
+
+
+@dataclass
+class BootChoice:
+    """The outcome of the keep-the-better rule (written into the model file's manifest)."""
+
+    kept: Literal["pn2v", "n2v"]
+    n2v_risk: float
+    pn2v_risk: float
+    difference: float
+    difference_se: float
+    n_pixels: int
+    margin_se: float
+    variance_source: str
+
+    @property
+    def reason(self) -> str:
+        rel = self.difference / self.n2v_risk if self.n2v_risk > 0 else float("nan")
+        verdict = "better" if self.difference < 0 else "worse"
+        return (f"PN2V's estimated squared error is {abs(rel):.2%} {verdict} than N2V's "
+                f"({self.pn2v_risk:.5g} vs {self.n2v_risk:.5g}, difference {self.difference:.4g} ± {self.difference_se:.2g} s.e., "
+                f"{self.n_pixels} held-apart masked pixels)")
+
+
+def choose(n2v_risk: Any, pn2v_risk: Any, margin_se: float = 1.0, variance_source: str = "") -> BootChoice:
+    """The keep-the-better rule on paired per-pixel risk estimates.
+
+    Parameters
+    ----------
+    n2v_risk, pn2v_risk : array_like, shape (N,)
+        Per-pixel estimates of the squared error of each model's estimate at the same pixels.
+    margin_se : float
+        PN2V is kept only if its mean is lower than N2V's by more than this many standard
+        errors of the paired difference (ties and noise keep N2V).
+    variance_source : str
+        Recorded with the choice.
+
+    Returns
+    -------
+    BootChoice
+
+    Examples
+    --------
+    >>> choose([2.0, 2.0, 2.1], [1.0, 1.1, 1.0]).kept
+    'pn2v'
+    """
+    a, b = np.asarray(n2v_risk, dtype=np.float64).ravel(), np.asarray(pn2v_risk, dtype=np.float64).ravel()
+    if a.shape != b.shape or a.size < 2:
+        raise InputError(f"need the same >= 2 pixels scored for both models, got {a.size} and {b.size}")
+    d = b - a
+    mean, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size))
+    kept: Literal["pn2v", "n2v"] = "pn2v" if mean + margin_se * se < 0 else "n2v"
+    return BootChoice(kept, float(a.mean()), float(b.mean()), mean, se, int(d.size), float(margin_se), variance_source)
+
+
+def boot_dir(model_path: str | Path) -> Path:
+    """Where the pipeline keeps its N2V model, noise model and PN2V model (``<model>.boot/``)."""
+    p = Path(model_path)
+    return p.with_name(p.name + ".boot")
+
+
+def _variance(uri: Any, image: Image, axes: str | None, nm: Any, seed: int) -> tuple[Any, str]:
+    """``variance(signal, channel)`` from the data's Poisson–Gaussian line; the noise model's
+    own variance only when the data give no usable line (logged).
+    """
+    first = uri[0] if isinstance(uri, (list, tuple)) else uri
+    try:
+        gain, intercept = data_variance_line(first, channel=0 if image.n_channels > 1 else None, axes=axes, seed=seed)
+    except InputError as exc:
+        log.warning("pn2v-boot: %s; the comparison uses the noise model's variance instead", exc)
+
+        def from_model(s: torch.Tensor, ch: int) -> torch.Tensor:
+            _, std = nm.mean_std(s.detach().double().numpy())
+            return torch.from_numpy(std**2).to(s.dtype)
+
+        return from_model, "noise model"
+    floor = max(1e-6, 1e-3 * abs(intercept))
+
+    def line(s: torch.Tensor, ch: int) -> torch.Tensor:
+        return torch.clamp(gain * s + intercept, min=floor)
+
+    return line, f"data Poisson-Gaussian line var = {gain:.5g} * s + {intercept:.5g}"
+
+
+def compare(n2v: Any, pn2v: PN2V, image: Image, tcfg: TrainConfig, variance: Any, source: str,
+            margin_se: float) -> BootChoice:
+    """Score both models on the held-apart slab (same patches, same masks) and apply :func:`choose`."""
+    _, val_region = split_train_val(image.spatial_shape, tuple(tcfg.patch), tcfg.val_fraction)
+    if val_region is None:
+        raise ConfigError("pn2v-boot compares the models on the held-apart slab; use --val-fraction > 0")
+    sampler = PatchSampler(image, tuple(tcfg.patch), val_region, augment=False)
+    batch = torch.from_numpy(sampler.sample(VAL_PATCHES, np.random.default_rng(tcfg.seed + 99)))
+    valid = getattr(pn2v.noise_model, "clip_limits", None)
+    risks = []
+    for m in (n2v, pn2v):
+        gen = torch.Generator().manual_seed(tcfg.seed + 4242)  # the same masks for both
+        risks.append(torch.cat([blind_spot_risk(m, batch[i:i + 16], variance, gen, VAL_DRAWS, valid)
+                                for i in range(0, batch.shape[0], 16)]).numpy())
+    return choose(risks[0], risks[1], margin_se, source)
+
+
+def _options(method_options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """N2V's and PN2V's options from the pipeline's (N2V masking fields go to both)."""
+    n2v_fields = set(N2VConfig.model_fields) - {"method", "spatial_ndim", "in_channels"}
+    common = {k: v for k, v in method_options.items() if k in n2v_fields}
+    pn2v = {**common, "method": "pn2v"}
+    if method_options.get("n_samples") is not None:
+        pn2v["n_samples"] = method_options["n_samples"]
+    return {**common, "method": "n2v"}, pn2v
+
+
+def _steps(total: int, n2v_fraction: float) -> tuple[int, int]:
+    if not 0 < n2v_fraction < 1:
+        raise ConfigError(f"--n2v-fraction {n2v_fraction} must lie strictly between 0 and 1 (default {DEFAULT_N2V_FRACTION})")
+    n2v_steps = int(round(total * n2v_fraction))
+    if n2v_steps < 1 or total - n2v_steps < 1:
+        raise ConfigError(f"--steps {total} is too few to share between N2V and PN2V; use at least 2")
+    return n2v_steps, total - n2v_steps
+
+
+def _write_winner(model_path: Path, chosen: Path, record: dict[str, Any]) -> None:
+    method, manifest = load_model(chosen)
+    info = {k: v for k, v in manifest.items() if k not in _FORMAT_KEYS}
+    save_model(model_path, method, {**info, "pn2v_boot": record})
+
+
+def train_pn2v_boot(
+    input_uri: str | Path | list[str | Path],
+    model_path: str | Path,
+    method_options: dict[str, Any],
+    train_options: dict[str, Any],
+    axes: str | None = None,
+    level: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    n2v_fraction: float = DEFAULT_N2V_FRACTION,
+    margin_se: float = 1.0,
+) -> BootChoice:
+    """N2V -> bootstrapped GMM -> warm-started PN2V in one step budget; keep the better one.
+
+    Parameters
+    ----------
+    input_uri, axes, level, overwrite, progress
+        As in :func:`quietscope.workflows.train.train_model`; one channel (the noise model is one
+        per model: train each channel on its own).
+    model_path : str or pathlib.Path
+        The model file to write: the PN2V or the N2V model, whichever the comparison keeps. The
+        stages are kept in ``<model>.boot/`` (``n2v.qs``, ``noise_model.json``, ``pn2v.qs``,
+        ``choice.json``).
+    method_options : dict
+        N2V masking and network options (both stages), ``n_samples`` (PN2V).
+    train_options : dict
+        :class:`TrainConfig` fields; ``steps`` is the *total* budget of both trainings.
+    n2v_fraction : float
+        Share of the steps N2V trains for.
+    margin_se : float
+        See :func:`choose`.
+
+    Returns
+    -------
+    BootChoice
+
+    Raises
+    ------
+    OutputError
+        The model file or its ``.boot`` folder exists (without ``overwrite``).
+    ConfigError
+        Several channels, no validation slab, a budget too small to share.
+
+    Examples
+    --------
+    >>> train_pn2v_boot("noisy.ome.zarr", "boot.qs", {}, {"steps": 3000})  # doctest: +SKIP
+    """
+    model_path, work = Path(model_path), boot_dir(model_path)
+    if (model_path.exists() or work.exists()) and not overwrite:
+        raise OutputError(f"{str(model_path)!r} or its stage folder {str(work)!r} exists; pass --overwrite to replace them")
+    image = open_stacked(input_uri, level=level, axes=axes)
+    if image.n_channels != 1:
+        raise ConfigError(f"pn2v-boot fits one noise model, but the data have {image.n_channels} channels; train each channel on its own")
+    total = int(train_options.get("steps", TrainConfig.model_fields["steps"].default))
+    n2v_steps, pn2v_steps = _steps(total, n2v_fraction)
+    n2v_opts, pn2v_opts = _options(method_options)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    kw = {"axes": axes, "level": level, "overwrite": True, "progress": progress}
+    log.info("pn2v-boot: N2V for %d steps, then PN2V warm-started from it for %d (total %d)", n2v_steps, pn2v_steps, total)
+    n2v_res: TrainResult = train_model(input_uri, work / "n2v.qs", n2v_opts, {**train_options, "steps": n2v_steps}, **kw)
+    tcfg = TrainConfig.model_validate({**train_options, "steps": total,
+                                       "patch": expand_patch(tuple(train_options.get("patch", (64,))), len(image.spatial_axes))})
+    first = input_uri[0] if isinstance(input_uri, (list, tuple)) else input_uri
+    nm = bootstrap(work / "n2v.qs", first, "gmm", axes=axes, work_dir=work, seed=tcfg.seed,
+                   predict_options=PredictOptions(progress=False, device=tcfg.device, overwrite=True))
+    nm.save(work / "noise_model.json")
+    pn2v_res = train_model(input_uri, work / "pn2v.qs", {**pn2v_opts, "noise_model": nm.to_dict()},
+                           {**train_options, "steps": pn2v_steps}, init=work / "n2v.qs", **kw)
+    variance, source = _variance(input_uri, image, axes, nm, tcfg.seed)
+    choice = compare(n2v_res.method.cpu(), pn2v_res.method.cpu(), image, tcfg, variance, source, margin_se)
+    record = {**asdict(choice), "n2v_steps": n2v_steps, "pn2v_steps": pn2v_steps, "stages": str(work),
+              "compares": "SURE of each final estimate at held-apart masked pixels, data variance line"}
+    (work / "choice.json").write_text(json.dumps(record, indent=2))
+    _write_winner(model_path, work / f"{choice.kept}.qs", record)
+    if choice.kept == "pn2v":
+        log.info("pn2v-boot: keeping PN2V: %s", choice.reason)
+    else:
+        log.warning("pn2v-boot: keeping N2V, PN2V did not beat it: %s; %s holds the N2V model", choice.reason, model_path)
+    return choice
+
+
+def boot_record(model_path: str | Path) -> dict[str, Any] | None:
+    """The ``pn2v_boot`` record of a model file written by :func:`train_pn2v_boot` (or ``None``)."""
+    return read_manifest(model_path).get("pn2v_boot")

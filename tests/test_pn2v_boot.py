@@ -1,0 +1,244 @@
+"""PN2V warm-started from N2V, the SURE comparison, and the pn2v-boot keep-the-better pipeline."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from quietscope.errors import ConfigError
+from quietscope.io.sample_data import synthetic_clean
+from quietscope.methods import build_method
+from quietscope.methods.modelfile import load_model, read_manifest
+from quietscope.methods.pn2v import PN2V, blind_spot_risk, prior_mean, spread_offsets
+from quietscope.noise_models import GMMNoiseModel
+from quietscope.workflows import pn2v_boot
+from quietscope.workflows.pn2v_boot import boot_dir, choose, train_pn2v_boot
+from quietscope.workflows.train import train_model
+
+TINY = {"depth": 1, "filters": 8}
+SIGMA = 4.0
+TRAIN = {"patch": (32,), "batch": 4, "val_every": 5, "checkpoint_every": 100, "pool_size": 16}
+
+
+def gaussian_model(sigma: float = SIGMA, lo: float = 0.0, hi: float = 400.0) -> GMMNoiseModel:
+    span = hi - lo
+    return GMMNoiseModel([[0.0], [float(np.log(sigma**2 / span**2))], [0.0]], lo, hi, min_sigma=1e-3)
+
+
+@pytest.fixture(scope="module")
+def n2v_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("boot")
+    rng = np.random.default_rng(0)
+    clean = synthetic_clean((96, 96), seed=0)
+    path = d / "noisy.tif"
+    tifffile.imwrite(path, (clean + rng.normal(0, SIGMA, clean.shape)).astype(np.float32))
+    model = d / "n2v.qs"
+    train_model(path, model, {"method": "n2v", "net": TINY, "masked_pixel_percentage": 2.0},
+                {**TRAIN, "steps": 6}, progress=False)
+    return d, path, model
+
+
+def test_spread_offsets_have_zero_mean_and_unit_std():
+    q = spread_offsets(64).double()
+    assert abs(float(q.mean())) < 1e-7 and abs(float(q.std(correction=0)) - 1) < 1e-6
+    assert torch.all(q[1:] > q[:-1])
+
+
+def test_warm_start_prior_mean_equals_n2v_prediction(n2v_model):
+    _, _, model = n2v_model
+    n2v, _ = load_model(model)
+    pn2v = build_method({"method": "pn2v", "spatial_ndim": 2, "net": TINY, "n_samples": 16,
+                         "noise_model": gaussian_model().to_dict()})
+    pn2v.warm_start(n2v, [3.0])
+    x = torch.from_numpy(synthetic_clean((48, 48), seed=3)[None, None].astype(np.float32) * 1.0)
+    pn2v.eval()
+    pn2v.set_inference(estimate="prior")
+    with torch.no_grad():
+        a, b = pn2v.predict(x), n2v.predict(x)
+        spread = pn2v._samples(pn2v.normalize(x)).std(dim=2, correction=0)
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(spread.numpy(), 3.0, rtol=1e-4)
+    # train() re-estimates the normalisation; a warm-started PN2V keeps N2V's.
+    pn2v.set_normalization([0.0], [1.0])
+    torch.testing.assert_close(pn2v.norm_mean, n2v.norm_mean)
+
+
+def test_train_init_starts_at_n2v_and_records_it(n2v_model):
+    d, path, model = n2v_model
+    # lr tiny: after one step the prior mean is still N2V's prediction to float tolerance.
+    out = d / "pn2v_init.qs"
+    train_model(path, out, {"method": "pn2v", "noise_model": gaussian_model().to_dict(), "n_samples": 8,
+                            "net": {"depth": 3, "filters": 4}, "masked_pixel_percentage": 2.0},
+                {**TRAIN, "steps": 1, "lr": 1e-12}, progress=False, init=model)
+    pn2v, manifest = load_model(out)
+    n2v, _ = load_model(model)
+    assert manifest["init"]["model"] == str(model) and manifest["init"]["prior_std"][0] > 0
+    assert pn2v.config.net == n2v.config.net  # the init model's network, not the one given
+    x = torch.from_numpy(tifffile.imread(path)[None, None, :64, :64])
+    pn2v.set_inference(estimate="prior")
+    with torch.no_grad():
+        np.testing.assert_allclose(pn2v.predict(x).numpy(), n2v.predict(x).numpy(), rtol=1e-4, atol=1e-3)
+
+
+def test_init_refuses_other_methods_and_models(n2v_model, tmp_path):
+    d, path, model = n2v_model
+    with pytest.raises(ConfigError, match="--init warm-starts --method pn2v"):
+        train_model(path, tmp_path / "x.qs", {"method": "n2v"}, {**TRAIN, "steps": 1}, progress=False, init=model)
+    n2v, _ = load_model(model)
+    other = build_method({"method": "pn2v", "spatial_ndim": 2, "net": {"depth": 2, "filters": 8},
+                          "noise_model": gaussian_model().to_dict()})
+    with pytest.raises(ConfigError, match="network"):
+        other.warm_start(n2v, [1.0])
+
+
+def test_choose_keeps_pn2v_only_when_it_is_clearly_better():
+    rng = np.random.default_rng(0)
+    n2v = 10 + rng.normal(0, 1, 5000)
+    assert choose(n2v, n2v - 0.5).kept == "pn2v"
+    assert choose(n2v, n2v + 0.5).kept == "n2v"
+    assert choose(n2v, n2v).kept == "n2v"  # a tie keeps N2V
+    # Better on average but within the noise of the paired difference: N2V.
+    noisy_better = n2v + np.where(np.arange(n2v.size) % 2 == 0, -1.01, 0.99)  # mean -0.01, s.e. 0.014
+    c = choose(n2v, noisy_better, margin_se=1.0)
+    assert c.kept == "n2v" and c.difference < 0 and c.difference + c.difference_se > 0
+
+
+def test_blind_spot_risk_estimates_the_true_error():
+    # Gaussian noise, a PN2V whose prior samples all equal the truth: its MMSE estimate is the
+    # truth (error 0) and SURE must say so; N2V predicting truth + 2 has error 4.
+    torch.manual_seed(0)
+    nm = gaussian_model()
+    pn2v = build_method({"method": "pn2v", "spatial_ndim": 2, "net": TINY, "n_samples": 8,
+                         "noise_model": nm.to_dict(), "masked_pixel_percentage": 10.0})
+    truth = torch.full((32, 1, 32, 32), 200.0)
+    x = truth + SIGMA * torch.randn_like(truth)
+    with torch.no_grad():
+        pn2v.net.head.weight.zero_()
+        pn2v.net.head.bias.zero_()
+    pn2v.set_normalization([200.0], [50.0])
+    risk = blind_spot_risk(pn2v, x, lambda s, ch: torch.full_like(s, SIGMA**2), torch.Generator().manual_seed(0), draws=4)
+    assert abs(float(risk.mean())) < 0.1 * SIGMA**2
+
+    n2v = build_method({"method": "n2v", "spatial_ndim": 2, "net": TINY, "masked_pixel_percentage": 10.0})
+    with torch.no_grad():
+        for p in n2v.net.parameters():
+            p.zero_()
+    n2v.set_normalization([202.0], [50.0])
+    risk_n = blind_spot_risk(n2v, x, lambda s, ch: torch.full_like(s, SIGMA**2), torch.Generator().manual_seed(0), draws=4)
+    assert abs(float(risk_n.mean()) - 4.0) < 0.1 * SIGMA**2
+
+
+@pytest.mark.parametrize("winner", ["pn2v", "n2v"])
+def test_pipeline_keeps_the_scripted_winner_and_says_so(n2v_model, tmp_path, monkeypatch, caplog, winner):
+    _, path, _ = n2v_model
+    n = 1000
+    scripted = {"pn2v": (np.full(n, 5.0), 4.0 + 0.01 * (np.arange(n) % 3)),
+                "n2v": (np.full(n, 5.0), np.full(n, 6.0))}[winner]
+    monkeypatch.setattr(pn2v_boot, "compare", lambda *a, **k: choose(*scripted, k.get("margin_se", 1.0), "scripted"))
+    out = tmp_path / "boot.qs"
+    with caplog.at_level(logging.INFO, logger="quietscope.workflows.pn2v_boot"):
+        choice = train_pn2v_boot(path, out, {"net": TINY, "masked_pixel_percentage": 2.0, "n_samples": 4},
+                                 {**TRAIN, "steps": 10}, progress=False)
+    assert choice.kept == winner
+    method, manifest = load_model(out)
+    assert isinstance(method, PN2V) == (winner == "pn2v")
+    assert manifest["pn2v_boot"]["kept"] == winner
+    assert (manifest["pn2v_boot"]["n2v_steps"], manifest["pn2v_boot"]["pn2v_steps"]) == (7, 3)
+    stages = boot_dir(out)
+    assert {p.name for p in stages.iterdir()} >= {"n2v.qs", "pn2v.qs", "noise_model.json", "choice.json"}
+    assert json.loads((stages / "choice.json").read_text())["kept"] == winner
+    assert f"keeping {winner.upper()}" in caplog.text
+    assert read_manifest(stages / "pn2v.qs")["init"]["model"] == str(stages / "n2v.qs")
+
+
+def test_pipeline_real_comparison_runs_and_refuses_overwrite(n2v_model, tmp_path):
+    _, path, _ = n2v_model
+    out = tmp_path / "boot.qs"
+    choice = train_pn2v_boot(path, out, {"net": TINY, "masked_pixel_percentage": 2.0, "n_samples": 4},
+                             {**TRAIN, "steps": 8}, progress=False)
+    assert choice.kept in ("pn2v", "n2v") and choice.n_pixels > 1000
+    assert np.isfinite(choice.difference) and choice.variance_source
+    with pytest.raises(Exception, match="--overwrite"):
+        train_pn2v_boot(path, out, {}, {**TRAIN, "steps": 8}, progress=False)
+
+
+def test_prior_mean_helper_is_the_sample_mean():
+    s = torch.arange(12.0).reshape(3, 4)
+    torch.testing.assert_close(prior_mean(s), s.mean(-1))
+
+
+# ---- 8-bit, clipped data -------------------------------------------------------------------
+def test_censored_gmm_gives_clipped_pixels_the_mass_beyond_the_limit():
+    from scipy import stats
+
+    nm = GMMNoiseModel([[0.0], [float(np.log(SIGMA**2 / 255.0**2))], [0.0]], 0.0, 255.0, 1e-3, clip=(0.0, 255.0))
+    s = torch.tensor([2.0, 2.0, 253.0, 100.0])
+    x = torch.tensor([0.0, 3.0, 255.0, 101.0])
+    got = nm.log_likelihood(x, s).numpy()
+    want = [stats.norm.logcdf(0.5, 2.0, SIGMA), stats.norm.logpdf(3.0, 2.0, SIGMA),
+            stats.norm.logsf(254.5, 253.0, SIGMA), stats.norm.logpdf(101.0, 100.0, SIGMA)]
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    again = GMMNoiseModel.from_dict(json.loads(json.dumps(nm.to_dict())))
+    assert again.clip == (0.0, 255.0) and again.clip_limits == (0.0, 255.0)
+    assert GMMNoiseModel.from_dict({**nm.to_dict(), "clip": None}).clip_limits is None
+
+
+def test_censored_fit_recovers_the_noise_of_clipped_8bit_data():
+    from quietscope.noise_models import detect_clipping, fit_gmm
+
+    rng = np.random.default_rng(0)
+    s = rng.uniform(0, 40, 60_000).astype(np.float32)  # dark signals: much of the noise falls below 0
+    x = np.clip(np.round(s + rng.normal(0, 6.0, s.size)), 0, 255).astype(np.float32)
+    clip = detect_clipping(x, (0, 255))
+    assert clip == (0.0, None)
+    plain = fit_gmm(s, x, 1, 2, n_iterations=400, seed=0)
+    censored = fit_gmm(s, x, 1, 2, n_iterations=400, seed=0, clip=clip, min_sigma=0.5)
+    probe = np.array([5.0, 20.0, 35.0])
+    _, sd_plain = plain.mean_std(probe)
+    _, sd_cens = censored.mean_std(probe)
+    assert np.all(np.abs(sd_cens - 6.0) < 0.4), sd_cens  # the latent noise, clipping undone
+    # The plain fit reads the clipped pile at dark signals as narrower noise.
+    assert abs(sd_plain[0] - 6.0) > 0.5 and abs(sd_plain[0] - 6.0) > 2 * abs(sd_cens[0] - 6.0)
+
+
+def test_integer_data_fit_options_censor_only_piled_up_ends():
+    from quietscope.workflows.noise_model import integer_data_fit_options
+
+    x = np.r_[np.zeros(50), np.full(10_000, 100.0)].astype(np.float32)
+    opts = integer_data_fit_options(np.uint8, x, x)
+    assert opts["clip"] == (0.0, None) and opts["min_sigma"] >= 0.5
+    assert integer_data_fit_options(np.float32, x, x) == {}
+    assert integer_data_fit_options(np.uint16, x[50:], x[50:])["clip"] is None
+
+
+def test_inspect_noise_warns_on_stretched_8bit_data():
+    from quietscope.noise_analysis.report import eight_bit_warning
+
+    rng = np.random.default_rng(0)
+    block = np.clip(rng.normal(120, 60, (64, 64)), 0, 255).astype(np.uint8)
+    msg = eight_bit_warning([block])
+    assert msg is not None and "contrast-stretched" in msg and "affine" in msg
+    assert eight_bit_warning([np.full((64, 64), 100, np.uint8)]) is None
+    assert eight_bit_warning([block.astype(np.uint16)]) is None
+
+
+def test_cli_pn2v_boot_refuses_resume_and_train_accepts_init(n2v_model, tmp_path):
+    from click.testing import CliRunner
+
+    from quietscope_cli.main import cli
+
+    d, path, model = n2v_model
+    r = CliRunner().invoke(cli, ["train", str(path), "-o", str(tmp_path / "b.qs"), "--method", "pn2v-boot", "--resume"])
+    assert r.exit_code != 0 and "pn2v-boot" in r.output
+    nm = tmp_path / "nm.json"
+    gaussian_model().save(nm)
+    out = tmp_path / "p.qs"
+    r = CliRunner().invoke(cli, ["train", str(path), "-o", str(out), "--method", "pn2v", "--noise-model", str(nm),
+                                 "--init", str(model), "--samples", "4", "--steps", "1", "--patch", "32", "--batch", "2"])
+    assert r.exit_code == 0, r.output
+    assert read_manifest(out)["init"]["model"] == str(model)
