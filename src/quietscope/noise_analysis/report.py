@@ -238,63 +238,25 @@ def _assumptions(
     return out
 
 
-def build_report(
-    estimate: PoissonGaussianEstimate | None,
-    structure: NoiseStructure,
-    residual: ResidualQuality | None = None,
-    *,
-    low_photon_count: float = LOW_PHOTON_COUNT,
-) -> NoiseReport:
-    """Combine the measurements into assumptions and a method recommendation.
+def _estimate_notes(estimate: PoissonGaussianEstimate, trusted: bool) -> list[str]:
+    notes = list(estimate.notes)
+    if not trusted:
+        notes.append(
+            f"the mean-variance line is not trustworthy (gain {estimate.gain:.3g}, "
+            f"r² {estimate.r2:.2f}): the data may be rescaled or not Poisson–Gaussian; "
+            "gain and offset are not used"
+        )
+    if estimate.offset_source == "dark-level":
+        notes.append(
+            "the offset was taken from the darkest pixels; if no part of the sample is free of "
+            "light (no background), pass the camera's offset instead"
+        )
+    return notes
 
-    Rules, in order:
 
-    1. Correlated noise along an axis: ``n2v`` with ``--struct-mask AXIS:LENGTH`` along the
-       most strongly correlated axis. ``LENGTH = 2 * max_lag + 1`` covers every correlated
-       neighbour on both sides of the blind spot (noise made by a 5-pixel box is
-       correlated up to 4 pixels away, so the mask is 9 pixels long).
-    2. Pixel-independent noise at a mean below ``low_photon_count`` photons per pixel (with
-       a trusted noise model): ``bayes-poisson`` with ``--gain`` and ``--offset``.
-    3. Otherwise ``n2v``; ``pn2v`` (with a noise model fitted by ``quietscope noise-model``)
-       is named as the alternative when the camera model is trusted.
-
-    Parameters
-    ----------
-    estimate : PoissonGaussianEstimate or None
-        Camera noise model (None if it could not be fitted).
-    structure : NoiseStructure
-        From :func:`~quietscope.noise_analysis.correlation.detect_structured_noise`.
-    residual : ResidualQuality, optional
-        From :func:`~quietscope.noise_analysis.correlation.residual_quality`.
-    low_photon_count : float
-        Mean photons per pixel below which ``bayes-poisson`` is advised.
-
-    Returns
-    -------
-    NoiseReport
-    """
-    if not low_photon_count > 0:
-        raise ConfigError(f"low_photon_count={low_photon_count} must be positive (default 20)")
-    assumptions = _assumptions(estimate, structure, residual)
-    notes = list(structure.notes)
-    trusted = estimate is not None and estimate.gain > 0 and estimate.r2 >= MIN_R2
-    if estimate is not None:
-        notes += estimate.notes
-        if not trusted:
-            notes.append(
-                f"the mean-variance line is not trustworthy (gain {estimate.gain:.3g}, "
-                f"r² {estimate.r2:.2f}): the data may be rescaled or not Poisson–Gaussian; "
-                "gain and offset are not used"
-            )
-        if estimate.offset_source == "dark-level":
-            notes.append(
-                "the offset was taken from the darkest pixels; if no part of the sample is free of "
-                "light (no background), pass the camera's offset instead"
-            )
-    photons = estimate.mean_photons if trusted else float("nan")
-    gain_opts = (
-        ["--gain", _fmt(estimate.gain), "--offset", _fmt(estimate.offset)] if trusted else []
-    )
+def _recommend(structure: NoiseStructure, photons: float, low_photon_count: float, gain_opts: list[str],
+               trusted: bool, notes: list[str]) -> tuple[str, list[str], list[str]]:
+    """The method to train, its options and the reasons (``notes`` gets the caveats)."""
     reasons: list[str] = []
     corr = structure.correlated_axes
     if corr:
@@ -340,6 +302,56 @@ def build_report(
                 "'quietscope noise-model bootstrap N2V_MODEL DATA -o nm.json' (or 'noise-model fit --calibration STACK'), "
                 "then '--method pn2v --noise-model nm.json --init N2V_MODEL' (camera: " + " ".join(gain_opts) + ")."
             )
+    return method, options, reasons
+
+
+def build_report(
+    estimate: PoissonGaussianEstimate | None,
+    structure: NoiseStructure,
+    residual: ResidualQuality | None = None,
+    *,
+    low_photon_count: float = LOW_PHOTON_COUNT,
+) -> NoiseReport:
+    """Combine the measurements into assumptions and a method recommendation.
+
+    Rules, in order:
+
+    1. Correlated noise along an axis: ``n2v`` with ``--struct-mask AXIS:LENGTH`` along the
+       most strongly correlated axis. ``LENGTH = 2 * max_lag + 1`` covers every correlated
+       neighbour on both sides of the blind spot (noise made by a 5-pixel box is
+       correlated up to 4 pixels away, so the mask is 9 pixels long).
+    2. Pixel-independent noise at a mean below ``low_photon_count`` photons per pixel (with
+       a trusted noise model): ``bayes-poisson`` with ``--gain`` and ``--offset``.
+    3. Otherwise ``n2v``; ``pn2v`` (with a noise model fitted by ``quietscope noise-model``)
+       is named as the alternative when the camera model is trusted.
+
+    Parameters
+    ----------
+    estimate : PoissonGaussianEstimate or None
+        Camera noise model (None if it could not be fitted).
+    structure : NoiseStructure
+        From :func:`~quietscope.noise_analysis.correlation.detect_structured_noise`.
+    residual : ResidualQuality, optional
+        From :func:`~quietscope.noise_analysis.correlation.residual_quality`.
+    low_photon_count : float
+        Mean photons per pixel below which ``bayes-poisson`` is advised.
+
+    Returns
+    -------
+    NoiseReport
+    """
+    if not low_photon_count > 0:
+        raise ConfigError(f"low_photon_count={low_photon_count} must be positive (default 20)")
+    assumptions = _assumptions(estimate, structure, residual)
+    notes = list(structure.notes)
+    trusted = estimate is not None and estimate.gain > 0 and estimate.r2 >= MIN_R2
+    if estimate is not None:
+        notes += _estimate_notes(estimate, trusted)
+    photons = estimate.mean_photons if trusted else float("nan")
+    gain_opts = (
+        ["--gain", _fmt(estimate.gain), "--offset", _fmt(estimate.offset)] if trusted else []
+    )
+    method, options, reasons = _recommend(structure, photons, low_photon_count, gain_opts, trusted, notes)
     return NoiseReport(
         estimate=estimate,
         structure=structure,

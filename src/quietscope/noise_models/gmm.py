@@ -300,6 +300,29 @@ def _initial_weight(
     return weight
 
 
+def _check_fit_options(**options: float) -> None:
+    for name in ("n_gaussian", "n_coeff", "n_iterations", "batch_size", "max_pairs"):
+        value = options[name]
+        if int(value) != value or value < 1:
+            raise ConfigError(f"{name}={value} is invalid; use an integer >= 1")
+    if not options["learning_rate"] > 0:
+        raise ConfigError(f"learning_rate={options['learning_rate']} is invalid; use a value > 0 (e.g. 0.1)")
+
+
+def _optimise(means: torch.Tensor, shape: torch.Tensor, s_t: torch.Tensor, x_t: torch.Tensor, log_likelihood: Any,
+              optimiser: torch.optim.Optimizer, schedule: Any, n_iterations: int, batch_size: int, seed: int) -> None:
+    """Maximise the mean log-likelihood of random batches of pairs (seeded: the fit is reproducible)."""
+    generator = torch.Generator().manual_seed(seed)
+    n = s_t.numel()
+    for _ in range(n_iterations):
+        idx = torch.randint(n, (min(batch_size, n),), generator=generator)
+        loss = -log_likelihood(torch.cat([means, shape]), x_t[idx], s_t[idx]).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+
+
 def fit_gmm(
     signal: np.ndarray,
     observation: np.ndarray,
@@ -364,18 +387,8 @@ def fit_gmm(
         raise InputError(
             f"signal has {s.size} pixels but observation has {x.size}; pass matching arrays"
         )
-    for name, value in (("n_gaussian", n_gaussian), ("n_coeff", n_coeff)):
-        if int(value) != value or value < 1:
-            raise ConfigError(f"{name}={value} is invalid; use an integer >= 1")
-    for name, value in (
-        ("n_iterations", n_iterations),
-        ("batch_size", batch_size),
-        ("max_pairs", max_pairs),
-    ):
-        if int(value) != value or value < 1:
-            raise ConfigError(f"{name}={value} is invalid; use an integer >= 1")
-    if not learning_rate > 0:
-        raise ConfigError(f"learning_rate={learning_rate} is invalid; use a value > 0 (e.g. 0.1)")
+    _check_fit_options(n_gaussian=n_gaussian, n_coeff=n_coeff, n_iterations=n_iterations, batch_size=batch_size,
+                       max_pairs=max_pairs, learning_rate=learning_rate)
     k, n_coeff = int(n_gaussian), int(n_coeff)
     clip = _clip_tuple(clip)
 
@@ -417,15 +430,7 @@ def fit_gmm(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimiser, T_max=int(n_iterations), eta_min=0.0
     )
-    generator = torch.Generator().manual_seed(int(seed))
-    n = s_t.numel()
-    for _ in range(int(n_iterations)):
-        idx = torch.randint(n, (min(int(batch_size), n),), generator=generator)
-        weight = torch.cat([means, shape])
-        loss = -_gmm_log_likelihood(weight, x_t[idx], s_t[idx], lo, hi, min_sigma, clip, half_step).mean()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        schedule.step()
+    ll = lambda w, xb, sb: _gmm_log_likelihood(w, xb, sb, lo, hi, min_sigma, clip, half_step)
+    _optimise(means, shape, s_t, x_t, ll, optimiser, schedule, int(n_iterations), int(batch_size), int(seed))
     weight = torch.cat([means, shape]).detach()
     return GMMNoiseModel(weight.numpy(), lo, hi, min_sigma, observed, clip, half_step)

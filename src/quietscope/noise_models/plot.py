@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +24,35 @@ def _slice_levels(model: NoiseModel, signal: np.ndarray | None) -> np.ndarray:
         return np.percentile(signal, [10, 35, 60, 85])
     lo, hi = model.signal_range
     return lo + (hi - lo) * np.array([1, 3, 5, 7]) / 8
+
+
+def _draw_slices(fig: Any, grid: Any, ax: Any, model: NoiseModel, signal: np.ndarray | None,
+                 observation: np.ndarray | None) -> None:
+    """p(x | s) at four signal levels, each over the data observed near that level (if given)."""
+    s_lo, s_hi = model.signal_range
+    x_lo, x_hi = model.observation_range
+    levels = _slice_levels(model, signal)
+    means, stds = model.mean_std(levels)
+    near = _NEAR_FRACTION * (s_hi - s_lo)
+    for i, (level, mean, std) in enumerate(zip(levels, means, stds)):
+        ax.axvline(level, color="cyan", lw=0.8, ls="--")
+        sub = fig.add_subplot(grid[i // 2, 2 + i % 2])
+        xs = np.linspace(max(mean - 5 * std, x_lo), min(mean + 5 * std, x_hi), 400)
+        title = f"s = {level:.4g}"
+        if signal is not None:
+            obs = observation[np.abs(signal - level) <= near]
+            if obs.size >= _MIN_NEAR:
+                sub.hist(obs, bins=60, range=(xs[0], xs[-1]), density=True, color="0.75",
+                         label=f"data ({obs.size} px)")
+            else:
+                title += f" (only {obs.size} px nearby)"
+        with torch.no_grad():
+            curve = model.likelihood(torch.as_tensor(xs), torch.tensor(float(level)))
+        sub.plot(xs, curve.double().cpu().numpy(), color="C3", label="model")
+        sub.set_title(title, fontsize=9)
+        sub.set_xlabel("x", fontsize=8)
+        sub.tick_params(labelsize=7)
+        sub.legend(fontsize=7)
 
 
 def plot_noise_model(
@@ -87,28 +117,7 @@ def plot_noise_model(
     ax.set_ylabel("observation x")
     ax.set_title(f"{model.kind} noise model")
 
-    levels = _slice_levels(model, signal)
-    means, stds = model.mean_std(levels)
-    near = _NEAR_FRACTION * (s_hi - s_lo)
-    for i, (level, mean, std) in enumerate(zip(levels, means, stds)):
-        ax.axvline(level, color="cyan", lw=0.8, ls="--")
-        sub = fig.add_subplot(grid[i // 2, 2 + i % 2])
-        xs = np.linspace(max(mean - 5 * std, x_lo), min(mean + 5 * std, x_hi), 400)
-        title = f"s = {level:.4g}"
-        if signal is not None:
-            obs = observation[np.abs(signal - level) <= near]
-            if obs.size >= _MIN_NEAR:
-                sub.hist(obs, bins=60, range=(xs[0], xs[-1]), density=True, color="0.75",
-                         label=f"data ({obs.size} px)")
-            else:
-                title += f" (only {obs.size} px nearby)"
-        with torch.no_grad():
-            curve = model.likelihood(torch.as_tensor(xs), torch.tensor(float(level)))
-        sub.plot(xs, curve.double().cpu().numpy(), color="C3", label="model")
-        sub.set_title(title, fontsize=9)
-        sub.set_xlabel("x", fontsize=8)
-        sub.tick_params(labelsize=7)
-        sub.legend(fontsize=7)
+    _draw_slices(fig, grid, ax, model, signal, observation)
     path = Path(path)
     try:
         fig.savefig(path, dpi=100, format="png")

@@ -76,22 +76,28 @@ def lr_at(step: int, total: int, base: float, warmup: int = 50) -> float:
     return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
-def train(
-    image: Image,
-    method: Method,
-    config: TrainConfig,
-    checkpoint: str | Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-) -> TrainResult:
-    """Train ``method`` on patches sampled from ``image``.
+@dataclass
+class _Run:
+    """The mutable state of one training run: what a checkpoint holds besides the weights."""
 
-    ``checkpoint`` is a file written every ``checkpoint_every`` steps; with ``resume`` training
-    continues from it (it must belong to the same configuration).
-    """
-    from tqdm.auto import tqdm
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    scaler: Any
+    fingerprint: str
+    ckpt: Path | None
+    start_step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: tuple[float, int, Any] = (math.inf, -1, None)
+    bad_vals: int = 0
 
-    device = resolve_device(config.device)
+    def save(self, method: Method, step: int) -> None:
+        if self.ckpt is not None:
+            _save_checkpoint(self.ckpt, method, self.opt, self.gen, step, self.history, self.best, self.bad_vals,
+                             self.fingerprint, self.scaler)
+
+
+def _prepare_data(image: Image, method: Method, config: TrainConfig, device: torch.device) -> tuple[Any, Any, int, dict]:
+    """Normalisation, the patch sampler and the held-apart validation batch."""
     # The method may sample more than the patch (e.g. lateral context around it).
     patch = method.prepare_training(tuple(config.patch))
     train_region, val_region = split_train_val(image.spatial_shape, patch, config.val_fraction)
@@ -118,15 +124,14 @@ def train(
                                      max_draws=validation_draw_budget(config.val_every, config.batch, config.val_patches))
         log.info("validation every %d steps on %d held-apart patches: %d mask draw(s), ~%d pixels scored",
                  config.val_every, val_batch.shape[0], val_draws, round(val_draws * method.loss_pixel_fraction * n_val))
+    return sampler, val_batch, val_draws, stats
 
+
+def _new_run(method: Method, config: TrainConfig, device: torch.device, checkpoint: str | Path | None) -> tuple[_Run, str]:
+    """Optimiser, generators (seeded), gradient scaler, and the fingerprint checkpoints carry."""
     opt = torch.optim.Adam(method.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
-    start_step = 0
-    history: list[dict[str, float]] = []
-    best = (math.inf, -1, None)
-    bad_vals = 0
-    ckpt = Path(checkpoint) if checkpoint else None
     # amp left out when off: checkpoints of earlier versions still resume.
     train_fields = config.model_dump(mode="json", exclude=None if config.amp else {"amp"})
     fingerprint = json.dumps({"method": method.config.model_dump(mode="json"), "train": train_fields}, sort_keys=True)
@@ -135,98 +140,143 @@ def train(
     if config.amp:
         log.info("mixed precision: the network under %s autocast%s; losses and noise models in float32", precision,
                  " with a gradient scaler" if scaler else "")
-    if resume:
-        if ckpt is None or not ckpt.exists():
-            raise ConfigError(f"--resume: no checkpoint at {str(ckpt)!r}; start without --resume")
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if state["fingerprint"] != fingerprint:
-            raise ModelError("--resume: the checkpoint belongs to a different configuration; use the same options or start fresh")
-        method.load_state_dict(state["method"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["torch_gen"])
-        torch.set_rng_state(state["torch_global"])
-        start_step = int(state["step"])
-        history = json.loads(state["history"])
-        best = (float(state["best_val"]), int(state["best_step"]), state.get("best_state"))
-        bad_vals = int(state["bad_vals"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        log.info("resumed from %s at step %d", ckpt, start_step)
+    return _Run(opt, gen, scaler, fingerprint, Path(checkpoint) if checkpoint else None), precision
 
+
+def _resume(run: _Run, method: Method) -> None:
+    """Load the checkpoint into ``method`` and ``run`` (it must belong to the same configuration)."""
+    if run.ckpt is None or not run.ckpt.exists():
+        raise ConfigError(f"--resume: no checkpoint at {str(run.ckpt)!r}; start without --resume")
+    state = torch.load(run.ckpt, map_location="cpu", weights_only=True)
+    if state["fingerprint"] != run.fingerprint:
+        raise ModelError("--resume: the checkpoint belongs to a different configuration; use the same options or start fresh")
+    method.load_state_dict(state["method"])
+    run.opt.load_state_dict(state["optimizer"])
+    run.gen.set_state(state["torch_gen"])
+    torch.set_rng_state(state["torch_global"])
+    run.start_step = int(state["step"])
+    run.history = json.loads(state["history"])
+    run.best = (float(state["best_val"]), int(state["best_step"]), state.get("best_state"))
+    run.bad_vals = int(state["bad_vals"])
+    if run.scaler is not None and "scaler" in state:
+        run.scaler.load_state_dict(state["scaler"])
+    log.info("resumed from %s at step %d", run.ckpt, run.start_step)
+
+
+def _train_step(method: Method, run: _Run, pool: torch.Tensor, config: TrainConfig, device: torch.device, step: int) -> float:
+    for g in run.opt.param_groups:
+        g["lr"] = lr_at(step, config.steps, config.lr)
+    idx = torch.randint(0, pool.shape[0], (config.batch,), generator=run.gen)
+    method.train()
+    loss = method.training_loss(pool[idx].to(device), run.gen)
+    if not torch.isfinite(loss):
+        raise ConfigError(f"training diverged at step {step} (loss {loss.item()}); lower --lr or check the data")
+    run.opt.zero_grad(set_to_none=True)
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.opt)
+        run.scaler.update()
+    else:
+        loss.backward()
+        run.opt.step()
+    return float(loss.item())
+
+
+def _validate(method: Method, run: _Run, rec: dict[str, float], val_batch: torch.Tensor, val_draws: int,
+              config: TrainConfig, device: torch.device) -> None:
+    """Score the held-apart batch into ``rec`` and keep the best weights by the method's criterion."""
+    rec["val_loss"] = validation_loss(method, val_batch, config.seed, device, val_draws)
+    extra = _validation_metrics(method, val_batch, device)
+    rec.update(extra)
+    if extra:
+        log.info("step %d: val_loss %.5g, %s", rec["step"], rec["val_loss"], ", ".join(f"{k} {v:.4g}" for k, v in extra.items()))
+    criterion = rec.get("select", rec["val_loss"])
+    if criterion < run.best[0]:
+        run.best = (criterion, int(rec["step"]), {k: v.detach().cpu().clone() for k, v in method.state_dict().items()})
+        run.bad_vals = 0
+    else:
+        run.bad_vals += 1
+
+
+def _keep_weights(method: Method, run: _Run, config: TrainConfig) -> int:
+    """Load the weights the model file keeps; return their step."""
+    # The best validation weights, not the last (as CSBDeep keeps weights_best): a blind-spot
+    # net trained long on a small image over-fits it. Measured: bayes-poisson on a 192² crop at
+    # 5 photons, which puts every pixel into the loss, peaks after ~500 steps and is 6.5 dB worse
+    # after 3000 (docs/benchmarks.md, section 3); the held-apart validation slab sees it.
+    best, history = run.best, run.history
+    if best[2] is None or config.keep != "best":
+        return len(history)
+    method.load_state_dict(best[2])
+    if best[1] < len(history):
+        log.info("keeping the weights of step %d (best validation %s %.5g; later validations were higher); "
+                 "--keep last keeps the last", best[1], "score" if any("select" in r for r in history) else "loss", best[0])
+    return best[1]
+
+
+def _loop(method: Method, run: _Run, prefetcher: PoolPrefetcher, val: tuple[Any, int], config: TrainConfig,
+          device: torch.device, bar: Any) -> bool:
+    """The training steps from ``run.start_step``; returns whether it stopped early."""
+    val_batch, val_draws = val
     pool = None
+    for step in range(run.start_step, config.steps):
+        if step % config.checkpoint_every == 0 or pool is None:
+            if step > run.start_step:
+                run.save(method, step)
+            pool = torch.from_numpy(prefetcher.get(step // config.checkpoint_every))
+        rec = {"step": step + 1, "loss": _train_step(method, run, pool, config, device, step)}
+        if val_batch is not None and ((step + 1) % config.val_every == 0 or step + 1 == config.steps):
+            _validate(method, run, rec, val_batch, val_draws, config, device)
+            bar.set_postfix(loss=f"{rec['loss']:.4g}", val=f"{rec['val_loss']:.4g}")
+        run.history.append(rec)
+        bar.update(1)
+        if config.early_stop is not None and run.bad_vals >= config.early_stop:
+            log.info("early stop at step %d: no validation improvement in %d checks", step + 1, run.bad_vals)
+            return True
+    return False
+
+
+def train(
+    image: Image,
+    method: Method,
+    config: TrainConfig,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``method`` on patches sampled from ``image``.
+
+    ``checkpoint`` is a file written every ``checkpoint_every`` steps; with ``resume`` training
+    continues from it (it must belong to the same configuration).
+    """
+    from tqdm.auto import tqdm
+
+    device = resolve_device(config.device)
+    sampler, val_batch, val_draws, stats = _prepare_data(image, method, config, device)
+    run, precision = _new_run(method, config, device, checkpoint)
+    if resume:
+        _resume(run, method)
     # Pool i is a pure function of (seed, i), read by a few threads (chunk reads and decompression
     # release the GIL) while the network trains on pool i - 1: a big store on slow disks no longer
     # stalls training at every redraw, and a resumed run reads the very pools it would have read.
     prefetcher = PoolPrefetcher(sampler, config.pool_size, seed=config.seed, workers=min(4, os.cpu_count() or 1),
                                 count=-(-config.steps // config.checkpoint_every))
     t0 = time.perf_counter()
-    bar = tqdm(total=config.steps, initial=start_step, disable=not progress, desc="train", unit="step")
-    stopped_early = False
+    bar = tqdm(total=config.steps, initial=run.start_step, disable=not progress, desc="train", unit="step")
     set_module_precision(method.net, precision, device.type)
     try:
-        step = start_step
-        for step in range(start_step, config.steps):
-            if step % config.checkpoint_every == 0 or pool is None:
-                if ckpt is not None and step > start_step:
-                    _save_checkpoint(ckpt, method, opt, gen, step, history, best, bad_vals, fingerprint, scaler)
-                pool = torch.from_numpy(prefetcher.get(step // config.checkpoint_every))
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, config.steps, config.lr)
-            idx = torch.randint(0, pool.shape[0], (config.batch,), generator=gen)
-            method.train()
-            loss = method.training_loss(pool[idx].to(device), gen)
-            if not torch.isfinite(loss):
-                raise ConfigError(f"training diverged at step {step} (loss {loss.item()}); lower --lr or check the data")
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-            rec = {"step": step + 1, "loss": float(loss.item())}
-            if val_batch is not None and ((step + 1) % config.val_every == 0 or step + 1 == config.steps):
-                rec["val_loss"] = validation_loss(method, val_batch, config.seed, device, val_draws)
-                extra = _validation_metrics(method, val_batch, device)
-                rec.update(extra)
-                if extra:
-                    log.info("step %d: val_loss %.5g, %s", step + 1, rec["val_loss"],
-                             ", ".join(f"{k} {v:.4g}" for k, v in extra.items()))
-                criterion = rec.get("select", rec["val_loss"])
-                if criterion < best[0]:
-                    best = (criterion, step + 1, {k: v.detach().cpu().clone() for k, v in method.state_dict().items()})
-                    bad_vals = 0
-                else:
-                    bad_vals += 1
-                bar.set_postfix(loss=f"{rec['loss']:.4g}", val=f"{rec['val_loss']:.4g}")
-            history.append(rec)
-            bar.update(1)
-            if config.early_stop is not None and bad_vals >= config.early_stop:
-                log.info("early stop at step %d: no validation improvement in %d checks", step + 1, bad_vals)
-                stopped_early = True
-                break
+        stopped_early = _loop(method, run, prefetcher, (val_batch, val_draws), config, device, bar)
     finally:
         set_module_precision(method.net, "fp32", device.type)
         bar.close()
         prefetcher.close()
-    kept_step = len(history)
-    # The best validation weights, not the last (as CSBDeep keeps weights_best): a blind-spot
-    # net trained long on a small image over-fits it. Measured: bayes-poisson on a 192² crop at
-    # 5 photons, which puts every pixel into the loss, peaks after ~500 steps and is 6.5 dB worse
-    # after 3000 (docs/benchmarks.md, section 3); the held-apart validation slab sees it.
-    if best[2] is not None and config.keep == "best":
-        method.load_state_dict(best[2])
-        kept_step = best[1]
-        if kept_step < len(history):
-            log.info("keeping the weights of step %d (best validation %s %.5g; later validations were higher); "
-                     "--keep last keeps the last", kept_step, "score" if any("select" in r for r in history) else "loss", best[0])
-    if ckpt is not None:
-        _save_checkpoint(ckpt, method, opt, gen, config.steps, history, best, bad_vals, fingerprint, scaler)
+    kept_step = _keep_weights(method, run, config)
+    run.save(method, config.steps)
     method.eval()
+    best = run.best
     return TrainResult(
         method=method,
-        history=history,
+        history=run.history,
         best_val=None if math.isinf(best[0]) else best[0],
         best_step=None if best[1] < 0 else best[1],
         stats=stats,

@@ -242,6 +242,25 @@ def residual_advice(
     return out
 
 
+def _with_residual(report: NoiseReport, image: Image, sample: BlockSample, blocks: list[np.ndarray],
+                   model: str | Path | None, prediction: str | Path | None, channel: int, device: str, level: int,
+                   max_lag: int) -> tuple[NoiseReport, Any, str | None]:
+    """Add what a denoiser left in its residual, when a model or a prediction is given."""
+    if model is not None:
+        preds = predict_blocks(model, image, sample, channel, device)
+        source = f"the prediction of model {model}"
+    elif prediction is not None:
+        preds = read_prediction(prediction, image, sample, channel, level)
+        source = f"the predicted image {prediction}"
+    else:
+        return report, None, None
+    quality = residual_quality(blocks, preds, image.spatial_axes)
+    residual_acf = noise_autocorrelation([b.astype(np.float64) - p for b, p in zip(blocks, preds)], max_lag)
+    report = build_report(report.estimate, report.structure, quality)
+    report.notes += residual_advice(report.structure, quality)
+    return report, residual_acf, source
+
+
 def inspect_noise(
     uri: str | Path,
     *,
@@ -325,22 +344,8 @@ def inspect_noise(
         report = build_report(None, detect_structured_noise(acf, spatial_axes, threshold))
         report.notes.append(f"no camera noise model: {exc}")
 
-    preds = None
-    source = None
-    if model is not None:
-        preds = predict_blocks(model, image, sample, channel, device)
-        source = f"the prediction of model {model}"
-    elif prediction is not None:
-        preds = read_prediction(prediction, image, sample, channel, level)
-        source = f"the predicted image {prediction}"
-    residual_acf = None
-    if preds is not None:
-        quality = residual_quality(blocks, preds, spatial_axes)
-        residual_acf = noise_autocorrelation(
-            [b.astype(np.float64) - p for b, p in zip(blocks, preds)], max_lag
-        )
-        report = build_report(report.estimate, report.structure, quality)
-        report.notes += residual_advice(report.structure, quality)
+    report, residual_acf, source = _with_residual(report, image, sample, blocks, model, prediction, channel, device,
+                                                  level, max_lag)
     stretched = eight_bit_warning(blocks)
     if stretched:
         log.warning("%s", stretched)
