@@ -250,7 +250,8 @@ def block_local_levels(spec: OutputSpec, block: Sequence[int]) -> int:
     when, along y and x, every block boundary falls on a multiple of ``2**k`` and on a write
     unit (chunk or shard) boundary of level k, i.e. the block is aligned to ``2**k x unit_k``:
     each task then owns whole chunks/shards at level k and computes exactly what
-    :func:`build_pyramid` computes there. Levels past K are built after level 0.
+    :func:`build_pyramid` computes there. Levels past K are written tile by tile as their sources
+    finish (``runner.pyramid``).
     """
     units = level_write_units(spec)
     k_ok = 0
@@ -310,6 +311,10 @@ def open_level(path: str | Path, level: int, mode: str = "r+") -> Any:
 
 def build_pyramid(spec: OutputSpec, client: Any | None = None, start_level: int = 1) -> None:
     """Fill levels ``start_level``.. from the level above, each by 2× mean down-sampling in y and x.
+
+    The post-hoc reference pyramid: ``predict`` no longer calls it (its levels fill in during the
+    run, ``runner.pyramid``, and are tested equal to this bit for bit); kept for tools that
+    rebuild the levels of an existing output.
 
     Memory is bounded by dask: each output chunk is computed from the few input chunks
     it covers. Runs on ``client`` (the job's cluster) when given, so workers do the I/O.
