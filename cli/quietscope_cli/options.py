@@ -23,6 +23,19 @@ def parse_ints(text: str | None, name: str) -> tuple[int, ...] | None:
     return values
 
 
+def parse_floats(text: str | None, name: str) -> tuple[float, ...] | None:
+    """``"2,0.2,0.2"`` -> ``(2.0, 0.2, 0.2)``; a clear usage error otherwise."""
+    if text is None or text == "":
+        return None
+    try:
+        values = tuple(float(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint=name) from None
+    if not values or any(not v > 0 for v in values):
+        raise click.BadParameter(f"{text!r}: values must be positive numbers", param_hint=name)
+    return values
+
+
 def axes_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--axes", default=None, help="Axes of the input when metadata lacks them, e.g. zyx or tczyx.")(fn)
 
@@ -43,6 +56,9 @@ _PREDICT_OPTIONS = [
     click.option("--ngff", default="0.5", show_default=True, type=click.Choice(["0.4", "0.5"]), help="OME-NGFF version (0.5: zarr v3)."),
     click.option("--levels", "n_levels", default=None, type=int, help="Pyramid levels (default: until y,x fit one chunk)."),
     click.option("--shards", default=None, help="zarr v3 shard shape over the spatial axes (a multiple of --chunks)."),
+    click.option("--scale", default=None,
+                 help="Physical pixel size per spatial axis, e.g. 2,0.2,0.2 (z,y,x) for an input that lacks it (replaces the input's, with a warning)."),
+    click.option("--unit", default=None, help="Unit of --scale: micrometer (default), nanometer, millimeter (um, nm, mm accepted)."),
     click.option("--overwrite", is_flag=True, help="Replace an existing output."),
     click.option("--resume", is_flag=True, help="Finish an interrupted run into the same output."),
     click.option("--scheduler", default=None, help="Address of a running dask scheduler (tcp://host:8786 or tls://... with --tls-*)."),
@@ -88,6 +104,8 @@ def predict_options_from(kw: dict[str, Any]) -> Any:
         "ngff": kw.pop("ngff"),
         "n_levels": kw.pop("n_levels"),
         "shards": parse_ints(kw.pop("shards"), "--shards"),
+        "scale": parse_floats(kw.pop("scale"), "--scale"),
+        "unit": kw.pop("unit"),
         "overwrite": kw.pop("overwrite"),
         "resume": kw.pop("resume"),
         "scheduler": kw.pop("scheduler"),

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+import shlex
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -31,18 +34,31 @@ from quietscope.io.stores import check_output_name, missing_chunks, probe_writab
 from quietscope.io.validation import check_finite_sample, sample_chunk_slices
 from quietscope.io.writing import (
     PYRAMID_AXES,
+    STATE_ATTR,
     OutputSpec,
     block_local_levels,
-    build_pyramid,
     check_output_path,
     create_ome_zarr,
     level_write_units,
+    omero_attrs,
+    open_level,
     remove_output,
+    update_root_attrs,
     write_tiff,
 )
 from quietscope.runner.cluster import ClusterOptions, client_for, thread_budget
-from quietscope.runner.executor import JobSpec, ProcessorFactory, count_blocks, iter_tasks, run_blocks
+from quietscope.runner.executor import (
+    JobSpec,
+    ProcessorFactory,
+    Pyramid,
+    RunState,
+    block_region,
+    count_blocks,
+    iter_tasks,
+    run_blocks,
+)
 from quietscope.runner.ledger import LEDGER_DIR, LOCK_NAME, JobLock, Ledger, busy_message, stale_reason
+from quietscope.runner.pyramid import PyramidPlan
 from quietscope.runner.subtiles import SubtiledFactory
 from quietscope.tiling import (
     Factor,
@@ -61,6 +77,15 @@ from quietscope.tiling import (
 log = logging.getLogger(__name__)
 
 
+#: NGFF 0.4/0.5 space units (UDUNITS-2 names) and the spellings users type for them.
+NGFF_SPACE_UNITS = ("angstrom", "attometer", "centimeter", "decimeter", "exameter", "femtometer", "foot", "gigameter",
+                    "hectometer", "inch", "kilometer", "megameter", "meter", "micrometer", "mile", "millimeter",
+                    "nanometer", "parsec", "petameter", "picometer", "terameter", "yard", "yoctometer", "yottameter",
+                    "zeptometer", "zettameter")
+UNIT_ALIASES = {"um": "micrometer", "µm": "micrometer", "μm": "micrometer", "micron": "micrometer", "nm": "nanometer",
+                "mm": "millimeter", "cm": "centimeter", "m": "meter", "A": "angstrom", "Å": "angstrom"}
+
+
 class OutputOptions(BaseModel):
     """What is written: chunking, dtype, format, pyramid, and whether an output may be replaced."""
 
@@ -73,6 +98,25 @@ class OutputOptions(BaseModel):
     n_levels: int | None = Field(None, ge=1, le=12)
     overwrite: bool = False
     resume: bool = False
+    scale: tuple[float, ...] | None = Field(None, description="physical pixel size per spatial axis (--scale)")
+    unit: str | None = Field(None, description="unit of --scale (default micrometer)")
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if v is not None and (not v or any(not math.isfinite(x) or x <= 0 for x in v)):
+            raise ValueError("--scale values must be positive numbers, one per spatial axis (e.g. 2,0.2,0.2)")
+        return v
+
+    @field_validator("unit")
+    @classmethod
+    def _unit(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        name = UNIT_ALIASES.get(v.strip(), v.strip().lower())
+        if name not in NGFF_SPACE_UNITS:
+            raise ValueError(f"--unit {v!r} is not an NGFF space unit; use e.g. micrometer (um), nanometer (nm), millimeter (mm)")
+        return name
 
     @field_validator("dtype")
     @classmethod
@@ -521,11 +565,36 @@ def plan_layout(image: Image, n_out: int, halo: tuple[int, ...], options: Predic
                   spatial, **plan)
 
 
+def physical_scale(image: Image, options: OutputOptions) -> tuple[dict[str, float], dict[str, str | None]]:
+    """Scale and unit per axis of the output: the input's, or ``--scale``/``--unit`` where given.
+
+    Raises
+    ------
+    ConfigError
+        ``--scale`` without one value per spatial axis.
+    """
+    scale_map = dict(zip(image.axes, image.scale))
+    unit_map: dict[str, str | None] = dict(zip(image.axes, image.units))
+    if options.scale is None:
+        if options.unit is not None:
+            raise ConfigError("--unit needs --scale (the pixel size in that unit, one value per spatial axis)")
+        return scale_map, unit_map
+    sp = image.spatial_axes
+    if len(options.scale) != len(sp):
+        raise ConfigError(f"--scale has {len(options.scale)} values but the data has {len(sp)} spatial axes ({sp}); give {len(sp)}")
+    unit = options.unit or "micrometer"
+    for a, v in zip(sp, options.scale):
+        if unit_map.get(a) is not None and (unit_map[a] != unit or not math.isclose(scale_map[a], v)):
+            log.warning("--scale replaces the input's %s scale %g %s with %g %s", a, scale_map[a], unit_map[a], v, unit)
+        scale_map[a], unit_map[a] = float(v), unit
+    return scale_map, unit_map
+
+
 def output_spec(image: Image, layout: Layout, target: str, options: OutputOptions, as_tiff: bool,
                 names: list[str], windows: list[tuple[float, float]], provenance: dict[str, Any]) -> OutputSpec:
-    """The :class:`~quietscope.io.writing.OutputSpec` of a prediction (input axes and scale kept)."""
-    scale_map = dict(zip(image.axes, image.scale))
-    unit_map = dict(zip(image.axes, image.units))
+    """The :class:`~quietscope.io.writing.OutputSpec` of a prediction (input axes, scale and origin kept)."""
+    scale_map, unit_map = physical_scale(image, options)
+    origin = dict(zip(image.axes, getattr(image, "translation", ()) or ()))
     return OutputSpec(
         path=target,
         axes=layout.out_axes,
@@ -534,6 +603,7 @@ def output_spec(image: Image, layout: Layout, target: str, options: OutputOption
         dtype=options.dtype,
         scale=tuple(scale_map.get(a, 1.0) for a in layout.out_axes),
         units=tuple(unit_map.get(a) for a in layout.out_axes),
+        translation=tuple(float(origin.get(a, 0.0)) for a in layout.out_axes),
         ngff=options.ngff,
         n_levels=1 if as_tiff else options.n_levels,
         channel_names=names,
@@ -582,6 +652,7 @@ def open_job(spec: OutputSpec, record: dict[str, Any], output: str, inputs: list
     if staged:
         create_ome_zarr(spec)
         ledger.create(record)
+        ledger.mark_as_zarr_group()
         return ledger, set(), False
     existed = stores.exists(output)
     resumable = options.resume and existed and ledger.has_record()
@@ -606,6 +677,7 @@ def open_job(spec: OutputSpec, record: dict[str, Any], output: str, inputs: list
         stores.clear_except(output, f"{LEDGER_DIR}/{LOCK_NAME}")
         ledger.create(record)
         create_ome_zarr(spec)
+        ledger.mark_as_zarr_group()
     except BaseException:
         close_job(ledger, remove_if_empty=not existed)
         raise
@@ -645,7 +717,13 @@ def _reopen(ledger: Ledger, spec: OutputSpec, record: dict[str, Any], layout: La
         stores.clear_except(ledger.output, f"{LEDGER_DIR}/{LOCK_NAME}")
         ledger.create(record)
         create_ome_zarr(spec)
+        ledger.mark_as_zarr_group()
         return set()
+    ledger.mark_as_zarr_group()
+    # Coarse tiles whose level lost chunks are rebuilt (from the level below, which is checked too).
+    lost = {int(k.split("-")[1]) for k in _missing_blocks(spec, layout, local_levels, ledger, every_level=True)
+            if k.startswith("level-")}
+    ledger.unmark_levels(lost)
     redo = _missing_blocks(spec, layout, local_levels, ledger, every_level=False) & done
     if redo:
         log.warning("resuming %s: %d finished block(s) have chunks missing from the store; they are redone",
@@ -733,7 +811,7 @@ def _log_plan(layout: Layout, spec: OutputSpec, halo: tuple[int, ...], factor: F
     )
     if spec.n_levels and spec.n_levels > 1:
         log.info("pyramid: levels 1..%d written by each block as it finishes%s", local_levels,
-                 f"; levels {local_levels + 1}..{spec.n_levels - 1} built after level 0 (blocks not aligned to 2^k x chunks there)"
+                 f"; levels {local_levels + 1}..{spec.n_levels - 1} tile by tile as soon as their sources are written"
                  if local_levels < spec.n_levels - 1 else "")
 
 
@@ -769,26 +847,147 @@ def _memory_report(layout: Layout, halo: tuple[int, ...], factor: Factor) -> dic
             "compute_factor": cf}
 
 
-def _execute(job: JobSpec, spec: OutputSpec, factory: ProcessorFactory, layout: Layout, done: set[str],
-             options: PredictOptions, result: PredictResult) -> None:
-    """Run the remaining blocks, then the coarse levels the blocks could not write themselves."""
-    n_tasks = result.n_blocks - result.n_done_before
-    with client_for(options.compute) as client:
-        if n_tasks > 0:
-            stats = run_blocks(
-                client, job, factory, iter_tasks(layout.spatial_shape, layout.block, layout.n_t, done), n_tasks,
-                max_in_flight=layout.max_in_flight or options.blocks.max_in_flight, progress=options.progress, group=options.blocks.blocks_per_task,
-            )
-            result.seconds_level0 = stats["seconds"]
-            result.voxels_per_s = stats["voxels_per_s"]
-            result.extra["blocks_per_task"] = stats["blocks_per_task"]
-            log.info("level 0: %d blocks in %.1f s (%.3g voxel/s)", n_tasks, stats["seconds"], stats["voxels_per_s"])
+#: Seconds between two updates of the visible run state in the group attributes.
+STATE_INTERVAL_S = 2.0
+#: Voxels read from level 0 (across the volume) for the final display windows.
+WINDOW_SAMPLE_VOXELS = 1 << 22
+
+
+def display_windows(values: np.ndarray, dtype: str) -> list[tuple[float, float, float, float]]:
+    """``(start, end, min, max)`` per channel of ``(C, N)`` values.
+
+    ``start``/``end``: the 0.1 and 99.9 percentiles. ``min``/``max`` (the slider's range in
+    neuroglancer): the integer type's range, or for floats the values' range widened by half
+    its span on each side, so that the slider reaches past what a sample has seen.
+    """
+    out = []
+    dt = np.dtype(dtype)
+    for ch in values.astype(np.float64):
+        ch = ch[np.isfinite(ch)]
+        if ch.size == 0:
+            out.append((0.0, 1.0, 0.0, 1.0))
+            continue
+        lo, hi = float(np.percentile(ch, 0.1)), float(np.percentile(ch, 99.9))
+        if hi <= lo:
+            hi = lo + 1.0
+        if dt.kind in "ui":
+            wmin, wmax = float(np.iinfo(dt).min), float(np.iinfo(dt).max)
         else:
-            log.info("all %d blocks already done; nothing to predict", result.n_blocks)
-        t0 = time.perf_counter()
-        if spec.n_levels and spec.n_levels - 1 > job.local_levels:
-            build_pyramid(spec, client, start_level=job.local_levels + 1)
-        result.seconds_pyramid = time.perf_counter() - t0
+            span = max(float(ch.max() - ch.min()), hi - lo)
+            wmin, wmax = float(ch.min()) - span / 2, float(ch.max()) + span / 2
+        out.append((lo, hi, wmin, wmax))
+    return out
+
+
+def output_sample(spec: OutputSpec, budget: int = WINDOW_SAMPLE_VOXELS, seed: int = 0) -> np.ndarray:
+    """``(C, N)`` values of level 0: all of it when it fits ``budget``, else chunk-sized regions
+    drawn across the volume (time points and z included).
+    """
+    arr = open_level(spec.path, 0, "r")
+    c_axis = spec.axes.index("c") if "c" in spec.axes else None
+
+    def per_channel(data: np.ndarray) -> np.ndarray:
+        if c_axis is None:
+            return data.reshape(1, -1)
+        return np.moveaxis(data, c_axis, 0).reshape(data.shape[c_axis], -1)
+
+    if math.prod(spec.shape) <= budget:
+        return per_channel(np.asarray(arr[...]))
+    rng = np.random.default_rng(seed)
+    chunk = tuple(min(c, s) for c, s in zip(spec.chunks, spec.shape))
+    n = max(1, budget // math.prod(chunk))
+    parts = []
+    for _ in range(n):
+        origin = [int(rng.integers(0, max(1, s - c + 1))) for s, c in zip(spec.shape, chunk)]
+        parts.append(per_channel(np.asarray(arr[tuple(slice(o, o + c) for o, c in zip(origin, chunk))])))
+    return np.concatenate(parts, axis=1)
+
+
+def _resume_command() -> str:
+    """The command line to finish this job, when it was started from the CLI."""
+    argv = list(sys.argv)
+    if not argv or "quietscope" not in Path(argv[0]).name and "quietscope_cli" not in argv[0]:
+        return "quietscope predict ... --resume"
+    args = [a for a in argv[1:] if a != "--overwrite"]
+    return shlex.join(["quietscope", *args, *([] if "--resume" in args else ["--resume"])])
+
+
+class RunStateWriter:
+    """The visible state of a run in the output group's ``quietscope_state`` attribute.
+
+    Written when the job starts, then at most every :data:`STATE_INTERVAL_S` seconds while it
+    runs, and when it ends (complete, or interrupted by an error or Ctrl-C). A job killed
+    outright (SIGKILL, a lost node) cannot write; its state stays ``running`` with the host
+    and process id, which ``quietscope info`` checks. Also writes the display windows from
+    the first finished blocks.
+    """
+
+    def __init__(self, spec: OutputSpec, ledger: Ledger, blocks_total: int, done_before: int) -> None:
+        self.spec, self.ledger = spec, ledger
+        self.total, self.before = blocks_total, done_before
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.last = 0.0
+        self.windows_written = False
+        self.done_now = done_before
+
+    def write(self, status: str, blocks_done: int | None = None) -> None:
+        """Write the state (``running``, ``interrupted`` or ``complete``) with the blocks done."""
+        if blocks_done is not None:
+            self.done_now = blocks_done
+        state = {"status": status, "blocks_done": self.done_now, "blocks_total": self.total,
+                 "started": self.started, "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 "host": socket.gethostname(), "pid": os.getpid(), "resume_command": _resume_command()}
+        update_root_attrs(self.spec.path, {STATE_ATTR: state}, tmp_dir=self.ledger.root)
+        self.last = time.monotonic()
+
+    def windows(self, values: np.ndarray) -> None:
+        """Write display windows computed from ``(C, N)`` output values."""
+        wins = display_windows(values, self.spec.dtype)
+        update_root_attrs(self.spec.path, omero_attrs(self.spec, wins), tmp_dir=self.ledger.root)
+        log.info("display windows from the output: %s", [(round(w[0], 4), round(w[1], 4)) for w in wins])
+
+    def __call__(self, run: RunState) -> None:
+        """Progress callback of the block stream: first windows, then the state at a bounded rate."""
+        if run.samples is not None and run.samples and run.blocks_done >= min(8, self.total - self.before):
+            self.windows(np.concatenate(run.samples, axis=1))
+            run.samples = None  # the first finished blocks set them; the end refreshes them
+        if time.monotonic() - self.last >= STATE_INTERVAL_S:
+            self.write("running", self.before + run.blocks_done)
+
+
+def _progressive_pyramid(spec: OutputSpec, layout: Layout, job: JobSpec, done: set[str], ledger: Ledger) -> Pyramid | None:
+    """The coarse levels above the block-local ones, replayed from the ledger on ``--resume``."""
+    if int(spec.n_levels or 1) - 1 <= job.local_levels:
+        return None
+    plan = PyramidPlan.build(spec.axes, spec.level_shapes(), layout.expand(layout.block), level_write_units(spec),
+                             job.local_levels)
+    shape0 = spec.level_shapes()[0]
+    tasks = iter_tasks(layout.spatial_shape, layout.block, layout.n_t) if done else iter(())
+    finished = (block_region(job, t, shape0) for t in tasks if t.key in done)
+    return Pyramid.start(plan, finished, ledger.tiles_done())
+
+
+def _execute(job: JobSpec, spec: OutputSpec, factory: ProcessorFactory, layout: Layout, done: set[str],
+             options: PredictOptions, result: PredictResult, ledger: Ledger,
+             on_progress: RunStateWriter | None = None) -> None:
+    """Run the remaining blocks and, as their sources finish, the coarse pyramid tiles."""
+    n_tasks = result.n_blocks - result.n_done_before
+    pyramid = _progressive_pyramid(spec, layout, job, done, ledger)
+    if n_tasks == 0 and not (pyramid and pyramid.pending):
+        log.info("all %d blocks already done; nothing to predict", result.n_blocks)
+        return
+    with client_for(options.compute) as client:
+        stats = run_blocks(
+            client, job, factory, iter_tasks(layout.spatial_shape, layout.block, layout.n_t, done), n_tasks,
+            max_in_flight=layout.max_in_flight or options.blocks.max_in_flight, progress=options.progress, group=options.blocks.blocks_per_task,
+            pyramid=pyramid, on_progress=on_progress,
+        )
+    result.seconds_level0 = stats["seconds"]
+    result.seconds_pyramid = stats["seconds_pyramid"]
+    result.voxels_per_s = stats["voxels_per_s"]
+    result.extra.update(blocks_per_task=stats["blocks_per_task"], tiles=stats["tiles"], lane_tasks=stats["lane_tasks"])
+    log.info("level 0: %d blocks in %.1f s (%.3g voxel/s); %d coarse tiles in %d tasks, %.1f s after level 0",
+             n_tasks, stats["seconds"], stats["voxels_per_s"], stats["tiles"], stats["lane_tasks"], stats["seconds_pyramid"])
 
 
 def _stage_tiff(output: str, inputs: list[str], overwrite: bool) -> str:
@@ -801,7 +1000,7 @@ def _finish_tiff(output: str, spec: OutputSpec, tmpdir: str) -> None:
     data = np.asarray(zarr.open_array(store=str(Path(spec.path) / "0"), mode="r")[...])
     if Path(output).exists():
         remove_output(output)
-    write_tiff(output, data, spec.axes, spec.scale)
+    write_tiff(output, data, spec.axes, spec.scale, spec.units)
     shutil.rmtree(tmpdir, ignore_errors=True)
 
 
@@ -909,15 +1108,38 @@ def _run(image: Image, output: str, factory: ProcessorFactory, out_names: list[s
         job = JobSpec(input=image.ref, output=target, out_axes=layout.out_axes, out_dtype=spec.dtype, halo=halo,
                       factor=factor, processor=factory.token, local_levels=local_levels,
                       level_shapes=tuple(spec.level_shapes()))
-        _execute(job, spec, factory, layout, done, options, result)
+        _run_and_finish(job, spec, factory, layout, done, options, result, ledger, tmpdir, output)
         if layout.predicted_bytes is not None:
             result.extra["peak_rss_bytes"] = peak_rss_bytes()
             log.info("memory: peak RSS of this process %.2f GB (predicted %.2f GB per task, %.2f GB budget per task)",
                      result.extra["peak_rss_bytes"] / 1e9, layout.predicted_bytes / 1e9, (layout.memory_budget or 0) / 1e9)
-        if tmpdir:
-            _finish_tiff(output, spec, tmpdir)
-        else:
-            finish_job(ledger, spec, layout, local_levels, output)
         return result
     finally:
         close_job(ledger)
+
+
+def _run_and_finish(job: JobSpec, spec: OutputSpec, factory: ProcessorFactory, layout: Layout, done: set[str],
+                    options: PredictOptions, result: PredictResult, ledger: Ledger, tmpdir: str | None, output: str) -> None:
+    """Run with the visible state kept up to date; refresh the display windows; mark complete."""
+    # The visible state is written with atomic local renames; object-store outputs go without it.
+    writer = None if tmpdir or not stores.is_local(spec.path) else RunStateWriter(spec, ledger, result.n_blocks,
+                                                                                    result.n_done_before)
+    if writer is not None:
+        writer.write("running", result.n_done_before)
+    try:
+        _execute(job, spec, factory, layout, done, options, result, ledger, writer)
+    except BaseException:
+        if writer is not None:
+            try:
+                writer.write("interrupted")
+            except Exception:  # the original error matters more than a failed state write
+                log.debug("could not write the interrupted state", exc_info=True)
+        raise
+    if tmpdir:
+        _finish_tiff(output, spec, tmpdir)
+        return
+    if writer is not None:
+        writer.windows(output_sample(spec))  # refreshed across the whole volume
+    finish_job(ledger, spec, layout, job.local_levels, output)
+    if writer is not None:
+        writer.write("complete", result.n_blocks)

@@ -55,6 +55,8 @@ class Image:
     kind: str
     channel_names: list[str] | None = None
     metadata: dict = field(default_factory=dict)
+    #: Physical position of the first voxel's centre per axis (NGFF ``translation``; zeros when absent).
+    translation: tuple[float, ...] = ()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -138,6 +140,7 @@ class Image:
             "dtype": str(self.dtype),
             "scale": list(self.scale),
             "units": list(self.units),
+            "translation": list(self.translation),
             "level": self.ref.level,
             "levels": self.n_levels,
             "channel_names": self.channel_names,
@@ -260,13 +263,7 @@ def _open_zarr(ref: ImageRef, root: Path, inner: str, location: str | None = Non
         names = [a["name"] if isinstance(a, dict) else a for a in axes_meta]
         src_axes = ref.axes or "".join(n[0].lower() for n in names)
     src_axes = validate_axes(src_axes, arr.ndim, ref.uri)
-    scale = None
-    for t in ds.get("coordinateTransformations", []):
-        if t.get("type") == "scale":
-            scale = [float(v) for v in t["scale"]]
-    for t in ms0.get("coordinateTransformations", []):  # multiscale-wide scale multiplies
-        if t.get("type") == "scale" and scale is not None:
-            scale = [a * float(b) for a, b in zip(scale, t["scale"])]
+    scale, translation = _transforms(ds, ms0, arr.ndim)
     units = None
     if axes_meta is not None and all(isinstance(a, dict) for a in axes_meta):
         units = [a.get("unit") for a in axes_meta]
@@ -274,7 +271,25 @@ def _open_zarr(ref: ImageRef, root: Path, inner: str, location: str | None = Non
     omero = ome.get("omero")
     if omero and omero.get("channels"):
         channels = [c.get("label", f"ch{i}") for i, c in enumerate(omero["channels"])]
-    return _make(ref, arr, src_axes, scale, units, len(datasets), "ome-zarr", channels, attrs)
+    return _make(ref, arr, src_axes, scale, units, len(datasets), "ome-zarr", channels, attrs, translation)
+
+
+def _transforms(ds: dict, ms0: dict, ndim: int) -> tuple[list[float] | None, list[float]]:
+    """Scale and translation of one dataset (NGFF: the dataset's, then the multiscale-wide ones)."""
+    scale: list[float] | None = None
+    translation = [0.0] * ndim
+    for t in ds.get("coordinateTransformations", []):
+        if t.get("type") == "scale":
+            scale = [float(v) for v in t["scale"]]
+        elif t.get("type") == "translation":
+            translation = [float(v) for v in t["translation"]]
+    for t in ms0.get("coordinateTransformations", []):  # applied after the dataset's
+        if t.get("type") == "scale" and scale is not None:
+            scale = [a * float(b) for a, b in zip(scale, t["scale"])]
+            translation = [a * float(b) for a, b in zip(translation, t["scale"])]
+        elif t.get("type") == "translation":
+            translation = [a + float(b) for a, b in zip(translation, t["translation"])]
+    return scale, translation
 
 
 def _open_tiff(ref: ImageRef, path: Path) -> Image:
@@ -373,18 +388,33 @@ class _TiffProblems(logging.Handler):
 
 
 def _tiff_pixel_size(tf: Any) -> float | None:
+    """Pixel size in micrometres from the resolution tags, or None when unknown.
+
+    A resolution of exactly 1 pixel per unit is what writers put when they know nothing (the
+    TIFF default, and ImageJ's "pixel" calibration); read as a measurement it would make a
+    1 cm pixel. It is treated as unknown (scale 1, no unit), and so is an ImageJ file without
+    a unit.
+    """
     try:
         page = tf.pages[0]
         num, den = page.tags["XResolution"].value
         unit = page.tags.get("ResolutionUnit")
         if num <= 0:
             return None
+        if num == den:
+            log.info("%s: resolution of 1 pixel per unit is a writer's default, not a measurement: "
+                     "pixel size unknown (pass --scale to set it)", tf.filehandle.name)
+            return None
         size = den / num
-        if tf.imagej_metadata and tf.imagej_metadata.get("unit") in ("micron", "um", "µm", "\\u00B5m"):
+        ij = tf.imagej_metadata
+        if ij and ij.get("unit") in ("micron", "um", "µm", "\\u00B5m"):
             return float(size)
+        if ij is not None and ij.get("unit") in (None, "", "pixel"):
+            log.info("%s: ImageJ calibration without a unit: pixel size unknown (pass --scale to set it)", tf.filehandle.name)
+            return None
         if unit is not None and int(unit.value) == 3:  # centimetre
             return float(size * 1e4)
-        return float(size) if tf.imagej_metadata else None
+        return float(size) if ij else None
     except (KeyError, TypeError, ZeroDivisionError):
         return None
 
@@ -399,6 +429,7 @@ def _make(
     kind: str,
     channels: list[str] | None,
     attrs: dict,
+    translation: list[float] | None = None,
 ) -> Image:
     dtype = np.dtype(arr.dtype)
     if dtype.kind not in "uif" or dtype.kind == "c":
@@ -410,6 +441,7 @@ def _make(
     units = units or [None] * len(src_axes)
     s_map = dict(zip(src_axes, scale))
     u_map = dict(zip(src_axes, units))
+    t_map = dict(zip(src_axes, translation or [0.0] * len(src_axes)))
     return Image(
         ref=ref,
         array=arr,
@@ -421,4 +453,5 @@ def _make(
         kind=kind,
         channel_names=channels,
         metadata=json.loads(json.dumps(attrs, default=str)),
+        translation=tuple(float(t_map[a]) for a in canon),
     )

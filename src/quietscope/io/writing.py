@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,10 @@ log = logging.getLogger(__name__)
 #: confocal stacks are usually anisotropic, and napari/neuroglancer handle that fine.
 PYRAMID_AXES = "yx"
 
+#: Group attribute with the run's visible state (docs/guide/watching-a-run.md):
+#: ``{"status": "running" | "interrupted" | "complete", "blocks_done": N, "blocks_total": M, ...}``.
+STATE_ATTR = "quietscope_state"
+
 
 @dataclass
 class OutputSpec:
@@ -39,6 +44,7 @@ class OutputSpec:
     scale: tuple[float, ...] = ()
     units: tuple[str | None, ...] = ()
     ngff: str = "0.5"
+    translation: tuple[float, ...] = ()
     n_levels: int | None = None
     channel_names: list[str] | None = None
     channel_windows: list[tuple[float, float]] | None = None
@@ -53,6 +59,8 @@ class OutputSpec:
             self.scale = (1.0,) * len(self.axes)
         if not self.units:
             self.units = (None,) * len(self.axes)
+        if not self.translation:
+            self.translation = (0.0,) * len(self.axes)
         if self.n_levels is None:
             self.n_levels = default_n_levels(self.shape, self.chunks, self.axes)
 
@@ -68,6 +76,19 @@ class OutputSpec:
         """Physical scale of every pyramid level (doubled in y and x per level)."""
         return [
             [s * (2**k if a in PYRAMID_AXES else 1) for s, a in zip(self.scale, self.axes)]
+            for k in range(int(self.n_levels or 1))
+        ]
+
+    def level_translations(self) -> list[list[float]]:
+        """Per level, the physical position of its first voxel's centre.
+
+        NGFF puts a voxel's coordinate at its centre; a level-k voxel is the mean of
+        ``2**k`` level-0 voxels along each pyramid axis, so its centre lies ``(2**k - 1) / 2``
+        level-0 voxels past theirs: a half-pixel shift per level (of that level's pixel).
+        """
+        return [
+            [t + ((2**k - 1) / 2 * s if a in PYRAMID_AXES else 0.0)
+             for t, s, a in zip(self.translation, self.scale, self.axes)]
             for k in range(int(self.n_levels or 1))
         ]
 
@@ -119,7 +140,8 @@ def create_ome_zarr(spec: OutputSpec) -> None:
     # caller clears an old output); arrays of the same name are replaced.
     group = zarr.open_group(stores.zarr_store_url(spec.path), mode="a", zarr_format=zarr_format)
     datasets = []
-    for k, (shape, scale) in enumerate(zip(spec.level_shapes(), spec.level_scales())):
+    levels = zip(spec.level_shapes(), spec.level_scales(), spec.level_translations())
+    for k, (shape, scale, translation) in enumerate(levels):
         chunks = tuple(min(c, s) for c, s in zip(spec.chunks, shape))
         kwargs: dict[str, Any] = dict(name=str(k), shape=shape, chunks=chunks, dtype=spec.dtype, fill_value=0, overwrite=True)
         if zarr_format == 3:
@@ -129,7 +151,10 @@ def create_ome_zarr(spec: OutputSpec) -> None:
         else:
             kwargs["chunk_key_encoding"] = {"name": "v2", "separator": "/"}
         group.create_array(**kwargs)
-        datasets.append({"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": scale}]})
+        transforms: list[dict[str, Any]] = [{"type": "scale", "scale": scale}]
+        if any(translation):
+            transforms.append({"type": "translation", "translation": translation})
+        datasets.append({"path": str(k), "coordinateTransformations": transforms})
     axes = []
     for a, u in zip(spec.axes, spec.units):
         entry: dict[str, str] = {"name": a, "type": {"t": "time", "c": "channel"}.get(a, "space")}
@@ -138,34 +163,78 @@ def create_ome_zarr(spec: OutputSpec) -> None:
         axes.append(entry)
     fmt = FormatV05() if spec.ngff == "0.5" else FormatV04()
     write_multiscales_metadata(group, datasets, fmt=fmt, axes=axes, name=spec.name)
-    omero = _omero(spec)
     attrs = dict(group.attrs)
-    if spec.ngff == "0.5":
-        attrs["ome"]["omero"] = omero
-    else:
-        attrs["omero"] = omero
+    attrs.update(omero_attrs(spec, spec.channel_windows, ome=attrs.get("ome")))
     attrs["quietscope"] = json.loads(json.dumps(spec.provenance, default=str))
     group.attrs.update(attrs)
 
 
-def _omero(spec: OutputSpec) -> dict[str, Any]:
+def omero_attrs(spec: OutputSpec, windows: Sequence[tuple[float, ...]] | None,
+                ome: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``omero`` block where both viewers read it.
+
+    napari-ome-zarr (through ome-zarr-py) reads ``ome.omero`` in NGFF 0.5 and ``omero`` in 0.4;
+    neuroglancer's OME reader (``src/datasource/zarr/ome.ts``, ``parseOmeMetadata``) reads the
+    top-level ``omero`` for every version. In 0.5 the block is therefore written twice.
+    Each window is ``(start, end)`` or ``(start, end, min, max)``: ``start``/``end`` set the
+    contrast, ``min``/``max`` the slider's range (neuroglancer clamps ``start``/``end`` to it).
+    """
+    omero = _omero(spec, windows)
+    if spec.ngff == "0.5":
+        ome = dict(ome if ome is not None else read_root_attrs(spec.path).get("ome", {}))
+        return {"ome": {**ome, "omero": omero}, "omero": omero}
+    return {"omero": omero}
+
+
+def _omero(spec: OutputSpec, windows_in: Sequence[tuple[float, ...]] | None) -> dict[str, Any]:
     n_c = spec.shape[spec.axes.index("c")] if "c" in spec.axes else 1
     names = spec.channel_names or [f"ch{i}" for i in range(n_c)]
-    windows = list(spec.channel_windows or [(0.0, 1.0)])
+    names = (list(names) + [f"ch{i}" for i in range(len(names), n_c)])[:n_c]
+    windows = list(windows_in or [(0.0, 1.0)])
     windows = (windows * n_c)[:n_c]  # one window given for several channels applies to all
     colors = ["FFFFFF", "00FF00", "FF00FF", "00FFFF", "FFFF00", "FF0000"]
     channels = []
     for i in range(n_c):
-        lo, hi = windows[i]
+        lo, hi = float(windows[i][0]), float(windows[i][1])
+        wmin, wmax = (float(windows[i][2]), float(windows[i][3])) if len(windows[i]) >= 4 else (lo, hi)
         channels.append(
             {
                 "label": names[i],
                 "color": colors[i % len(colors)] if n_c > 1 else "FFFFFF",
                 "active": True,
-                "window": {"min": float(lo), "max": float(hi), "start": float(lo), "end": float(hi)},
+                "window": {"min": min(wmin, lo), "max": max(wmax, hi), "start": lo, "end": hi},
             }
         )
     return {"channels": channels, "rdefs": {"model": "color" if n_c > 1 else "greyscale"}}
+
+
+def _attrs_file(path: str | Path) -> tuple[Path, bool]:
+    root = Path(path)
+    return (root / "zarr.json", True) if (root / "zarr.json").exists() else (root / ".zattrs", False)
+
+
+def read_root_attrs(path: str | Path) -> dict[str, Any]:
+    """The output group's attributes, read straight from its metadata file (no zarr caching)."""
+    meta, v3 = _attrs_file(path)
+    doc = json.loads(meta.read_text())
+    return dict(doc.get("attributes", {})) if v3 else dict(doc)
+
+
+def update_root_attrs(path: str | Path, updates: dict[str, Any], tmp_dir: str | Path | None = None) -> None:
+    """Set top-level attributes of the output group, atomically.
+
+    A viewer may read the group's metadata at any moment while a run updates its state or its
+    display windows: the file is replaced by a rename (``os.replace``), never rewritten in
+    place, so a reader sees the old or the new document, never half of one (zarr's own
+    attribute update writes in place).
+    """
+    meta, v3 = _attrs_file(path)
+    doc = json.loads(meta.read_text())
+    attrs = doc.setdefault("attributes", {}) if v3 else doc
+    attrs.update(json.loads(json.dumps(updates, default=str)))
+    tmp = (Path(tmp_dir) if tmp_dir and Path(tmp_dir).is_dir() else meta.parent) / f".{meta.name}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, meta)
 
 
 def level_shards(shards: Sequence[int], shape: Sequence[int], chunks: Sequence[int]) -> tuple[int, ...]:
@@ -194,7 +263,8 @@ def block_local_levels(spec: OutputSpec, block: Sequence[int]) -> int:
     when, along y and x, every block boundary falls on a multiple of ``2**k`` and on a write
     unit (chunk or shard) boundary of level k, i.e. the block is aligned to ``2**k x unit_k``:
     each task then owns whole chunks/shards at level k and computes exactly what
-    :func:`build_pyramid` computes there. Levels past K are built after level 0.
+    :func:`build_pyramid` computes there. Levels past K are written tile by tile as their sources
+    finish (``runner.pyramid``).
     """
     units = level_write_units(spec)
     k_ok = 0
@@ -256,6 +326,10 @@ def open_level(path: str | Path, level: int, mode: str = "r+") -> Any:
 def build_pyramid(spec: OutputSpec, client: Any | None = None, start_level: int = 1) -> None:
     """Fill levels ``start_level``.. from the level above, each by 2× mean down-sampling in y and x.
 
+    The post-hoc reference pyramid: ``predict`` no longer calls it (its levels fill in during the
+    run, ``runner.pyramid``, and are tested equal to this bit for bit); kept for tools that
+    rebuild the levels of an existing output.
+
     Memory is bounded by dask: each output chunk is computed from the few input chunks
     it covers. Runs on ``client`` (the job's cluster) when given, so workers do the I/O.
     """
@@ -286,16 +360,27 @@ def _mean_f64(a: np.ndarray, axis: Any = None, **kwargs: Any) -> np.ndarray:
     return np.mean(a, axis=axis, dtype=np.float64)
 
 
-def write_tiff(path: str | Path, data: np.ndarray, axes: str, scale: Sequence[float]) -> None:
-    """Small outputs only: one TIFF, ImageJ-compatible, with the pixel size of y/x."""
+#: ImageJ's spelling of the NGFF units it knows.
+_IMAGEJ_UNITS = {"micrometer": "um", "nanometer": "nm", "millimeter": "mm", "centimeter": "cm", "meter": "m"}
+
+
+def write_tiff(path: str | Path, data: np.ndarray, axes: str, scale: Sequence[float],
+               units: Sequence[str | None] = ()) -> None:
+    """Small outputs only: one TIFF, ImageJ-compatible, with the pixel size of y/x.
+
+    Without a known unit for x the resolution tags are left at their default (1 per unit),
+    which readers (quietscope's included) take as "pixel size unknown".
+    """
     import tifffile
 
     ij_axes = axes.upper()
     kwargs: dict[str, Any] = {}
-    if "x" in axes:
+    meta: dict[str, Any] = {"axes": ij_axes}
+    unit = dict(zip(axes, units)).get("x")
+    if "x" in axes and unit in _IMAGEJ_UNITS:
         sx = scale[axes.index("x")]
         kwargs["resolution"] = (1.0 / sx, 1.0 / sx)
-    meta: dict[str, Any] = {"axes": ij_axes}
+        meta["unit"] = _IMAGEJ_UNITS[unit]
     if "z" in axes:
         meta["spacing"] = scale[axes.index("z")]
     imagej = data.dtype in (np.uint8, np.uint16, np.float32) and set(axes) <= set("tczyx")

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import islice
+from itertools import groupby, islice
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,6 +24,7 @@ from quietscope.io.validation import check_finite
 from quietscope.io.writing import PYRAMID_AXES, cast_to, downsample2, open_level
 from quietscope.runner.cluster import gpu_resources, worker_info
 from quietscope.runner.ledger import Ledger
+from quietscope.runner.pyramid import PyramidPlan, PyramidTracker, Tile
 from quietscope.tiling import Block, count_blocks, iter_blocks, read_window, reflect_indices, trim_slices  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -116,9 +117,21 @@ def _out_region(job: JobSpec, task: BlockTask, start: tuple[int, ...], stop: tup
     return tuple(sl)
 
 
-def process_block(job: JobSpec, task: BlockTask, tile_fn: TileFunction) -> int:
+#: Values per channel a block task returns for the display windows (a strided subsample).
+SAMPLE_PER_BLOCK = 4096
+
+
+def block_sample(out: np.ndarray, n: int = SAMPLE_PER_BLOCK) -> np.ndarray:
+    """``(C, <= n)`` float32 values of a ``(C, ...)`` prediction, strided over the block."""
+    flat = out.reshape(out.shape[0], -1)
+    step = max(1, flat.shape[1] // n)
+    return np.ascontiguousarray(flat[:, ::step][:, :n], dtype=np.float32)
+
+
+def process_block(job: JobSpec, task: BlockTask, tile_fn: TileFunction, samples: list[np.ndarray] | None = None) -> int:
     """Read block + halo, predict, trim, write exactly the block (and the coarse regions it
-    owns), mark it done. Returns voxels written at level 0."""
+    owns), mark it done. Returns voxels written at level 0; appends a value sample of the
+    written block to ``samples`` when given."""
     image = _open_cached(job.input)
     b = task.block
     rstart, rstop = read_window(b.start, b.stop, job.halo, job.factor)
@@ -127,6 +140,8 @@ def process_block(job: JobSpec, task: BlockTask, tile_fn: TileFunction) -> int:
     pred = tile_fn(tile)
     out = pred[(slice(None),) + trim_slices(b.start, b.stop, rstart)]
     out = cast_to(out, job.out_dtype)
+    if samples is not None:
+        samples.append(block_sample(out))
     data = out if "c" in job.out_axes else out[0]
     if "t" in job.out_axes:
         data = data[None]
@@ -162,14 +177,55 @@ class ProcessorPlugin(WorkerPlugin):
         self.fn = None
 
 
-def _run_task(job: JobSpec, group: tuple[BlockTask, ...]) -> tuple[int, int]:
+def _run_task(job: JobSpec, group: tuple[BlockTask, ...]) -> tuple[int, int, np.ndarray]:
     from distributed import get_worker
 
     plugin = get_worker().plugins[job.processor]
     if plugin.fn is None:  # plugin registered before this worker finished setup
         plugin.fn = plugin.factory.build()
     # Each block is marked done on its own, so a group cut short by a crash resumes per block.
-    return len(group), sum(process_block(job, task, plugin.fn) for task in group)
+    samples: list[np.ndarray] = []
+    voxels = sum(process_block(job, task, plugin.fn, samples if i < 4 else None) for i, task in enumerate(group))
+    return len(group), voxels, np.concatenate(samples, axis=1)
+
+
+def block_region(job: JobSpec, task: BlockTask, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """A block's level-0 region over the output axes, every slice concrete."""
+    return tuple(slice(*s.indices(n)[:2]) for s, n in zip(_out_region(job, task, task.block.start, task.block.stop), shape))
+
+
+def _tile_data(src: Any, plan: PyramidPlan, tile: Tile, dtype: str) -> np.ndarray:
+    pyr = {i for i, a in enumerate(plan.axes) if a in PYRAMID_AXES}
+    region = plan.source(tile)
+    return downsample2(np.asarray(src[region]), pyr, plan.level_shapes[tile.level - 1], region, dtype)
+
+
+def process_tiles(job: JobSpec, plan: PyramidPlan, tiles: tuple[Tile, ...]) -> int:
+    """Write coarse pyramid tiles (sources first) from the level below, each marked done after
+    its pixels. Tiles smaller than their write unit are gathered per unit: the unit is read
+    once, updated and written back once (only this task writes these levels meanwhile)."""
+    ledger = Ledger(job.output)
+    for level, group in groupby(sorted(tiles, key=lambda t: t.level), key=lambda t: t.level):
+        src, dst = open_level(job.output, level - 1, "r"), open_level(job.output, level)
+        if not plan.partial(level):
+            for tile in group:
+                dst[plan.region(level, tile.index)] = _tile_data(src, plan, tile, job.out_dtype)
+                ledger.mark_tile_done(tile.key)
+            continue
+        per_unit: dict[tuple[int, ...], list[Tile]] = {}
+        for tile in group:
+            per_unit.setdefault(plan.unit_of(tile), []).append(tile)
+        for unit, members in per_unit.items():
+            ureg = plan.unit_region(level, unit)
+            buf = np.asarray(dst[ureg])
+            for tile in members:
+                reg = plan.region(level, tile.index)
+                buf[tuple(slice(r.start - u.start, r.stop - u.start) for r, u in zip(reg, ureg))] = \
+                    _tile_data(src, plan, tile, job.out_dtype)
+            dst[ureg] = buf
+            for tile in members:
+                ledger.mark_tile_done(tile.key)
+    return len(tiles)
 
 
 # A distributed task costs about 2-3 ms of scheduler and client time whatever it does
@@ -261,6 +317,74 @@ def stream_tasks(
     return submitted, time.perf_counter() - t0
 
 
+@dataclass
+class Pyramid:
+    """The progressive pyramid of a run: its plan, its tracker, the tiles ready to write now."""
+
+    plan: PyramidPlan
+    tracker: PyramidTracker
+    pending: list[Tile]
+
+    @classmethod
+    def start(cls, plan: PyramidPlan, level0_done: Iterable[tuple[slice, ...]], tiles_done: Iterable[str]) -> Pyramid:
+        """Replay the ledger (finished blocks, finished tiles) into a tracker (``--resume``)."""
+        tracker = PyramidTracker(plan, tiles_done)
+        pending = [t for region in level0_done for t in tracker.block_done(region)]
+        return cls(plan, tracker, pending)
+
+
+@dataclass
+class RunState:
+    """What the client knows while the run streams (read by ``on_progress``)."""
+
+    blocks_done: int = 0
+    tiles_done: int = 0
+    voxels: int = 0
+    samples: list[np.ndarray] | None = None
+    t_level0: float = 0.0
+
+
+class _Stream:
+    """Block tasks (bounded in flight) and one lane of coarse-tile tasks on one ``as_completed``."""
+
+    def __init__(self, client: Any, job: JobSpec, groups: Iterator[tuple[BlockTask, ...]], limit: int,
+                 resources: dict[str, float] | None, retries: int, pyramid: Pyramid | None) -> None:
+        from distributed import as_completed
+
+        self.client, self.job, self.groups, self.limit = client, job, groups, limit
+        self.resources, self.retries, self.pyramid = resources, retries, pyramid
+        self.ac = as_completed(with_results=False)
+        self.meta: dict[str, tuple[str, Any]] = {}
+        self.lane: Any = None
+        self.n_lane = 0
+        self.submitted = 0
+
+    def submit_blocks(self, n: int) -> None:
+        # One client.map call per refill: a batch is one message to the scheduler, not n.
+        batch = list(islice(self.groups, n))
+        if not batch:
+            return
+        keys = [f"block-{self.job.id}-{g[0].key}-{len(g)}" for g in batch]
+        futs = self.client.map(_run_task, [self.job] * len(batch), batch, key=keys, retries=self.retries,
+                               pure=False, resources=self.resources)
+        for f, g in zip(futs, batch):
+            self.meta[f.key] = ("blocks", g)
+        self.ac.update(futs)
+        self.submitted += len(futs)
+
+    def submit_lane(self) -> None:
+        if self.pyramid is None or self.lane is not None or not self.pyramid.pending:
+            return
+        tiles = tuple(self.pyramid.tracker.closure(self.pyramid.pending))
+        self.pyramid.pending = []
+        self.n_lane += 1
+        # Priority over blocks: the coarse levels keep up with level 0 instead of waiting for its end.
+        self.lane = self.client.submit(process_tiles, self.job, self.pyramid.plan, tiles, key=f"tiles-{self.job.id}-{self.n_lane}",
+                                       retries=self.retries, pure=False, priority=10)
+        self.meta[self.lane.key] = ("tiles", tiles)
+        self.ac.add(self.lane)
+
+
 def run_blocks(
     client: Any,
     job: JobSpec,
@@ -272,15 +396,19 @@ def run_blocks(
     retries: int = 2,
     resources: dict[str, float] | None = None,
     group: int | None = None,
+    pyramid: Pyramid | None = None,
+    on_progress: Callable[[RunState], None] | None = None,
 ) -> dict[str, float]:
     """Submit tasks in a bounded stream and wait for all; returns throughput figures.
 
     When the cluster's workers declare a ``GPU`` resource, each task requests ``GPU=1`` so two
     tasks never share a device (pass ``resources`` to override). ``group`` blocks go into one
-    distributed task (default: :func:`blocks_per_task`).
+    distributed task (default: :func:`blocks_per_task`). With ``pyramid``, every coarse tile is
+    written as soon as its sources are (one lane task at a time, see ``runner.pyramid``);
+    ``on_progress`` is called after every batch of results (rate-limit it there).
     """
-
-    client.register_plugin(ProcessorPlugin(factory), name=factory.token)
+    if n_tasks > 0:  # a resume with only coarse tiles left loads no model
+        client.register_plugin(ProcessorPlugin(factory), name=factory.token)
     if resources is None and gpu_resources(client):
         resources = {"GPU": 1}
     workers = worker_info(client)
@@ -288,24 +416,56 @@ def run_blocks(
     if resources and "GPU" in resources:
         nthreads = max(1, sum(int((w.get("resources") or {}).get("GPU", 0)) for w in workers.values()))
     size = group or blocks_per_task(n_tasks, nthreads)
-    n_groups = -(-n_tasks // size)
     limit = max_in_flight or max(4, 2 * nthreads)
     if size > 1:
-        log.info("%d blocks in %d tasks of %d blocks (caps scheduling overhead at ~%d tasks)", n_tasks, n_groups, size, MAX_TASKS)
-    t_start = time.perf_counter()
-    bar_state = {"voxels": 0}
+        log.info("%d blocks in %d tasks of %d blocks (caps scheduling overhead at ~%d tasks)", n_tasks, -(-n_tasks // size), size, MAX_TASKS)
+    state = RunState(samples=[])
+    t0 = time.perf_counter()
+    stream = _Stream(client, job, group_tasks(tasks, size), limit, resources, retries, pyramid)
+    _drain(stream, state, n_tasks, progress, on_progress, t0)
+    elapsed = time.perf_counter() - t0
+    if n_tasks > 0:
+        client.unregister_worker_plugin(factory.token)
+    log.debug("%d tasks streamed with at most %d in flight in %.2f s", stream.submitted, limit, elapsed)
+    level0 = state.t_level0 if state.t_level0 else elapsed
+    return {"seconds": level0, "seconds_pyramid": max(0.0, elapsed - level0), "voxels": float(state.voxels),
+            "voxels_per_s": state.voxels / max(level0, 1e-9), "blocks": n_tasks, "tasks": stream.submitted,
+            "blocks_per_task": size, "tiles": state.tiles_done, "lane_tasks": stream.n_lane}
 
-    def on_result(r: tuple[int, int]) -> None:
-        bar_state["voxels"] += r[1]
 
-    n, elapsed = stream_tasks(
-        client, _run_task, ((job, g) for g in group_tasks(tasks, size)), n_groups,
-        key=lambda a: f"block-{job.id}-{a[1][0].key}-{len(a[1])}", max_in_flight=limit, resources=resources,
-        retries=retries, on_result=on_result, progress=progress, desc="predict",
-        progress_units=lambda r: r[0], progress_total=n_tasks,
-    )
-    voxels = bar_state["voxels"]
-    client.unregister_worker_plugin(factory.token)
-    log.debug("%d tasks streamed with at most %d in flight in %.2f s", n, limit, time.perf_counter() - t_start)
-    return {"seconds": elapsed, "voxels": float(voxels), "voxels_per_s": voxels / max(elapsed, 1e-9),
-            "blocks": n_tasks, "tasks": n, "blocks_per_task": size}
+def _drain(stream: _Stream, state: RunState, n_tasks: int, progress: bool,
+           on_progress: Callable[[RunState], None] | None, t0: float) -> None:
+    from tqdm.auto import tqdm
+
+    stream.submit_blocks(stream.limit)
+    stream.submit_lane()
+    if n_tasks == 0:
+        state.t_level0 = 1e-9
+    bar = tqdm(total=n_tasks, disable=not progress, desc="predict", unit="block")
+    shape0 = stream.pyramid.plan.level_shapes[0] if stream.pyramid else ()
+    for batch in stream.ac.batches():
+        results = stream.client.gather(batch)  # small numbers and value samples, never pixels
+        freed = 0
+        for f, res in zip(batch, results):
+            kind, payload = stream.meta.pop(f.key)
+            f.release()
+            if kind == "tiles":
+                stream.lane = None
+                state.tiles_done += res
+                continue
+            freed += 1
+            state.blocks_done += res[0]
+            state.voxels += res[1]
+            bar.update(res[0])
+            if state.samples is not None:
+                state.samples.append(res[2])
+            if stream.pyramid is not None:
+                for task in payload:
+                    stream.pyramid.pending.extend(stream.pyramid.tracker.block_done(block_region(stream.job, task, shape0)))
+        stream.submit_blocks(freed)
+        if state.blocks_done >= n_tasks and not state.t_level0:
+            state.t_level0 = time.perf_counter() - t0
+        stream.submit_lane()
+        if on_progress is not None:
+            on_progress(state)
+    bar.close()

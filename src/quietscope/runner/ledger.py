@@ -10,7 +10,12 @@ While a job runs the ledger is the folder ``.quietscope/`` inside the output:
   (same host) or its heartbeat is older than :data:`STALE_S` (any host).
 * ``job.json``: the job record (input, processor, geometry), written before the output's
   metadata, so a job killed at any moment can be resumed.
-* ``done/<block>``: the markers.
+* ``done/<block>``: the block markers (level 0); ``levels/<tile>``: the markers of coarse
+  pyramid tiles written after level 0 (progressive pyramid, ``runner/pyramid.py``).
+
+The folder is itself marked as a (child) zarr group of the output's zarr format, so listing
+the output's members is clean while a job runs; it holds no arrays, so ``array_keys()``
+names only the pyramid levels.
 
 When the job is complete, its record moves into the output group's attributes
 (``quietscope_job``) and the folder is removed: a finished output holds nothing but zarr nodes.
@@ -49,6 +54,8 @@ LEDGER_DIR = ".quietscope"
 LOCK_NAME = "lock.json"
 #: Group attribute holding the job record of a finished job.
 JOB_ATTR = "quietscope_job"
+#: Folder (inside the ledger) of the markers of finished coarse pyramid tiles.
+LEVELS_DIR = "levels"
 #: Seconds between heartbeats of a running job's lock.
 HEARTBEAT_S = float(os.environ.get("QUIETSCOPE_LOCK_HEARTBEAT_S", "10"))
 #: A lock whose heartbeat is older than this is stale (its job died on another host).
@@ -243,6 +250,39 @@ class Ledger:
     def create(self, job: dict[str, Any]) -> None:
         """Write the job record (before the output's metadata: resumable from the first second)."""
         stores.write_text(f"{self.root}/job.json", json.dumps(job, indent=2, sort_keys=True, default=str))
+
+    @property
+    def levels_dir(self) -> str:
+        return f"{self.root}/{LEVELS_DIR}"
+
+    def mark_as_zarr_group(self) -> None:
+        """Make the ledger folder a zarr group node of the output's format (clean listings).
+
+        Written by hand (one small JSON file) after the output's metadata: ``zarr.open_group``
+        would also accept the folder, but this must not depend on zarr's handling of the marker
+        files inside it.
+        """
+        note = {"quietscope_ledger": "resume ledger of a running quietscope job; removed when the job completes"}
+        if stores.exists(f"{self.output}/zarr.json"):
+            doc = {"zarr_format": 3, "node_type": "group", "attributes": note}
+            stores.write_text(f"{self.root}/zarr.json", json.dumps(doc))
+        elif stores.exists(f"{self.output}/.zgroup"):
+            stores.write_text(f"{self.root}/.zgroup", json.dumps({"zarr_format": 2}))
+            stores.write_text(f"{self.root}/.zattrs", json.dumps(note))
+
+    def mark_tile_done(self, key: str) -> None:
+        """Marker of a finished coarse pyramid tile (written after its pixels, like a block's)."""
+        stores.write_text(f"{self.levels_dir}/{key}", "")
+
+    def tiles_done(self) -> set[str]:
+        return {n for n in stores.list_names(self.levels_dir) if not n.startswith(".")}
+
+    def unmark_levels(self, levels: set[int]) -> None:
+        """Forget the finished tiles of ``levels`` (their chunks went missing): resume rebuilds them."""
+        prefixes = tuple(f"k{k}_" for k in levels)
+        for name in self.tiles_done():
+            if name.startswith(prefixes):
+                stores.remove(f"{self.levels_dir}/{name}")
 
     def has_record(self) -> bool:
         return stores.exists(f"{self.root}/job.json") or self._finished_record() is not None
