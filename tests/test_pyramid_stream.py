@@ -19,6 +19,7 @@ from helpers import read_levels, write_zarr_array
 from quietscope.chunked import (
     PredictOptions,
     _progressive_pyramid,
+    close_job,
     job_record,
     open_job,
     output_spec,
@@ -138,6 +139,7 @@ def _first_half(src: str, out: str, opts: dict) -> tuple[int, int]:
     pyramid = _progressive_pyramid(spec, layout, job, set(), ledger)
     with client_for(options.compute) as client:
         run_blocks(client, job, proc, iter(half), len(half), progress=False, pyramid=pyramid)
+    close_job(ledger)  # as a run that stopped here: its lock goes with it (the ledger stays)
     return len(half), len(tasks)
 
 
