@@ -35,8 +35,16 @@ def machine() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "torch": torch_version,
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "command": command_line(),
     }
+
+
+def command_line() -> str:
+    """The command that started this process, as typed: ``python -m benchmarks.quality --quick``
+    (``sys.argv[0]`` alone would give the module's file path)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    script = ["-m", spec.name] if spec is not None and spec.name else sys.argv[:1]
+    return " ".join([Path(sys.executable).name, *script, *sys.argv[1:]])
 
 
 def write_json(path: str | Path, data: Any) -> None:

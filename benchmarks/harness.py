@@ -39,7 +39,7 @@ import numpy as np
 import tifffile
 import torch
 
-from benchmarks.common import RESULTS, fmt_mean_sem, machine, markdown_table, run_in_processes, timer, write_json
+from benchmarks.common import RESULTS, command_line, fmt_mean_sem, machine, markdown_table, run_in_processes, timer, write_json
 from quietscope.chunked import PredictOptions, PredictResult, run_prediction
 from quietscope.io.reading import open_image
 from quietscope.io.sample_data import find_data_dir, read_tiff
@@ -54,7 +54,7 @@ from quietscope.workflows.train import train_model
 __all__ = [
     "CROP", "FIELD_BUDGET", "METRICS", "PREDICT_DEFAULTS", "RESULTS", "ROOT", "SIM_LEVELS",
     "SPLIT_CALIB", "SPLIT_DATA", "SPLIT_NET", "SPLIT_TEST", "SPLIT_TRAIN", "SPLIT_TRAIN_OPTS", "Trained",
-    "binned_fold_in_mse", "bpae_field_noise", "budget_train_options", "centre_origin", "data_dir",
+    "binned_fold_in_mse", "bpae_field_noise", "budget_train_options", "centre_origin", "command_line", "data_dir",
     "filter_output", "find_data_dir", "fmt_mean_sem", "machine", "markdown_table", "mean_and_sem",
     "output_channels", "predict", "predict_options", "predict_run", "psnr_db", "psnr_from_mse",
     "random_model", "read_bpae", "read_output", "run_in_processes", "run_processor", "score", "single_thread",

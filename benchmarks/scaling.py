@@ -33,7 +33,7 @@ import numpy as np
 import psutil
 import zarr
 
-from benchmarks.harness import RESULTS, run_processor
+from benchmarks.harness import RESULTS, command_line, run_processor
 from quietscope.io.reading import ImageRef, open_image
 from quietscope.runner.cluster import cpu_count, dask_client
 from quietscope.runner.executor import JobSpec, blocks_per_task, count_blocks, group_tasks, iter_tasks, stream_tasks
@@ -180,7 +180,7 @@ def main() -> None:
     args = ap.parse_args()
     parts = args.parts.split(",")
     result: dict = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": {"cores": cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
                     "gpu": None, "python": platform.python_version(), "platform": platform.platform()},
