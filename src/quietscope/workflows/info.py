@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from quietscope.io import open_image
+from quietscope.io import open_image, stores
 from quietscope.io.writing import STATE_ATTR
 from quietscope.methods import available_methods, get_method_class
 from quietscope.methods.modelfile import read_manifest
@@ -89,13 +89,13 @@ def output_state(uri: str | Path, attrs: dict[str, Any]) -> str | None:
     state = attrs.get(STATE_ATTR)
     job = attrs.get("quietscope_job")
     ledger = Ledger(uri)
-    if not isinstance(state, dict) and not isinstance(job, dict) and not ledger.root.exists():
+    if not isinstance(state, dict) and not isinstance(job, dict) and not stores.exists(ledger.root):
         return None
     state = state if isinstance(state, dict) else {}
-    if (isinstance(job, dict) and job.get("complete")) and not ledger.root.exists():
+    if (isinstance(job, dict) and job.get("complete")) and not stores.exists(ledger.root):
         return "complete"
     total = state.get("blocks_total")
-    done = len(ledger.done()) if ledger.done_dir.exists() else state.get("blocks_done", 0)
+    done = len(ledger.done()) if stores.exists(ledger.done_dir) else state.get("blocks_done", 0)
     how = state.get("status", "running")
     if how == "running" and not _alive(state):
         how = "interrupted"
