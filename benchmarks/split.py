@@ -482,21 +482,19 @@ def plot_curves(results: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def curve_level(pair: str, level: str, pscale: float, grel: float, steps: dict, every: int, work: Path,
-                out: dict, save) -> None:
-    """All methods on one pair at one noise level; ``out`` is filled and ``save()`` called as it goes."""
+def prepare_level(pair: str, level: str, pscale: float, grel: float, work: Path, out: dict, save) -> dict:
+    """Noisy data of one pair at one noise level, N2V of each channel and of the sum, and the
+    GMM noise models bootstrapped from the N2V predictions (no clean data)."""
     from quietscope.simulate import poisson_gaussian
 
     clean = load_stains(PAIRS[pair])
     noisy = np.stack([poisson_gaussian(c, pscale, grel, float(c.std()), seed=11 + i) for i, c in enumerate(clean)]).astype(np.float32)
     tr, va, te, ca = (noisy[(slice(None),) + r] for r in (TRAIN, VAL, TEST, CALIB))
-    gt_te, gt_ca = clean[(slice(None),) + TEST], clean[(slice(None),) + CALIB]
     key = f"{pair}/{level}"
     res = out["runs"].setdefault(key, {"noise": {"poisson_scale": pscale, "gauss_rel": grel}, "methods": {}})
     w = work / pair / level
     w.mkdir(parents=True, exist_ok=True)
     t0 = time.process_time()
-    # N2V per noisy channel (sequential baseline's targets; its predictions bootstrap the GMMs).
     n2v = {"method": "n2v", "net": {"depth": 2, "filters": 16}}
     den, nm_files = [], []
     for i in range(2):
@@ -509,7 +507,15 @@ def curve_level(pair: str, level: str, pscale: float, grel: float, steps: dict, 
     train(f, w / "n2v_sum.qs", n2v, N2V_STEPS)
     test_den = run_predict(str(w / "n2v_sum.qs"), write_tif(w / "test_sum.tif", te.sum(0)), w / "test_n2v.ome.zarr")[0]
     res["preprocessing_cpu_s"] = round(time.process_time() - t0, 1)
-    den = np.stack(den)
+    save()
+    return {"pair": pair, "level": level, "key": key, "res": res, "tr": tr, "va": va, "te": te, "ca": ca,
+            "gt_te": clean[(slice(None),) + TEST], "gt_ca": clean[(slice(None),) + CALIB], "den": np.stack(den),
+            "nm_files": nm_files, "test_den": test_den}
+
+
+def run_methods(lv: dict, names: list[str], steps: dict, every: int, save) -> None:
+    """Train and score ``names`` on a prepared level; results land in ``lv["res"]``."""
+    res, tr, te = lv["res"], lv["tr"], lv["te"]
 
     def recorder(name):
         def rec(curve):
@@ -517,22 +523,24 @@ def curve_level(pair: str, level: str, pscale: float, grel: float, steps: dict, 
             save()
         return rec
 
-    runs = [
-        ("unet_noisy", lambda: UNetLearner(tr, steps["unet"]), tr, te.sum(0), steps["unet"], 0),
-        ("sequential", lambda: UNetLearner(den, steps["unet"]), den, test_den, steps["unet"], 0),
-        ("musplit", lambda: VAELearner({"method": "musplit", **CURVE_VAE}, tr, steps["musplit"]), tr, te.sum(0), steps["musplit"], 8),
-        ("denoisplit", lambda: VAELearner({"method": "denoisplit", "noise_models": nm_files, **CURVE_VAE, **DENOISPLIT_RECIPE},
+    makers = {
+        "unet_noisy": (lambda: UNetLearner(tr, steps["unet"]), tr, te.sum(0), steps["unet"], 0),
+        "sequential": (lambda: UNetLearner(lv["den"], steps["unet"]), lv["den"], lv["test_den"], steps["unet"], 0),
+        "musplit": (lambda: VAELearner({"method": "musplit", **CURVE_VAE}, tr, steps["musplit"]), tr, te.sum(0), steps["musplit"], 8),
+        "denoisplit": (lambda: VAELearner({"method": "denoisplit", "noise_models": lv["nm_files"], **CURVE_VAE, **DENOISPLIT_RECIPE},
                                           tr, steps["denoisplit"]), tr, te.sum(0), steps["denoisplit"], 8),
-    ]
-    for name, make, targets, test_in, n, samples in runs:
+    }
+    for name in names:
+        make, targets, test_in, n, samples = makers[name]
         learner = make()
-        r = curve_run(learner, targets, va, test_in, gt_te, n, every, recorder(name), samples)
+        r = curve_run(learner, targets, lv["va"], test_in, lv["gt_te"], n, every, recorder(name), samples)
         res["methods"][name] = r
-        log.info("%s %s: kept %s", key, name, r["kept"])
-        plot_curves(res["methods"], IMAGES / f"denoisplit_curve_{pair}_{level}.png", f"BPAE {pair.replace('_', ' + ')}, {level} noise")
+        log.info("%s %s: kept %s", lv["key"], name, r["kept"])
+        plot_curves(res["methods"], IMAGES / f"denoisplit_curve_{lv['pair']}_{lv['level']}.png",
+                    f"BPAE {lv['pair'].replace('_', ' + ')}, {lv['level']} noise")
         save()
         if name == "denoisplit":
-            res["calibration"] = calibrate_curve(learner, ca, gt_ca, te, gt_te, level, PAIRS[pair])
+            res["calibration"] = calibrate_curve(learner, lv["ca"], lv["gt_ca"], te, lv["gt_te"], lv["level"], PAIRS[lv["pair"]])
             save()
 
 
@@ -593,9 +601,15 @@ def curve_main(argv: list[str]) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="qs-split-curve-"))
     try:
+        # The VAEs of every level first, the (cheaper) U-Net baselines after: an interrupted run
+        # still has denoiSplit vs μSplit at both noise levels.
+        prepared = []
         for pair in pairs:
             for name, ps, gr in levels:
-                curve_level(pair, name, ps, gr, steps, every, work, out, save)
+                prepared.append(prepare_level(pair, name, ps, gr, work, out, save))
+                run_methods(prepared[-1], ["denoisplit", "musplit"], steps, every, save)
+        for lv in prepared:
+            run_methods(lv, ["unet_noisy", "sequential"], steps, every, save)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     save()
