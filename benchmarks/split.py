@@ -610,6 +610,14 @@ def curve_table(path: Path) -> str:
     return "\n".join(rows)
 
 
+def replot(path: Path) -> None:
+    """Redraw the curve PNGs of a ``--curve`` result file."""
+    data = json.loads(path.read_text())
+    for key, run in data["runs"].items():
+        pair, level = key.split("/")
+        plot_curves(run["methods"], IMAGES / f"denoisplit_curve_{pair}_{level}.png", f"BPAE {pair.replace('_', ' + ')}, {level} noise")
+
+
 def curve_main(argv: list[str]) -> int:
     """``--curve [--steps N] [--musplit-steps M] [--unet-steps U] [--every K] [--pairs a,b] [--levels x,y]``."""
     import os
@@ -667,6 +675,9 @@ def main() -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not DATA.exists():
         print(f"skipping: {DATA} not found (see ../shared/data/README.md)")
+        return 0
+    if "--plot" in sys.argv:  # redraw the curve PNGs of a --curve result file (e.g. of a run cut short)
+        replot(ROOT / "benchmarks" / "results" / sys.argv[sys.argv.index("--plot") + 1])
         return 0
     if "--table" in sys.argv:  # markdown table of a --curve result file
         print(curve_table(ROOT / "benchmarks" / "results" / sys.argv[sys.argv.index("--table") + 1]))
