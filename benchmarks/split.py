@@ -376,34 +376,44 @@ class UNetLearner:
         self.net.load_state_dict(state)
 
 
-def curve_run(learner, train: np.ndarray, val: np.ndarray, test_in: np.ndarray, gt: np.ndarray, steps: int,
-              every: int, record, final_samples: int = 0) -> dict:
-    """Train ``learner`` for ``steps``; every ``every`` steps score the test field (posterior
-    means) and the keep-best criterion on the validation fields; ``record(curve)`` is called
-    after each evaluation (incremental JSON/PNG). Ends with the kept (best-criterion) weights,
-    scored with ``final_samples`` posterior samples (MMSE) where the learner samples."""
-    rng = np.random.default_rng(0)
-    vrng = np.random.default_rng(1)
-    val_fields = draw_fields(val, vrng, 16, learner.field)
-    curve, best, train_s = [], (np.inf, 0, None), 0.0
-    for i in range(steps):
+class CurveJob:
+    """One learner trained for ``steps``; every ``every`` steps it scores the test field
+    (posterior means) and the keep-best criterion on held-apart validation fields, and calls
+    ``record(curve)`` (incremental JSON/PNG). :meth:`finish` loads the kept (best-criterion)
+    weights and scores them with ``final_samples`` posterior samples (MMSE) where the learner
+    samples. Jobs are stepped round-robin, so a run cut short has every curve to the same step."""
+
+    def __init__(self, learner, train: np.ndarray, val: np.ndarray, test_in: np.ndarray, gt: np.ndarray, steps: int,
+                 every: int, record, final_samples: int = 0) -> None:
+        self.learner, self.train, self.test_in, self.gt = learner, train, test_in, gt
+        self.steps, self.every, self.record, self.final_samples = steps, every, record, final_samples
+        self.rng = np.random.default_rng(0)
+        self.val_fields = draw_fields(val, np.random.default_rng(1), 16, learner.field)
+        self.curve: list[dict] = []
+        self.best: tuple = (np.inf, 0, None)
+        self.train_s = 0.0
+
+    def step(self, i: int) -> None:
         t = time.process_time()
-        learner.step(draw_fields(train, rng, CURVE_BATCH, learner.field, learner.patch, CURVE_FOREGROUND), i)
-        train_s += time.process_time() - t
-        if (i + 1) % every == 0 or i + 1 == steps:
-            sel = learner.select(val_fields)
-            row = {"step": i + 1, "cpu_s": round(train_s, 1), "val_select": round(sel["select"], 4),
-                   "val_corr_outputs": round(sel["corr_outputs"], 3), **split_metrics(learner.predict(test_in)[:2], gt)}
-            curve.append(row)
-            if sel["select"] < best[0]:
-                best = (sel["select"], i + 1, learner.state())
-            record(curve)
-            log.info("step %d (%.0f s cpu): %s", i + 1, train_s, row)
-    last = curve[-1]
-    learner.load(best[2])
-    out = learner.predict(test_in, final_samples)
-    kept = {"step": best[1], **split_metrics(out[:2], gt)}
-    return {"curve": curve, "last": last, "kept": kept, "train_cpu_s": round(train_s, 1), "cpu_minutes": round(train_s / 60, 1)}
+        self.learner.step(draw_fields(self.train, self.rng, CURVE_BATCH, self.learner.field, self.learner.patch, CURVE_FOREGROUND), i)
+        self.train_s += time.process_time() - t
+        if (i + 1) % self.every == 0 or i + 1 == self.steps:
+            sel = self.learner.select(self.val_fields)
+            row = {"step": i + 1, "cpu_s": round(self.train_s, 1), "val_select": round(sel["select"], 4),
+                   "val_corr_outputs": round(sel["corr_outputs"], 3),
+                   **split_metrics(self.learner.predict(self.test_in)[:2], self.gt)}
+            self.curve.append(row)
+            if sel["select"] < self.best[0]:
+                self.best = (sel["select"], i + 1, self.learner.state())
+            self.record(self.curve)
+            log.info("step %d (%.0f s cpu): %s", i + 1, self.train_s, row)
+
+    def finish(self) -> dict:
+        self.learner.load(self.best[2])
+        out = self.learner.predict(self.test_in, self.final_samples)
+        kept = {"step": self.best[1], **split_metrics(out[:2], self.gt)}
+        return {"curve": self.curve, "last": self.curve[-1], "kept": kept, "train_cpu_s": round(self.train_s, 1),
+                "cpu_minutes": round(self.train_s / 60, 1)}
 
 
 def plot_curves(results: dict, path: Path, title: str) -> None:
@@ -437,21 +447,19 @@ def plot_curves(results: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def curve_level(pair: str, level: str, pscale: float, grel: float, steps: dict, every: int, work: Path,
-                out: dict, save) -> None:
-    """All methods on one pair at one noise level; ``out`` is filled and ``save()`` called as it goes."""
+def prepare_level(pair: str, level: str, pscale: float, grel: float, work: Path, out: dict, save) -> dict:
+    """Noisy data of one pair at one noise level, N2V of each channel and of the sum, and the
+    GMM noise models bootstrapped from the N2V predictions (no clean data)."""
     from quietscope.simulate import poisson_gaussian
 
     clean = load_stains(PAIRS[pair])
     noisy = np.stack([poisson_gaussian(c, pscale, grel, float(c.std()), seed=11 + i) for i, c in enumerate(clean)]).astype(np.float32)
     tr, va, te, ca = (noisy[(slice(None),) + r] for r in (TRAIN, VAL, TEST, CALIB))
-    gt_te, gt_ca = clean[(slice(None),) + TEST], clean[(slice(None),) + CALIB]
     key = f"{pair}/{level}"
     res = out["runs"].setdefault(key, {"noise": {"poisson_scale": pscale, "gauss_rel": grel}, "methods": {}})
     w = work / pair / level
     w.mkdir(parents=True, exist_ok=True)
     t0 = time.process_time()
-    # N2V per noisy channel (sequential baseline's targets; its predictions bootstrap the GMMs).
     n2v = {"method": "n2v", "net": {"depth": 2, "filters": 16}}
     den, nm_files = [], []
     for i in range(2):
@@ -464,7 +472,15 @@ def curve_level(pair: str, level: str, pscale: float, grel: float, steps: dict, 
     train(f, w / "n2v_sum.qs", n2v, N2V_STEPS)
     test_den = run_predict(str(w / "n2v_sum.qs"), write_tif(w / "test_sum.tif", te.sum(0)), w / "test_n2v.ome.zarr")[0]
     res["preprocessing_cpu_s"] = round(time.process_time() - t0, 1)
-    den = np.stack(den)
+    save()
+    return {"pair": pair, "level": level, "key": key, "res": res, "tr": tr, "va": va, "te": te, "ca": ca,
+            "gt_te": clean[(slice(None),) + TEST], "gt_ca": clean[(slice(None),) + CALIB], "den": np.stack(den),
+            "nm_files": nm_files, "test_den": test_den}
+
+
+def make_jobs(lv: dict, names: list[str], steps: dict, every: int, save) -> list[tuple[dict, str, CurveJob]]:
+    """A :class:`CurveJob` per method name on a prepared level."""
+    res, tr, te = lv["res"], lv["tr"], lv["te"]
 
     def recorder(name):
         def rec(curve):
@@ -472,23 +488,42 @@ def curve_level(pair: str, level: str, pscale: float, grel: float, steps: dict, 
             save()
         return rec
 
-    runs = [
-        ("unet_noisy", lambda: UNetLearner(tr, steps["unet"]), tr, te.sum(0), steps["unet"], 0),
-        ("sequential", lambda: UNetLearner(den, steps["unet"]), den, test_den, steps["unet"], 0),
-        ("musplit", lambda: VAELearner({"method": "musplit", **CURVE_VAE}, tr, steps["musplit"]), tr, te.sum(0), steps["musplit"], 8),
-        ("denoisplit", lambda: VAELearner({"method": "denoisplit", "noise_models": nm_files, **CURVE_VAE, **DENOISPLIT_RECIPE},
+    makers = {
+        "unet_noisy": (lambda: UNetLearner(tr, steps["unet"]), tr, te.sum(0), steps["unet"], 0),
+        "sequential": (lambda: UNetLearner(lv["den"], steps["unet"]), lv["den"], lv["test_den"], steps["unet"], 0),
+        "musplit": (lambda: VAELearner({"method": "musplit", **CURVE_VAE}, tr, steps["musplit"]), tr, te.sum(0), steps["musplit"], 8),
+        "denoisplit": (lambda: VAELearner({"method": "denoisplit", "noise_models": lv["nm_files"], **CURVE_VAE, **DENOISPLIT_RECIPE},
                                           tr, steps["denoisplit"]), tr, te.sum(0), steps["denoisplit"], 8),
-    ]
-    for name, make, targets, test_in, n, samples in runs:
-        learner = make()
-        r = curve_run(learner, targets, va, test_in, gt_te, n, every, recorder(name), samples)
-        res["methods"][name] = r
-        log.info("%s %s: kept %s", key, name, r["kept"])
-        plot_curves(res["methods"], IMAGES / f"denoisplit_curve_{pair}_{level}.png", f"BPAE {pair.replace('_', ' + ')}, {level} noise")
-        save()
-        if name == "denoisplit":
-            res["calibration"] = calibrate_curve(learner, ca, gt_ca, te, gt_te, level, PAIRS[pair])
-            save()
+    }
+    jobs = []
+    for name in names:
+        make, targets, test_in, n, samples = makers[name]
+        jobs.append((lv, name, CurveJob(make(), targets, lv["va"], test_in, lv["gt_te"], n, every, recorder(name), samples)))
+    return jobs
+
+
+def run_round_robin(jobs: list[tuple[dict, str, CurveJob]], save) -> None:
+    """Step all jobs in turn; finish each (kept weights, calibration for denoiSplit, plot) when done."""
+    for i in range(max(job.steps for _, _, job in jobs)):
+        for lv, name, job in jobs:
+            if i >= job.steps:
+                continue
+            job.step(i)
+            if i % (5 * job.every) == 5 * job.every - 1:
+                plot_level(lv)
+            if i + 1 == job.steps:
+                lv["res"]["methods"][name] = job.finish()
+                log.info("%s %s: kept %s", lv["key"], name, lv["res"]["methods"][name]["kept"])
+                if name == "denoisplit":
+                    lv["res"]["calibration"] = calibrate_curve(job.learner, lv["ca"], lv["gt_ca"], lv["te"], lv["gt_te"],
+                                                               lv["level"], PAIRS[lv["pair"]])
+                plot_level(lv)
+                save()
+
+
+def plot_level(lv: dict) -> None:
+    plot_curves(lv["res"]["methods"], IMAGES / f"denoisplit_curve_{lv['pair']}_{lv['level']}.png",
+                f"BPAE {lv['pair'].replace('_', ' + ')}, {lv['level']} noise")
 
 
 def calibrate_curve(learner, ca: np.ndarray, gt_ca: np.ndarray, te: np.ndarray, gt_te: np.ndarray, level: str,
@@ -509,6 +544,33 @@ def calibrate_curve(learner, ca: np.ndarray, gt_ca: np.ndarray, te: np.ndarray, 
 
 #: denoiSplit's recipe of the curve runs (chosen with the short comparisons of docs/methods/denoisplit.md).
 DENOISPLIT_RECIPE = {"gaussian_weight": 0.1, "kl_warmup": 300}
+
+
+def curve_table(path: Path) -> str:
+    """Markdown table of a ``--curve`` result file: the kept weights, and the last evaluation."""
+    data = json.loads(path.read_text())
+    rows = ["| pair / noise | method | steps (kept / run) | CPU min | out–out corr (stains) | own corr | other corr "
+            "| RI-PSNR ch0 / ch1 | separated |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, run in data["runs"].items():
+        for name, r in run["methods"].items():
+            if "kept" in r:
+                k, n, cpu = r["kept"], r["last"]["step"], r["cpu_minutes"]
+            elif r.get("curve"):  # interrupted: its last evaluation
+                k, n, cpu = r["curve"][-1], f"{r['curve'][-1]['step']} (running)", round(r["curve"][-1]["cpu_s"] / 60, 1)
+            else:
+                continue
+            rows.append(f"| {key} | {name} | {k['step']} / {n} | {cpu} | {k['corr_outputs']} ({k['corr_stains']}) | "
+                        f"{k['corr_own'][0]} / {k['corr_own'][1]} | {k['corr_other'][0]} / {k['corr_other'][1]} | "
+                        f"{k['ri_psnr'][0]} / {k['ri_psnr'][1]} | {'yes' if k['separated'] else 'no'} |")
+    return "\n".join(rows)
+
+
+def replot(path: Path) -> None:
+    """Redraw the curve PNGs of a ``--curve`` result file."""
+    data = json.loads(path.read_text())
+    for key, run in data["runs"].items():
+        pair, level = key.split("/")
+        plot_curves(run["methods"], IMAGES / f"denoisplit_curve_{pair}_{level}.png", f"BPAE {pair.replace('_', ' + ')}, {level} noise")
 
 
 def curve_main(argv: list[str]) -> int:
@@ -548,9 +610,11 @@ def curve_main(argv: list[str]) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="qs-split-curve-"))
     try:
-        for pair in pairs:
-            for name, ps, gr in levels:
-                curve_level(pair, name, ps, gr, steps, every, work, out, save)
+        # All methods of all levels stepped round-robin: a run cut short has every curve to the
+        # same step.
+        prepared = [prepare_level(pair, name, ps, gr, work, out, save) for pair in pairs for name, ps, gr in levels]
+        jobs = [j for lv in prepared for j in make_jobs(lv, ["denoisplit", "musplit", "unet_noisy", "sequential"], steps, every, save)]
+        run_round_robin(jobs, save)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     save()
@@ -566,6 +630,12 @@ def main() -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not DATA.exists():
         print(f"skipping: {DATA} not found (see ../shared/data/README.md)")
+        return 0
+    if "--plot" in sys.argv:  # redraw the curve PNGs of a --curve result file (e.g. of a run cut short)
+        replot(ROOT / "benchmarks" / "results" / sys.argv[sys.argv.index("--plot") + 1])
+        return 0
+    if "--table" in sys.argv:  # markdown table of a --curve result file
+        print(curve_table(ROOT / "benchmarks" / "results" / sys.argv[sys.argv.index("--table") + 1]))
         return 0
     if "--curve" in sys.argv:
         sys.path.insert(0, str(Path(__file__).resolve().parent))

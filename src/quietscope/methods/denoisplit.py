@@ -7,9 +7,16 @@ the network input as the weighted sum of a batch's channels and asks the ladder 
 
 * ``denoisplit`` – reconstruction ``-log p_NM,c(x_c | s_c)`` with one pixel noise model per
   channel (so the decoder outputs the clean signals ``s_c``); each level's KL is summed over its
-  latent pixels (a proper ELBO, scaled per image pixel), with free bits per level and sample.
+  latent pixels (a proper ELBO, scaled per image pixel), with free bits per level and sample;
+  the noise-model NLL is averaged over channels.
 * ``musplit`` – Gaussian likelihood on the normalised channels (learned or fixed variance),
-  KL averaged over each level's latent pixels (μSplit's formulation).
+  averaged over channels and pixels; each level's KL divided by its latent C·H·W, then averaged
+  over levels (juglab/uSplit's formulation).
+
+Options that speed learning the split (``docs/methods/denoisplit.md``): lateral context
+(``context_levels``), MicroSplit's likelihood/KL mix (``gaussian_weight``), a μSplit-KL warm
+start (``kl_warmup``); :meth:`DenoiSplit.validation_metrics` gives the training loop a keep-best
+criterion that sees splitting.
 
 Prediction (``predict``) takes the superimposed image (1 channel; or the ``C`` separate
 channels, which it sums like training does) and returns, per structure, the MMSE estimate
@@ -430,7 +437,7 @@ class DenoiSplit(Method):
 
 @register
 class MuSplit(DenoiSplit):
-    """μSplit baseline: same ladder VAE, Gaussian likelihood, KL averaged over latent pixels."""
+    """μSplit baseline: same ladder VAE, Gaussian likelihood, KL per latent element, mean over levels."""
 
     name: ClassVar[str] = "musplit"
     recommended_options: ClassVar[dict[str, Any]] = {
