@@ -44,7 +44,6 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
 #: bf16 may be the GPU default only if its PSNR against the clean images stays within this of fp32.
 BF16_BOUND_DB = 0.1
@@ -103,7 +102,7 @@ def w2s_fields(n: int = 3) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def part_train(rep: Report, tmp: Path, device: str, steps: int, filters: int, amp_too: bool = True) -> str:
-    from helpers import write_zarr_array
+    from benchmarks.harness import write_zarr_array
     from quietscope.workflows.train import train_model
 
     fields = w2s_fields(1)
@@ -230,7 +229,7 @@ def main() -> None:
               f"{torch.__version__}); nothing measured. Install the CUDA build of torch on a GPU machine "
               "(docs/cluster.md) and rerun; --smoke checks the script on the CPU.")
         return
-    from helpers import random_model
+    from benchmarks.harness import random_model
     from quietscope.runner.cluster import visible_gpus
 
     device = torch.device("cuda" if cuda else "cpu")

@@ -290,6 +290,33 @@ def single_thread() -> None:
     torch.set_num_threads(1)
 
 
+def write_zarr_array(path: str | Path, data: np.ndarray, chunks: tuple[int, ...]) -> str:
+    """A plain zarr array of ``data`` (the benchmarks' lazily read inputs)."""
+    import zarr
+
+    z = zarr.create_array(store=str(path), shape=data.shape, chunks=chunks, dtype=data.dtype)
+    z[...] = data
+    return str(path)
+
+
+def make_volume(path: Path, shape: tuple[int, ...], chunks: tuple[int, ...], seed: int = 0) -> str:
+    """Write a noisy synthetic volume chunk by chunk (never the whole array in memory)."""
+    axes = "yx" if len(shape) == 2 else "zyx"
+    from quietscope.io.writing import OutputSpec, create_ome_zarr, open_level
+    from quietscope.tiling import plan_blocks
+
+    spec = OutputSpec(path=str(path), axes=axes, shape=shape, chunks=chunks, dtype="uint16", n_levels=1,
+                      channel_windows=[(0, 400)])
+    create_ome_zarr(spec)
+    arr = open_level(path, 0)
+    for b in plan_blocks(shape, chunks):
+        rng = np.random.default_rng([seed, *b.index])
+        grids = np.meshgrid(*[np.arange(a, z) for a, z in zip(b.start, b.stop)], indexing="ij")
+        signal = 100 + 80 * np.sin(sum(g * 0.05 * (i + 1) for i, g in enumerate(grids))) ** 2
+        arr[b.slices()] = rng.poisson(signal).astype(np.uint16)
+    return str(path)
+
+
 def random_model(path: str | Path, spatial_ndim: int, in_channels: int = 1, method: str = "n2v", depth: int = 2,
                  filters: int = 8, batch_norm: bool = True, z_pool: bool = True, mean: float = 100.0,
                  std: float = 20.0, seed: int = 0, **extra: Any) -> str:

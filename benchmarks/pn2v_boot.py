@@ -34,7 +34,6 @@ import argparse
 import logging
 import multiprocessing
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -43,8 +42,7 @@ from typing import Any
 import numpy as np
 
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, fmt_mean_sem, machine, markdown_table, write_json  # noqa: E402
+from benchmarks.common import RESULTS, fmt_mean_sem, machine, markdown_table, write_json
 
 FIELDS = [f"fov{i:03d}" for i in range(81, 91)]
 BUDGET = {"batch": 16, "patch": 32, "depth": 2, "filters": 16, "lr": 1e-3, "mask_percent": 2.0}

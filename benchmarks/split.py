@@ -579,7 +579,7 @@ def curve_main(argv: list[str]) -> int:
 
     import torch
 
-    from common import machine
+    from benchmarks.common import machine
 
     def arg(name, default):
         return type(default)(argv[argv.index(name) + 1]) if name in argv else default
@@ -638,7 +638,6 @@ def main() -> int:
         print(curve_table(ROOT / "benchmarks" / "results" / sys.argv[sys.argv.index("--table") + 1]))
         return 0
     if "--curve" in sys.argv:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         return curve_main(sys.argv[1:])
     import torch
 

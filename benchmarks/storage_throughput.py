@@ -52,15 +52,16 @@ def main(out_path: str) -> None:
     try:
         import s3fs
 
-        from helpers import write_ome
         from quietscope.io.reading import open_image
+        from quietscope.workflows.demo import write_ome_zarr_image as write_ome
 
         time.sleep(5)
         fs = s3fs.S3FileSystem(skip_instance_cache=True)
         fs.mkdir("bench")
         tmp = Path(tempfile.mkdtemp(prefix="qs-s3bench-"))
         data = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)  # incompressible
-        local = write_ome(tmp / "img.ome.zarr", data, "yx", CHUNKS)
+        local = str(tmp / "img.ome.zarr")
+        write_ome(local, data, "yx", CHUNKS)
         fs.put(local, "bench/img.ome.zarr", recursive=True)
         rng = np.random.default_rng(1)
         blocks = [(slice(y, y + 512), slice(x, x + 512)) for y in range(0, 2048, 512) for x in range(0, 4096, 512)]

@@ -38,28 +38,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.harness import RESULTS, random_model
+from benchmarks.harness import RESULTS, make_volume, random_model
 from quietscope.inference import method_halo, predict_tile
 from quietscope.io import open_image
-from quietscope.io.writing import OutputSpec, create_ome_zarr, open_level
 from quietscope.methods.modelfile import load_model
 from quietscope.runner.executor import read_padded
 from quietscope.tiling import halo_factor, plan_blocks, read_window
-
-
-def make_volume(path: Path, shape: tuple[int, ...], chunks: tuple[int, ...], seed: int = 0) -> str:
-    """Write a noisy synthetic volume chunk by chunk (never the whole array in memory)."""
-    axes = "yx" if len(shape) == 2 else "zyx"
-    spec = OutputSpec(path=str(path), axes=axes, shape=shape, chunks=chunks, dtype="uint16", n_levels=1,
-                      channel_windows=[(0, 400)])
-    create_ome_zarr(spec)
-    arr = open_level(path, 0)
-    for b in plan_blocks(shape, chunks):
-        rng = np.random.default_rng([seed, *b.index])
-        grids = np.meshgrid(*[np.arange(a, z) for a, z in zip(b.start, b.stop)], indexing="ij")
-        signal = 100 + 80 * np.sin(sum(g * 0.05 * (i + 1) for i, g in enumerate(grids))) ** 2
-        arr[b.slices()] = rng.poisson(signal).astype(np.uint16)
-    return str(path)
 
 
 def raw_forward(model_path: str, src: str, block, chunks, threads: int) -> dict:
@@ -276,8 +260,6 @@ def lightsheet_cases(scale: int) -> list[tuple[str, tuple[int, ...], tuple[int, 
 
 def run_lightsheet(args, tmp: Path, threads: int, json_path: Path, header: dict) -> list[dict]:
     """Both sizes, z pooled and not, rows written to JSON as each finishes."""
-    from helpers import random_model
-
     models = {"": random_model(tmp / "ls.qs", 3, depth=2, filters=args.filters, batch_norm=False),
               "-zfull": random_model(tmp / "lsz.qs", 3, depth=2, filters=args.filters, batch_norm=False, z_pool=False)}
     rows = []

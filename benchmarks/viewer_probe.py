@@ -35,7 +35,6 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
 
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -127,8 +126,7 @@ def main() -> None:
     if lacking:
         print("viewer_probe: skipped, this machine lacks " + ", ".join(lacking) + " (the probe installs nothing)")
         return
-    from helpers import random_model
-    from throughput import make_volume
+    from benchmarks.harness import make_volume, random_model
 
     shots = Path(args.out)
     shots.mkdir(parents=True, exist_ok=True)

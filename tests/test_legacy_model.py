@@ -15,7 +15,7 @@ LEGACY = DATA / "legacy_n2v_2026-12-01.qs"
 
 
 def test_legacy_model_file_predicts_what_it_predicted_when_written():
-    # The input and output were computed by the code of commit 07bab1f (quietscope.predict).
+    # The input and output were computed by the code of commit 07bab1f (quietscope.chunked).
     x = np.load(DATA / "legacy_n2v_2026-12-01_input.npy")
     expected = np.load(DATA / "legacy_n2v_2026-12-01_output.npy")
     model = load_for_inference(LEGACY, "cpu", spatial_axes="yx", n_channels=1)
