@@ -89,6 +89,7 @@ def predict(
     log.info("method %s, device %s, normalisation mean %s std %s", model.name, device,
              [round(v, 4) for v in model.method.norm_mean.tolist()], [round(v, 4) for v in model.method.norm_std.tolist()])
     memory = memory_profile(model.method, len(names))
+    options = options.model_copy(update={"device": str(device)})  # the default --memory follows the device
     log.info("memory per voxel: %.0f bytes of activations (probed, with slack), %.0f of block buffers",
              memory.net_bytes_per_voxel, memory.io_bytes_per_voxel)
     return run_prediction(image, output, factory, names, model.halo, model.factor, options, provenance, windows,
