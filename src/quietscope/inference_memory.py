@@ -2,9 +2,9 @@
 
 ``--max-tile-voxels`` bounds voxels, but a 3D U-Net with 32 filters keeps several hundred bytes
 of activations per voxel alive, so a voxel bound does not bound memory. :func:`probe_memory`
-runs the method once on a tiny tile under a dispatch mode that counts the bytes of every tensor
-storage alive at once (exact and allocator-independent, on any device; the probe takes well
-under a second). :func:`memory_profile` turns that into the
+runs the method once on a tiny tile under a torch function mode that counts the bytes of every tensor
+storage alive at once (exact and allocator-independent, on any device; the probe takes about
+a second, 1.4 s on the loaded test machine). :func:`memory_profile` turns that into the
 :class:`~quietscope.tiling.MemoryProfile` the planner sizes blocks and sub-tiles with.
 """
 
