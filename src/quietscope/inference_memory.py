@@ -30,7 +30,9 @@ class _PeakBytes(TorchFunctionMode):
     """Counts the bytes of tensor storages created under it that are alive at the same time.
 
     Why hand-written: torch has peak-memory statistics for CUDA only; CPU RSS cannot be reset
-    portably and glibc keeps freed memory, so the count follows storages instead.
+    portably and glibc keeps freed memory, so the count follows storages instead. A function
+    mode rather than a dispatch mode or meta tensors: those import ``torch._dynamo`` on first
+    use (10-20 s on a loaded machine, measured).
     """
 
     def __init__(self) -> None:
