@@ -75,7 +75,7 @@ def test_memory_sized_chunked_equals_whole(tmp_path, ndim, depth, shape, chunks,
     data = (100 + 20 * rng.standard_normal(shape)).astype(np.float32)
     src = write_zarr_array(tmp_path / "in.zarr", data, chunks)
     model = random_model(tmp_path / "m.qs", ndim, depth=depth, filters=4, z_pool=z_pool)
-    budget = _budget_for(model, 1, steps)
+    budget = _budget_for(model, 1, steps) * tasks_at_once(PredictOptions(), ndim)[0]  # 2D: two tasks share it
     out = tmp_path / "out.ome.zarr"
     res = predict(model, src, out, PredictOptions(chunks=chunks, memory=budget, progress=False))
     method, _ = load_model(model)

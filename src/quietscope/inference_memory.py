@@ -2,9 +2,9 @@
 
 ``--max-tile-voxels`` bounds voxels, but a 3D U-Net with 32 filters keeps several hundred bytes
 of activations per voxel alive, so a voxel bound does not bound memory. :func:`probe_memory`
-runs the method once on a tiny tile under a dispatch mode that counts the bytes of every tensor
-storage alive at once (exact and allocator-independent, on any device; the probe takes well
-under a second). :func:`memory_profile` turns that into the
+runs the method once on a tiny tile under a torch function mode that counts the bytes of every tensor
+storage alive at once (exact and allocator-independent, on any device; the probe takes about
+a second, 1.4 s on the loaded test machine). :func:`memory_profile` turns that into the
 :class:`~quietscope.tiling.MemoryProfile` the planner sizes blocks and sub-tiles with.
 """
 
@@ -30,7 +30,9 @@ class _PeakBytes(TorchFunctionMode):
     """Counts the bytes of tensor storages created under it that are alive at the same time.
 
     Why hand-written: torch has peak-memory statistics for CUDA only; CPU RSS cannot be reset
-    portably and glibc keeps freed memory, so the count follows storages instead.
+    portably and glibc keeps freed memory, so the count follows storages instead. A function
+    mode rather than a dispatch mode or meta tensors: those import ``torch._dynamo`` on first
+    use (10-20 s on a loaded machine, measured).
     """
 
     def __init__(self) -> None:

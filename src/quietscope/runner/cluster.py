@@ -235,6 +235,13 @@ def dask_client(scheduler: str | None = None, threads: int | None = None, **opti
         yield client
 
 
+def check_gpus_local(options: ClusterOptions) -> None:
+    """``--gpus`` starts workers on this machine: refuse it with a scheduler address or SLURM."""
+    if options.gpus and (options.scheduler or options.cluster != "local"):
+        raise ConfigError("--gpus starts GPU workers on this machine; with --scheduler or --cluster slurm the GPUs "
+                          "are the remote workers' (one per SLURM job): leave --gpus out")
+
+
 @contextmanager
 def client_for(options: ClusterOptions) -> Iterator[Any]:
     """Yield a ``distributed.Client`` for ``options`` (see the module docstring for the kinds).
@@ -263,9 +270,7 @@ def client_for(options: ClusterOptions) -> Iterator[Any]:
         options.tls_cert or (prof.tls_cert if prof else None),
         options.tls_key or (prof.tls_key if prof else None),
     )
-    if options.gpus and (options.scheduler or options.cluster != "local"):
-        raise ConfigError("--gpus starts GPU workers on this machine; with --scheduler or --cluster slurm the GPUs "
-                          "are the remote workers' (one per SLURM job): leave --gpus out")
+    check_gpus_local(options)
     if options.scheduler:
         opened = _remote_client(options.scheduler, security)
     elif options.cluster == "slurm":

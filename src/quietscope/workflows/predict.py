@@ -22,7 +22,7 @@ from quietscope.inference import (
 )
 from quietscope.inference_memory import memory_profile
 from quietscope.io.reading import open_image
-from quietscope.runner.cluster import resolve_gpus
+from quietscope.runner.cluster import check_gpus_local, resolve_gpus
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ def predict(
     log.info("method %s, device %s, precision %s, normalisation mean %s std %s", model.name, device, precision,
              [round(v, 4) for v in model.method.norm_mean.tolist()], [round(v, 4) for v in model.method.norm_std.tolist()])
     memory = memory_profile(model.method, len(names))
+    options = options.model_copy(update={"device": str(device)})  # the default --memory follows the device
     log.info("memory per voxel: %.0f bytes of activations (probed, with slack), %.0f of block buffers",
              memory.net_bytes_per_voxel, memory.io_bytes_per_voxel)
     return run_prediction(image, output, factory, names, model.halo, model.factor, options, provenance, windows,
@@ -117,6 +118,7 @@ def _check_gpu_options(options: PredictOptions) -> None:
     """``--gpus`` errors before anything is written or started (one line each)."""
     if not options.compute.gpus:
         return
+    check_gpus_local(options.compute)
     if options.device not in ("auto", "cuda"):
         raise ConfigError(f"--gpus gives each worker its own GPU (it is cuda there); --device {options.device} "
                           "contradicts it: leave --device at auto (or cuda)")
