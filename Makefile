@@ -29,8 +29,10 @@ lint: venv
 	$(BIN)/lint-imports
 	$(BIN)/ruff check src cli tests benchmarks
 
+# Two pytest workers (one per core on the 2-core CI machine), a test file per worker so each
+# module's fixtures (the S3 server, trained models) are built once.
 test: venv lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 bench: venv
 	$(BIN)/python -m benchmarks.throughput

@@ -183,3 +183,12 @@ def test_validation_scores_enough_masked_pixels_for_a_stable_estimate():
     # Fixed masks: the same model scores the same, so checks are comparable over time.
     assert validation_loss(m, batch, seed=0, device=torch.device("cpu"), draws=n_draws) == v1
     assert validation_loss(m, batch, seed=0, device=torch.device("cpu"), draws=1) != v1
+
+
+def test_pool_never_reads_more_patches_than_its_steps_draw():
+    from quietscope.training.loop import TrainConfig, pool_patches
+
+    assert pool_patches(TrainConfig()) == 512  # defaults: 16 x 200 draws per pool, the size rules
+    assert pool_patches(TrainConfig(batch=2, steps=3, checkpoint_every=3)) == 6
+    assert pool_patches(TrainConfig(batch=4, steps=1000, checkpoint_every=5, pool_size=64)) == 20
+    assert pool_patches(TrainConfig(batch=64, steps=50, checkpoint_every=200, pool_size=1000)) == 1000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 
@@ -28,6 +29,13 @@ TRAIN = {"patch": (32,), "batch": 4, "val_every": 5, "checkpoint_every": 100, "p
 def gaussian_model(sigma: float = SIGMA, lo: float = 0.0, hi: float = 400.0) -> GMMNoiseModel:
     span = hi - lo
     return GMMNoiseModel([[0.0], [float(np.log(sigma**2 / span**2))], [0.0]], lo, hi, min_sigma=1e-3)
+
+
+@pytest.fixture(autouse=True)
+def _short_gmm_fit(monkeypatch):
+    # The pipeline's bootstrapped GMM fit runs 2000 iterations by default (40 s of a 2-core
+    # machine); what these tests check (stages, choice, records) does not depend on a converged fit.
+    monkeypatch.setattr(pn2v_boot, "bootstrap", functools.partial(pn2v_boot.bootstrap, n_iterations=100))
 
 
 @pytest.fixture(scope="module")
