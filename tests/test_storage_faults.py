@@ -343,6 +343,51 @@ def test_disk_full_mid_run_then_resume_is_bit_identical(image, mount_tmpfs, tmp_
     _same(out, read_levels(ref))
 
 
+def test_output_deleted_mid_run_is_one_line_at_once_and_resume_recreates_it(source, tmp_path):
+    """The output folder removed under a running job: one StorageError within seconds of the
+    deletion (storage faults are not rerun as tasks), then --resume rebuilds it bit-identically."""
+    src, ref = source
+    out = tmp_path / "out.ome.zarr"
+    gone_at: list[float] = []
+
+    def delete_after_two_blocks() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not gone_at:
+            if _n_done(out) >= 2:
+                out.rename(tmp_path / "trash")  # atomic: rmtree would race with the writes
+                gone_at.append(time.monotonic())
+                shutil.rmtree(tmp_path / "trash", ignore_errors=True)
+            time.sleep(0.005)
+
+    t = threading.Thread(target=delete_after_two_blocks)
+    t.start()
+    with pytest.raises(StorageError, match="vanished while being written") as err:
+        run_box_job(src, str(out), {**OPTS, "threads": 1}, {"sleep": 0.2})
+    secs = time.monotonic() - gone_at[0]
+    t.join()
+    assert "\n" not in str(err.value) and str(out) in str(err.value) and "--resume" in str(err.value)
+    assert secs < 10, secs
+    run_box_job(src, str(out), {**OPTS, "resume": True})
+    _same(out, ref)
+
+
+def test_a_storage_error_that_cannot_be_pickled_still_reaches_the_client_as_one():
+    """Worker processes pickle a task's StoreFault; zarr's ArrayNotFoundError (an output level
+    gone) cannot be rebuilt from its pickle, so it travels as the builtin FileNotFoundError."""
+    import pickle
+
+    from zarr.errors import ArrayNotFoundError
+
+    from quietscope.errors import storage_message
+    from quietscope.runner.executor import StoreFault, portable
+
+    fault = pickle.loads(pickle.dumps(StoreFault(portable(ArrayNotFoundError("store", "1")))))
+    assert type(fault.error) is FileNotFoundError
+    assert "vanished while being written (No array found in store 'store'" in storage_message(fault.error, "o.ome.zarr")
+    err = PermissionError(13, "Permission denied")
+    assert portable(err) is err  # what pickles is passed as it is
+
+
 def test_scheduler_address_errors_exit_at_once(image, tmp_path):
     code, text, secs = _cli(*FILTER, image, "-o", str(tmp_path / "a.ome.zarr"), "--scheduler", "not-a-url")
     assert code == 2 and secs < 15

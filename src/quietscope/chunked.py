@@ -1072,15 +1072,9 @@ def run_prediction(
     except OSError as exc:  # also raised by workers: the client re-raises their exception
         raise StorageError(storage_message(exc, output)) from None
     except Exception as exc:
-        if type(exc).__module__.split(".")[0] not in _STORE_CLIENTS:
+        if not stores.is_store_fault(exc):
             raise
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise StorageError(f"output {output!r}: the store failed ({type(exc).__name__}: {first}); check the endpoint, "
-                           "the credentials and the network, then rerun with --resume") from None
-
-
-#: Object-store client libraries whose errors are not OSErrors (a store gone away mid-run).
-_STORE_CLIENTS = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google")
+        raise StorageError(stores.store_failure_message(exc, output)) from None
 
 
 def _run(image: Image, output: str, factory: ProcessorFactory, out_names: list[str], halo: tuple[int, ...],
