@@ -121,6 +121,28 @@ def test_two_plain_runs_started_together_one_wins(source, tmp_path):
     _same(out, ref)
 
 
+def test_second_writer_of_a_tiff_output_refused(source, tmp_path):
+    """TIFF outputs (staged, written whole at the end) take the same lock, beside the file."""
+    import tifffile
+
+    src, ref = source
+    out = tmp_path / "out.tif"
+    lock = tmp_path / ".out.tif.quietscope-lock.json"
+    first: list[object] = []
+    a = threading.Thread(target=lambda: first.append(run_box_job(src, str(out), {**OPTS, "threads": 1}, {"sleep": 0.1})))
+    a.start()
+    deadline = time.monotonic() + 60
+    while not lock.exists() and a.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    for extra in ({}, {"overwrite": True}):
+        with pytest.raises(OutputError, match="being written by another quietscope job") as err:
+            run_box_job(src, str(out), {**OPTS, **extra})
+        assert str(out) in str(err.value) and "\n" not in str(err.value)
+    a.join(120)
+    assert len(first) == 1 and not lock.exists()
+    np.testing.assert_array_equal(tifffile.imread(out), ref[0])
+
+
 def test_lock_of_a_killed_job_is_taken_over_at_once_on_its_host(source, tmp_path):
     src, ref = source
     out = tmp_path / "out.ome.zarr"

@@ -104,8 +104,19 @@ def _user() -> str:
         return str(os.getuid())
 
 
+def lock_path(output: str) -> str:
+    """Where the lock of ``output`` lives: inside an OME-Zarr's ledger, beside a TIFF file."""
+    if output.lower().endswith((".tif", ".tiff")):
+        head, _, name = output.rpartition("/")
+        return f"{head}/.{name}.quietscope-lock.json" if head else f".{name}.quietscope-lock.json"
+    return f"{output}/{LEDGER_DIR}/{LOCK_NAME}"
+
+
 class JobLock:
     """The exclusive lock of one output: ``.quietscope/lock.json`` with owner, host and heartbeat.
+
+    A TIFF output is one file, written whole at the end of its job: its lock is a hidden file
+    beside it, ``.NAME.tif.quietscope-lock.json`` (:func:`lock_path`).
 
     Parameters
     ----------
@@ -117,7 +128,7 @@ class JobLock:
 
     def __init__(self, output: str, command: str = "predict") -> None:
         self.output = str(output).rstrip("/")
-        self.path = f"{self.output}/{LEDGER_DIR}/{LOCK_NAME}"
+        self.path = lock_path(self.output)
         self.command = command
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
