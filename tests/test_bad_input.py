@@ -49,6 +49,34 @@ def test_unknown_axes(image):
     assert_one_clear_line(code, out, "3 axes", "2 dimensions")
 
 
+@pytest.fixture()
+def zyx_ome(tmp_path):
+    data = (100 + 20 * np.random.default_rng(1).standard_normal((6, 24, 24))).astype(np.float32)
+    return write_ome(tmp_path / "v.ome.zarr", data, "zyx", (6, 24, 24))
+
+
+@pytest.mark.parametrize("command", ["info", "train", "predict", "filter", "inspect-noise", "evaluate", "simulate",
+                                     "noise-model fit", "noise-model bootstrap"])
+def test_axes_contradicting_the_metadata_are_refused_by_every_command(tmp_path, zyx_ome, command):
+    model = str(random_model(tmp_path / "m3.qs", 3, depth=1))
+    out = str(tmp_path / "out")
+    args = {
+        "info": [zyx_ome],
+        "train": [zyx_ome, "-o", f"{out}.qs", "--steps", "1"],
+        "predict": [model, zyx_ome, "-o", f"{out}.ome.zarr"],
+        "filter": [zyx_ome, "-o", f"{out}.ome.zarr", "--kind", "box"],
+        "inspect-noise": [zyx_ome, "-o", out],
+        "evaluate": [zyx_ome, zyx_ome],
+        "simulate": [zyx_ome, "-o", f"{out}.ome.zarr", "--poisson", "1"],
+        "noise-model fit": ["--calibration", zyx_ome, "-o", f"{out}.json"],
+        "noise-model bootstrap": [model, zyx_ome, "-o", f"{out}.json"],
+    }[command]
+    code, output = run(*command.split(), *args, "--axes", "tyx")
+    assert code == 2
+    assert_one_clear_line(code, output, "--axes tyx contradicts the axes zyx", "drop --axes (or pass --axes zyx)")
+    assert not any(p.name.startswith("out") for p in tmp_path.iterdir())  # refused before anything is written
+
+
 def test_patch_larger_than_volume(tmp_path, image):
     code, out = run("train", image, "-o", str(tmp_path / "m.qs"), "--patch", "128", "--steps", "1", "--depth", "1", "--filters", "4")
     assert_one_clear_line(code, out, "larger than the volume", "smaller --patch")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from scipy import ndimage
 from quietscope.errors import ConfigError, InputError
 from quietscope.io import open_image
 from quietscope.io.sample_data import find_data_dir, synthetic_clean
+from quietscope.methods.modelfile import read_manifest
 from quietscope.workflows.inspect_noise import (
     block_shape_for,
     inspect_noise,
@@ -266,3 +268,34 @@ def test_real_yeast_3d_is_read_by_time_point(tmp_path):
     res = inspect_noise(_real("yeast3d/yeast_mito_tzyx.tif"), n_blocks=3, block_size=(16, 64, 64))
     assert res.axes == "zyx" and res.block_shape == (16, 64, 64)
     assert res.voxels_read == 3 * 16 * 64 * 64 < res.image_voxels
+
+
+#: Appended to a recommended command: a compute budget only (none of these is recommended).
+_TINY_BUDGET = ["--steps", "2", "--batch", "2", "--val-every", "2", "--filters", "8"]
+
+
+@pytest.mark.parametrize("shape, correlated_axis", [((40, 56), None), ((17, 32, 32), 0)])
+def test_the_recommended_command_runs_on_the_data(tmp_path, monkeypatch, shape, correlated_axis):
+    """The 'Command:' line inspect-noise prints trains on that data as printed, plus a tiny
+    compute budget: a 17-plane stack needs a patch thinner than train's default 64."""
+    rng = np.random.default_rng(7)
+    noisy = _camera(synthetic_clean(shape, seed=3).astype(np.float64) * 2, rng)
+    if correlated_axis is not None:
+        noisy += _box(shape, rng, axis=correlated_axis, length=3, sd=6.0)
+    path = tmp_path / "data.tif"
+    tifffile.imwrite(path, np.clip(noisy, 0, 65535).astype(np.uint16))
+    monkeypatch.chdir(tmp_path)
+    r = _run([path, "-o", "rep", "--blocks", 4])
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.startswith("Command: "))
+    command = shlex.split(line.removeprefix("Command: "))
+    assert command[:5] == ["quietscope", "train", str(path), "-o", "model.qs"]
+    assert not set(_TINY_BUDGET[::2]) & set(command)
+    assert command[command.index("--patch") + 1] == ",".join(str(s - s % 4) for s in shape)
+    if correlated_axis is not None:
+        assert command[-2:] == ["--struct-mask", "z:5"]
+    t = CliRunner().invoke(cli, ["-q", *command[1:], *_TINY_BUDGET])
+    assert t.exit_code == 0, t.output
+    manifest = read_manifest(tmp_path / "model.qs")
+    assert manifest["method"]["method"] == command[command.index("--method") + 1]
+    assert len(manifest["history"]) == 2 and manifest["spatial_axes"] == "zyx"[-len(shape):]

@@ -67,6 +67,31 @@ def test_tiff_imagej_hyperstack_is_read_lazily_with_axes(tmp_path):
         img.read_tc(0, sp, 2)
 
 
+def test_axes_contradicting_the_metadata_are_refused_and_kept_where_it_names_none(tmp_path):
+    vol = np.zeros((5, 8, 8), np.uint16)
+    ome = write_ome(tmp_path / "v.ome.zarr", vol, "zyx", (5, 8, 8))
+    named = write_zarr_array(tmp_path / "n.zarr", vol, (5, 8, 8), dims=["t", "y", "x"])
+    tifffile.imwrite(ij := tmp_path / "ij.tif", vol, imagej=True, metadata={"axes": "TYX"})
+    tifffile.imwrite(om := tmp_path / "om.tif", vol, ome=True, metadata={"axes": "ZYX"})
+    for path, meta, source in ((ome, "zyx", "OME-Zarr"), (named, "tyx", "zarr dimension names"),
+                               (ij, "tyx", "ImageJ"), (om, "zyx", "OME-XML")):
+        wrong = "cyx" if meta != "cyx" else "zyx"
+        with pytest.raises(InputError, match=f"--axes {wrong} contradicts the axes {meta} in the {source}") as err:
+            open_image(path, axes=wrong)
+        assert f"drop --axes (or pass --axes {meta})" in str(err.value) and "\n" not in str(err.value)
+        assert open_image(path, axes=meta.upper()).source_axes == meta  # the matching one is accepted
+        assert open_image(path).source_axes == meta
+    # Where the metadata names no axes (plain zarr, a TIFF without ImageJ/OME axes), --axes rules.
+    plain = write_zarr_array(tmp_path / "p.zarr", vol, (5, 8, 8))
+    tifffile.imwrite(bare := tmp_path / "bare.tif", vol)  # tifffile guesses QYX
+    tifffile.imwrite(dims := tmp_path / "dims.tif", vol, imagej=True, metadata={"axes": "ZYX"})
+    for path in (plain, bare):
+        assert open_image(path, axes="tyx").source_axes == "tyx"
+    assert open_image(dims).source_axes == "zyx"
+    odd = write_zarr_array(tmp_path / "o.zarr", vol, (5, 8, 8), dims=["dim_0", "dim_1", "dim_2"])
+    assert open_image(odd, axes="zyx").source_axes == "zyx"  # names that are no axes: not a contradiction
+
+
 def test_rgb_tiff_samples_become_channels(tmp_path):
     data = np.zeros((10, 12, 3), np.uint8)
     data[..., 1] = 7

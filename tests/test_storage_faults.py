@@ -121,6 +121,28 @@ def test_two_plain_runs_started_together_one_wins(source, tmp_path):
     _same(out, ref)
 
 
+def test_second_writer_of_a_tiff_output_refused(source, tmp_path):
+    """TIFF outputs (staged, written whole at the end) take the same lock, beside the file."""
+    import tifffile
+
+    src, ref = source
+    out = tmp_path / "out.tif"
+    lock = tmp_path / ".out.tif.quietscope-lock.json"
+    first: list[object] = []
+    a = threading.Thread(target=lambda: first.append(run_box_job(src, str(out), {**OPTS, "threads": 1}, {"sleep": 0.1})))
+    a.start()
+    deadline = time.monotonic() + 60
+    while not lock.exists() and a.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    for extra in ({}, {"overwrite": True}):
+        with pytest.raises(OutputError, match="being written by another quietscope job") as err:
+            run_box_job(src, str(out), {**OPTS, **extra})
+        assert str(out) in str(err.value) and "\n" not in str(err.value)
+    a.join(120)
+    assert len(first) == 1 and not lock.exists()
+    np.testing.assert_array_equal(tifffile.imread(out), ref[0])
+
+
 def test_lock_of_a_killed_job_is_taken_over_at_once_on_its_host(source, tmp_path):
     src, ref = source
     out = tmp_path / "out.ome.zarr"
@@ -341,6 +363,51 @@ def test_disk_full_mid_run_then_resume_is_bit_identical(image, mount_tmpfs, tmp_
     code, text, _ = _cli(*FILTER, "--block", "64,64", image, "-o", str(out), "--resume")
     assert code == 0, text[-3000:]
     _same(out, read_levels(ref))
+
+
+def test_output_deleted_mid_run_is_one_line_at_once_and_resume_recreates_it(source, tmp_path):
+    """The output folder removed under a running job: one StorageError within seconds of the
+    deletion (storage faults are not rerun as tasks), then --resume rebuilds it bit-identically."""
+    src, ref = source
+    out = tmp_path / "out.ome.zarr"
+    gone_at: list[float] = []
+
+    def delete_after_two_blocks() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not gone_at:
+            if _n_done(out) >= 2:
+                out.rename(tmp_path / "trash")  # atomic: rmtree would race with the writes
+                gone_at.append(time.monotonic())
+                shutil.rmtree(tmp_path / "trash", ignore_errors=True)
+            time.sleep(0.005)
+
+    t = threading.Thread(target=delete_after_two_blocks)
+    t.start()
+    with pytest.raises(StorageError, match="vanished while being written") as err:
+        run_box_job(src, str(out), {**OPTS, "threads": 1}, {"sleep": 0.2})
+    secs = time.monotonic() - gone_at[0]
+    t.join()
+    assert "\n" not in str(err.value) and str(out) in str(err.value) and "--resume" in str(err.value)
+    assert secs < 10, secs
+    run_box_job(src, str(out), {**OPTS, "resume": True})
+    _same(out, ref)
+
+
+def test_a_storage_error_that_cannot_be_pickled_still_reaches_the_client_as_one():
+    """Worker processes pickle a task's StoreFault; zarr's ArrayNotFoundError (an output level
+    gone) cannot be rebuilt from its pickle, so it travels as the builtin FileNotFoundError."""
+    import pickle
+
+    from zarr.errors import ArrayNotFoundError
+
+    from quietscope.errors import storage_message
+    from quietscope.runner.executor import StoreFault, portable
+
+    fault = pickle.loads(pickle.dumps(StoreFault(portable(ArrayNotFoundError("store", "1")))))
+    assert type(fault.error) is FileNotFoundError
+    assert "vanished while being written (No array found in store 'store'" in storage_message(fault.error, "o.ome.zarr")
+    err = PermissionError(13, "Permission denied")
+    assert portable(err) is err  # what pickles is passed as it is
 
 
 def test_scheduler_address_errors_exit_at_once(image, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 import click
 
 from quietscope_cli.main import handle_errors
@@ -52,7 +54,7 @@ def inspect_noise(input_uri: str, report_dir: str, n_blocks: int, block_size: st
         click.echo(res.to_json())
         return
     click.echo(res.to_text(), nl=False)
-    click.echo(f"\nCommand: quietscope train {input_uri} -o model.qs {' '.join(res.report.options)}")
+    click.echo(f"\nCommand: {shlex.join(res.command)}")
     click.echo(f"Report and plots: {', '.join(str(p) for p in res.files.values())}")
 
 

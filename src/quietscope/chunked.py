@@ -9,6 +9,7 @@ logs each decision; the runner executes the plan; it never knows which method it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -990,6 +992,27 @@ def _execute(job: JobSpec, spec: OutputSpec, factory: ProcessorFactory, layout: 
              n_tasks, stats["seconds"], stats["voxels_per_s"], stats["tiles"], stats["lane_tasks"], stats["seconds_pyramid"])
 
 
+@contextlib.contextmanager
+def tiff_lock(output: str) -> Iterator[None]:
+    """Hold the one-writer lock of a TIFF output for the whole job (staging included).
+
+    A TIFF is computed into a private temporary OME-Zarr and written whole at the end, so two
+    runs on one ``out.tif`` would both compute and then write the same file at once; the
+    second is refused at the start instead, as for OME-Zarr outputs.
+
+    Raises
+    ------
+    OutputError
+        Another live job writes ``output``.
+    """
+    lock = JobLock(output)
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _stage_tiff(output: str, inputs: list[str], overwrite: bool) -> str:
     check_output_path(output, inputs, overwrite)
     Path(output).resolve().parent.mkdir(parents=True, exist_ok=True)  # as zarr does for OME-Zarr outputs
@@ -1067,20 +1090,15 @@ def run_prediction(
     layout = plan_layout(image, len(out_names), halo, options, as_tiff, memory, factor)
     factory = _subtiled(factory, layout, halo, factor)
     try:
-        return _run(image, output, factory, out_names, halo, factor, options, provenance, channel_windows,
-                    halo_reason, layout, as_tiff)
+        with tiff_lock(output) if as_tiff else contextlib.nullcontext():
+            return _run(image, output, factory, out_names, halo, factor, options, provenance, channel_windows,
+                        halo_reason, layout, as_tiff)
     except OSError as exc:  # also raised by workers: the client re-raises their exception
         raise StorageError(storage_message(exc, output)) from None
     except Exception as exc:
-        if type(exc).__module__.split(".")[0] not in _STORE_CLIENTS:
+        if not stores.is_store_fault(exc):
             raise
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise StorageError(f"output {output!r}: the store failed ({type(exc).__name__}: {first}); check the endpoint, "
-                           "the credentials and the network, then rerun with --resume") from None
-
-
-#: Object-store client libraries whose errors are not OSErrors (a store gone away mid-run).
-_STORE_CLIENTS = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google")
+        raise StorageError(stores.store_failure_message(exc, output)) from None
 
 
 def _run(image: Image, output: str, factory: ProcessorFactory, out_names: list[str], halo: tuple[int, ...],

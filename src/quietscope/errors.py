@@ -55,7 +55,11 @@ def storage_message(exc: OSError, path: object = None, role: str = "output") -> 
     "output 'out.ome.zarr' ran out of space (disk full); free space (or choose a bigger volume), then rerun with --resume"
     """
     where = path if path is not None else (exc.filename or "the output")
-    what, fix = _FIXES.get(exc.errno or -1, (f"failed: {exc.strerror or exc}", "check the storage and rerun with --resume"))
+    code = exc.errno or (errno.ENOENT if isinstance(exc, FileNotFoundError) else -1)
+    what, fix = _FIXES.get(code, (f"failed: {exc.strerror or exc}", "check the storage and rerun with --resume"))
+    if code == errno.ENOENT and exc.errno is None and str(exc):
+        # zarr and s3fs raise it without errno, naming what is gone ("The specified bucket does not exist")
+        what = f"vanished while being written ({str(exc).splitlines()[0]})"
     return f"{role} {str(where)!r} {what}; {fix}"
 
 

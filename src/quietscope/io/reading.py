@@ -165,6 +165,50 @@ def validate_axes(axes: str, ndim: int, where: str) -> str:
     return ax
 
 
+def resolve_axes(given: str | None, named: str | None, ndim: int, where: str, source: str) -> str:
+    """The source axes of an image: ``--axes`` where the metadata names none, else the metadata's.
+
+    ``--axes`` that contradicts axes the metadata names is refused rather than obeyed: it
+    would silently reinterpret the data (time read as z, channels as planes). Metadata axes
+    that are not a valid ``tczyx`` set (e.g. ``dim_0``) count as not named, so ``--axes``
+    still overrides them.
+
+    Parameters
+    ----------
+    given : str or None
+        ``--axes`` as typed.
+    named : str or None
+        One letter per dimension from the metadata, or None where it names no axes.
+    ndim : int
+        Dimensions of the array.
+    where : str
+        The input, for messages.
+    source : str
+        Which metadata named the axes, for the message (e.g. ``"OME-Zarr multiscales metadata"``).
+
+    Raises
+    ------
+    InputError
+        Invalid axes, or ``--axes`` contradicting the metadata.
+    """
+    if given is None:
+        return validate_axes(named if named is not None else _default_axes(ndim, where), ndim, where)
+    if named is not None and _is_valid(named, ndim) and given.lower() != named:
+        raise InputError(
+            f"--axes {given} contradicts the axes {named} in the {source} of {where!r}; "
+            f"drop --axes (or pass --axes {named}), or correct the file's metadata if it is wrong"
+        )
+    return validate_axes(given, ndim, where)
+
+
+def _is_valid(axes: str, ndim: int) -> bool:
+    try:
+        validate_axes(axes, ndim, "")
+    except InputError:
+        return False
+    return True
+
+
 def _canonical(axes: str) -> str:
     return "".join(a for a in CANONICAL if a in axes)
 
@@ -235,11 +279,10 @@ def _open_zarr(ref: ImageRef, root: Path, inner: str, location: str | None = Non
     if isinstance(node, zarr.Array):
         attrs = dict(node.attrs)
         names = getattr(node.metadata, "dimension_names", None) or attrs.get("_ARRAY_DIMENSIONS")
-        src_axes = ref.axes or ("".join(str(n)[0] for n in names) if names and all(names) else None)
-        if src_axes is None:
-            src_axes = _default_axes(node.ndim, ref.uri)
-            log.info("no axis metadata in %s: assuming %s (override with --axes)", ref.uri, src_axes)
-        src_axes = validate_axes(src_axes, node.ndim, ref.uri)
+        named = "".join(str(n)[0] for n in names) if names and all(names) else None
+        if named is None and ref.axes is None:
+            log.info("no axis metadata in %s: assuming %s (override with --axes)", ref.uri, _default_axes(node.ndim, ref.uri))
+        src_axes = resolve_axes(ref.axes, named, node.ndim, ref.uri, "zarr dimension names")
         if ref.level != 0:
             raise InputError(f"{ref.uri!r} is a single array, not a multiscale image; drop --level")
         return _make(ref, node, src_axes, None, None, 1, "zarr-array", None, attrs)
@@ -257,12 +300,10 @@ def _open_zarr(ref: ImageRef, root: Path, inner: str, location: str | None = Non
     ds = datasets[ref.level]
     arr = node[ds["path"]]
     axes_meta = ms0.get("axes")
-    if axes_meta is None:  # NGFF 0.3 and earlier: axes absent
-        src_axes = ref.axes or _default_axes(arr.ndim, ref.uri)
-    else:
-        names = [a["name"] if isinstance(a, dict) else a for a in axes_meta]
-        src_axes = ref.axes or "".join(n[0].lower() for n in names)
-    src_axes = validate_axes(src_axes, arr.ndim, ref.uri)
+    named = None  # NGFF 0.3 and earlier: axes absent
+    if axes_meta is not None:
+        named = "".join((a["name"] if isinstance(a, dict) else a)[0].lower() for a in axes_meta)
+    src_axes = resolve_axes(ref.axes, named, arr.ndim, ref.uri, "OME-Zarr multiscales metadata")
     scale, translation = _transforms(ds, ms0, arr.ndim)
     units = None
     if axes_meta is not None and all(isinstance(a, dict) for a in axes_meta):
@@ -301,6 +342,7 @@ def _open_tiff(ref: ImageRef, path: Path) -> Image:
             series = tf.series[0]
             n_levels = len(series.levels)
             tiff_axes = series.axes
+            axes_source = _tiff_axes_source(tf, series)
             scale_xy = _tiff_pixel_size(tf)
             ij = tf.imagej_metadata or {}
     except Exception as exc:
@@ -311,7 +353,8 @@ def _open_tiff(ref: ImageRef, path: Path) -> Image:
     store = tifffile.imread(path, aszarr=True, level=ref.level)
     arr = zarr.open(store, mode="r")
     if ref.axes:
-        src_axes = validate_axes(ref.axes, arr.ndim, ref.uri)
+        named = "".join(_TIFF_AXES[a] for a in tiff_axes) if axes_source else None
+        src_axes = resolve_axes(ref.axes, named, arr.ndim, ref.uri, axes_source or "")
     else:
         try:
             src_axes = "".join(_TIFF_AXES[a] for a in tiff_axes)
@@ -385,6 +428,25 @@ class _TiffProblems(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage().split("> ", 1)[-1])
+
+
+def _tiff_axes_source(tf: Any, series: Any) -> str | None:
+    """Which metadata of a TIFF names its axes (ImageJ, OME, tifffile's own), or None.
+
+    tifffile reports axes for every file, but for files without such metadata they are its
+    guesses (``Q`` unknown, ``I`` image sequence, ``S`` for a short first dimension), which
+    ``--axes`` may override.
+    """
+    axes = series.axes
+    if any(a not in _TIFF_AXES or a in "QI" for a in axes):
+        return None
+    if series.kind == "imagej":
+        return "ImageJ metadata"
+    if series.kind == "ome":
+        return "OME-XML metadata"
+    if series.kind == "shaped" and any("axes" in m for m in (tf.shaped_metadata or ())):
+        return "tifffile metadata"
+    return None
 
 
 def _tiff_pixel_size(tf: Any) -> float | None:

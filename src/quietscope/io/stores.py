@@ -11,16 +11,19 @@ variables (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, ...) an
 
 from __future__ import annotations
 
+import configparser
 import errno
 import itertools
 import logging
 import os
 import shutil
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any
 
 import fsspec
+import fsspec.config
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 
@@ -32,6 +35,44 @@ log = logging.getLogger(__name__)
 URL_SCHEMES = ("s3", "gs", "gcs", "http", "https", "file", "memory")
 READ_ONLY_SCHEMES = ("http", "https")
 OUTPUT_SUFFIXES = (".zarr", ".zarr/", ".tif", ".tiff")
+
+
+#: botocore retries for S3 unless the user chose them: the "standard" mode with 3 attempts (the
+#: AWS SDKs' default) instead of botocore's "legacy" 5 attempts, whose backoff (up to 1+2+4+8 s
+#: per request) made a vanished store take 30-60 s to report. Transient errors (503 SlowDown,
+#: throttling, a dropped connection) are still retried, with a bounded backoff.
+S3_RETRIES = {"mode": "standard", "max_attempts": 3}
+
+
+def user_sets_s3_retries(env: dict[str, str] | os._Environ = os.environ) -> bool:
+    """Whether the user chose botocore's retries: ``AWS_RETRY_MODE`` / ``AWS_MAX_ATTEMPTS``, or
+    ``retry_mode`` / ``max_attempts`` in the profile of ``AWS_CONFIG_FILE`` (``~/.aws/config``).
+    """
+    if "AWS_RETRY_MODE" in env or "AWS_MAX_ATTEMPTS" in env:
+        return True
+    profile = env.get("AWS_PROFILE", "default")
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(os.path.expanduser(env.get("AWS_CONFIG_FILE", "~/.aws/config")))
+    except configparser.Error:
+        return False
+    section = profile if profile == "default" else f"profile {profile}"
+    return parser.has_section(section) and any(parser.has_option(section, k) for k in ("retry_mode", "max_attempts"))
+
+
+def configure_s3_retries(conf: dict[str, Any] | None = None) -> None:
+    """Give s3fs file systems :data:`S3_RETRIES` through fsspec's per-protocol defaults (what
+    zarr's stores are built with, in this process and in worker processes, which import this
+    module), unless the user chose retries (environment, AWS profile, fsspec config).
+    """
+    conf = fsspec.config.conf if conf is None else conf
+    if user_sets_s3_retries():
+        return
+    config_kwargs = conf.setdefault("s3", {}).setdefault("config_kwargs", {})
+    config_kwargs.setdefault("retries", dict(S3_RETRIES))
+
+
+configure_s3_retries()
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -290,6 +331,38 @@ def clear_except(path: str | os.PathLike, keep: str) -> None:
             remove(child, recursive=True)
         elif tail:
             clear_except(child, tail)
+
+
+#: Object-store client libraries whose errors are not OSErrors (a store gone away mid-run).
+STORE_CLIENTS = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google")
+
+
+def is_store_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` is the storage failing (an OSError, or an object-store client's error)."""
+    return isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in STORE_CLIENTS
+
+
+def store_failure_message(exc: BaseException, output: str) -> str:
+    """One line for an object-store client's error under a running job (not an OSError).
+
+    A store that stopped answering is named by its endpoint (not by the request URL, which
+    carries query strings); anything else by the client's first line.
+
+    Examples
+    --------
+    >>> from botocore.exceptions import EndpointConnectionError      # doctest: +SKIP
+    >>> store_failure_message(EndpointConnectionError(endpoint_url="http://s3.lab:9000/b/x?list-type=2"),
+    ...                       "s3://b/out.ome.zarr")                   # doctest: +SKIP
+    "output 's3://b/out.ome.zarr': the store stopped answering (cannot connect to http://s3.lab:9000); ..."
+    """
+    url = (getattr(exc, "kwargs", None) or {}).get("endpoint_url")
+    if url and type(exc).__name__ in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"):
+        parts = urllib.parse.urlsplit(url)
+        return (f"output {output!r}: the store stopped answering (cannot connect to {parts.scheme}://{parts.netloc}); "
+                "check that it is up and reachable (AWS_ENDPOINT_URL), then rerun with --resume")
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return (f"output {output!r}: the store failed ({type(exc).__name__}: {first}); check the endpoint, "
+            "the credentials and the network, then rerun with --resume")
 
 
 def is_no_space(exc: BaseException) -> bool:

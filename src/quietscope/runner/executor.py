@@ -7,8 +7,10 @@ through a worker plugin. Tasks carry only block coordinates, never pixels or wei
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import pickle
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 from distributed import WorkerPlugin
 
+from quietscope.io import stores
 from quietscope.io.reading import ImageRef, open_image
 from quietscope.io.validation import check_finite
 from quietscope.io.writing import PYRAMID_AXES, cast_to, downsample2, open_level
@@ -169,6 +172,8 @@ class ProcessorPlugin(WorkerPlugin):
         self.factory = factory
         self.name = factory.token
         self.fn: TileFunction | None = None
+        #: The storage error a task of this run met on this worker (see ``_faults_returned``).
+        self.fault: BaseException | None = None
 
     def setup(self, worker: Any) -> None:
         self.fn = self.factory.build()
@@ -177,6 +182,80 @@ class ProcessorPlugin(WorkerPlugin):
         self.fn = None
 
 
+@dataclass(frozen=True)
+class StoreFault:
+    """A task's storage error, *returned* rather than raised, so that distributed does not rerun
+    the task: the store client has already retried each request (botocore, s3fs), and every task
+    rerun would wait through those retries again (a vanished store took ~40 s to report). The
+    client raises ``error`` as soon as it gathers this."""
+
+    error: BaseException
+
+
+def _faults_returned(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run the task ``fn(job, ...)``; a storage error (:func:`quietscope.io.stores.is_store_fault`)
+    becomes a :class:`StoreFault` result, any other error is raised (and retried by distributed).
+
+    After a fault, the worker's later tasks of the same run return it at once instead of
+    touching the store: tasks already queued there would each wait through the client's
+    retries, and closing the cluster waits for the running one.
+    """
+
+    @functools.wraps(fn)
+    def task(job: JobSpec, *args: Any) -> Any:
+        plugin = _plugin(job)
+        if plugin is not None and plugin.fault is not None:
+            return StoreFault(plugin.fault)
+        try:
+            return fn(job, *args)
+        except Exception as exc:
+            if not stores.is_store_fault(exc):
+                raise
+            fault = portable(exc)
+            if plugin is not None:
+                plugin.fault = fault
+            return StoreFault(fault)
+
+    return task
+
+
+def portable(exc: BaseException) -> BaseException:
+    """``exc``, or a plain builtin OSError with its message when ``exc`` does not survive pickling.
+
+    Results of worker processes are pickled; some errors cannot be rebuilt from their pickle
+    (zarr's ``ArrayNotFoundError`` formats its arguments again), and the client would get a
+    deserialisation failure instead of the storage error.
+    """
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, OSError):  # the nearest builtin class keeps its meaning (FileNotFoundError)
+            base = next(c for c in type(exc).__mro__ if c.__module__ == "builtins" and issubclass(c, OSError))
+            return base(exc.errno, text) if exc.errno else base(text)
+        return OSError(f"{type(exc).__name__}: {text}")
+
+
+def _plugin(job: JobSpec) -> ProcessorPlugin | None:
+    """This run's plugin on the worker running the task (None outside a worker, or in a
+    lane-only resume, which registers none)."""
+    from distributed import get_worker
+
+    try:
+        return get_worker().plugins.get(job.processor)
+    except ValueError:  # not in a worker
+        return None
+
+
+def raise_fault(result: Any) -> Any:
+    """``result``, or its storage error raised when a task returned a :class:`StoreFault`."""
+    if isinstance(result, StoreFault):
+        raise result.error
+    return result
+
+
+@_faults_returned
 def _run_task(job: JobSpec, group: tuple[BlockTask, ...]) -> tuple[int, int, np.ndarray]:
     from distributed import get_worker
 
@@ -200,6 +279,7 @@ def _tile_data(src: Any, plan: PyramidPlan, tile: Tile, dtype: str) -> np.ndarra
     return downsample2(np.asarray(src[region]), pyr, plan.level_shapes[tile.level - 1], region, dtype)
 
 
+@_faults_returned
 def process_tiles(job: JobSpec, plan: PyramidPlan, tiles: tuple[Tile, ...]) -> int:
     """Write coarse pyramid tiles (sources first) from the level below, each marked done after
     its pixels. Tiles smaller than their write unit are gathered per unit: the unit is read
@@ -444,7 +524,7 @@ def _drain(stream: _Stream, state: RunState, n_tasks: int, progress: bool,
     bar = tqdm(total=n_tasks, disable=not progress, desc="predict", unit="block")
     shape0 = stream.pyramid.plan.level_shapes[0] if stream.pyramid else ()
     for batch in stream.ac.batches():
-        results = stream.client.gather(batch)  # small numbers and value samples, never pixels
+        results = [raise_fault(r) for r in stream.client.gather(batch)]  # small numbers and value samples, never pixels
         freed = 0
         for f, res in zip(batch, results):
             kind, payload = stream.meta.pop(f.key)

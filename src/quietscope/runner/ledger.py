@@ -60,6 +60,8 @@ LEVELS_DIR = "levels"
 HEARTBEAT_S = float(os.environ.get("QUIETSCOPE_LOCK_HEARTBEAT_S", "10"))
 #: A lock whose heartbeat is older than this is stale (its job died on another host).
 STALE_S = float(os.environ.get("QUIETSCOPE_LOCK_STALE_S", "120"))
+#: Seconds an exiting job waits for its lock to be removed (a vanished store never answers).
+RELEASE_S = 1.0
 
 
 def _now() -> str:
@@ -102,8 +104,19 @@ def _user() -> str:
         return str(os.getuid())
 
 
+def lock_path(output: str) -> str:
+    """Where the lock of ``output`` lives: inside an OME-Zarr's ledger, beside a TIFF file."""
+    if output.lower().endswith((".tif", ".tiff")):
+        head, _, name = output.rpartition("/")
+        return f"{head}/.{name}.quietscope-lock.json" if head else f".{name}.quietscope-lock.json"
+    return f"{output}/{LEDGER_DIR}/{LOCK_NAME}"
+
+
 class JobLock:
     """The exclusive lock of one output: ``.quietscope/lock.json`` with owner, host and heartbeat.
+
+    A TIFF output is one file, written whole at the end of its job: its lock is a hidden file
+    beside it, ``.NAME.tif.quietscope-lock.json`` (:func:`lock_path`).
 
     Parameters
     ----------
@@ -115,7 +128,7 @@ class JobLock:
 
     def __init__(self, output: str, command: str = "predict") -> None:
         self.output = str(output).rstrip("/")
-        self.path = f"{self.output}/{LEDGER_DIR}/{LOCK_NAME}"
+        self.path = lock_path(self.output)
         self.command = command
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
@@ -190,6 +203,9 @@ class JobLock:
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 current = self.read()
+                if current is None and not stores.exists(self.path.rpartition("/")[0] or "."):
+                    self.lost = True  # the output went away with its lock: the failing writes say so
+                    return
                 if current is None or current.get("token") != self.token:
                     log.error("the lock of %s was taken by another job; this job's output may be overwritten", self.output)
                     self.lost = True
@@ -204,8 +220,22 @@ class JobLock:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    def release(self) -> None:
-        """Stop the heartbeat and remove the lock if it is still ours; never raises."""
+    def release(self, timeout: float | None = None) -> None:
+        """Stop the heartbeat and remove the lock if it is still ours, waiting at most ``timeout``
+        seconds (default :data:`RELEASE_S`); never raises.
+
+        A store that stopped answering would otherwise hold the exit through its client's
+        retries (tens of seconds); a lock left behind that way is stale, taken over at once by
+        the next run on this host and after :data:`STALE_S` elsewhere.
+        """
+        worker = threading.Thread(target=self._release, name="quietscope-lock-release", daemon=True)
+        worker.start()
+        worker.join(RELEASE_S if timeout is None else timeout)
+        if worker.is_alive():
+            log.debug("the lock of %s was not removed within %.0f s (the store does not answer); it goes stale",
+                      self.output, RELEASE_S if timeout is None else timeout)
+
+    def _release(self) -> None:
         self.stop()
         try:
             current = self.read()

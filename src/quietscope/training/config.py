@@ -5,6 +5,25 @@ from __future__ import annotations
 from quietscope.errors import ConfigError
 from quietscope.methods import get_method_class
 
+#: ``train``'s default patch edge (``--patch 64``).
+DEFAULT_PATCH = 64
+
+
+def fitting_patch(spatial_shape: tuple[int, ...], edge: int = DEFAULT_PATCH, multiple: int = 4) -> tuple[int, ...]:
+    """The patch ``edge`` clipped to the data: per axis at most its extent, a multiple of ``multiple``.
+
+    ``multiple`` is the U-Net's pooling factor (``2**depth``). An axis shorter than
+    ``multiple`` keeps its full extent (it can only be trained without pooling along it).
+
+    >>> fitting_patch((17, 512, 30))
+    (16, 64, 28)
+    """
+    out = []
+    for s in spatial_shape:
+        p = min(edge, s)
+        out.append(p - p % multiple or s)
+    return tuple(out)
+
 
 def expand_patch(patch: tuple[int, ...], spatial_ndim: int) -> tuple[int, ...]:
     """``(64,)`` -> ``(64, 64)`` or ``(64, 64, 64)``; longer tuples must match the data."""

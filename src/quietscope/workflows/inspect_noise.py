@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from quietscope.errors import ConfigError, InputError, OutputError
 from quietscope.inference import load_for_inference, predict_whole
 from quietscope.io.reading import Image, open_image
 from quietscope.io.sampling import BlockSample, block_shape_for, read_blocks, sample_blocks
+from quietscope.methods import get_method_class
+from quietscope.methods.base import NetConfig
 from quietscope.noise_analysis.correlation import (
     DEFAULT_THRESHOLD,
     NoiseStructure,
@@ -33,6 +36,7 @@ from quietscope.noise_analysis.correlation import (
 )
 from quietscope.noise_analysis.plots import plot_autocorrelation, plot_mean_variance
 from quietscope.noise_analysis.report import NoiseReport, analyse_noise, build_report, eight_bit_warning
+from quietscope.training.config import DEFAULT_PATCH, fitting_patch
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,8 @@ class InspectResult:
         Channel analysed.
     files : dict
         Written files by role (``report``, ``mean_variance``, ``autocorrelation``, ...).
+    command : list of str
+        The recommended ``quietscope train`` command line, runnable on this input as it stands.
     """
 
     report: NoiseReport
@@ -83,6 +89,7 @@ class InspectResult:
     source: str
     residual_source: str | None = None
     files: dict[str, Path] = field(default_factory=dict)
+    command: list[str] = field(default_factory=list)
 
     @property
     def fraction_read(self) -> float:
@@ -103,6 +110,7 @@ class InspectResult:
             "blocks": self.sample.to_dict(),
         }
         out["residual_source"] = self.residual_source
+        out["command"] = shlex.join(self.command)
         out["files"] = {k: str(v) for k, v in self.files.items()}
         return out
 
@@ -242,6 +250,39 @@ def residual_advice(
     return out
 
 
+def data_options(image: Image, options: list[str]) -> list[str]:
+    """``options`` plus what ``train``'s defaults need to run on this image.
+
+    The default patch (64 per axis) does not fit a thin stack (17 planes) or a small image, so
+    a patch clipped to the data (a multiple of the U-Net's pooling) is added after the method;
+    a stack thinner than that pooling is trained at full z resolution (``--z-pool no``).
+    """
+    shape = image.spatial_shape
+    multiple = 2 ** NetConfig().depth
+    patch = fitting_patch(shape, DEFAULT_PATCH, multiple)
+    extra: list[str] = []
+    if patch != (DEFAULT_PATCH,) * len(shape):
+        extra += ["--patch", ",".join(map(str, patch))]
+    method = options[1] if options[:1] == ["--method"] else "n2v"
+    if len(shape) == 3 and shape[0] < multiple and get_method_class(method).supports_z_pool_off:
+        extra += ["--z-pool", "no"]
+    return options[:2] + extra + options[2:]
+
+
+def train_command(uri: str | Path, options: list[str], axes: str | None, level: int) -> list[str]:
+    """The ``quietscope train`` command line for ``uri`` with the recommended ``options``.
+
+    ``--axes`` and ``--level`` are repeated when the analysis needed them, so the command
+    opens the input the same way.
+    """
+    cmd = ["quietscope", "train", str(uri), "-o", "model.qs", *options]
+    if axes is not None:
+        cmd += ["--axes", axes]
+    if level:
+        cmd += ["--level", str(level)]
+    return cmd
+
+
 def _with_residual(report: NoiseReport, image: Image, sample: BlockSample, blocks: list[np.ndarray],
                    model: str | Path | None, prediction: str | Path | None, channel: int, device: str, level: int,
                    max_lag: int) -> tuple[NoiseReport, Any, str | None]:
@@ -346,6 +387,7 @@ def inspect_noise(
 
     report, residual_acf, source = _with_residual(report, image, sample, blocks, model, prediction, channel, device,
                                                   level, max_lag)
+    report.options = data_options(image, report.options)
     stretched = eight_bit_warning(blocks)
     if stretched:
         log.warning("%s", stretched)
@@ -363,6 +405,7 @@ def inspect_noise(
         channel=channel,
         source=str(uri),
         residual_source=source,
+        command=train_command(uri, report.options, axes, level),
     )
     if report_dir is not None:
         write_report(result, report_dir)
