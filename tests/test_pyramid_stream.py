@@ -211,3 +211,12 @@ def test_sigkill_then_resume_is_bit_identical(source, tmp_path, when):
     res = run_box_job(src, str(out), {**opts, "resume": True})
     assert res.n_done_before == n_done
     _assert_equal_levels(read_levels(out), ref)
+
+
+def test_pyramid_plan_log_names_only_levels_that_exist():
+    from quietscope.chunked import _pyramid_plan_text
+
+    assert _pyramid_plan_text(0, 5) == "levels 1..4 tile by tile as soon as their sources are written"
+    assert _pyramid_plan_text(4, 5) == "levels 1..4 written by each block as it finishes"
+    assert _pyramid_plan_text(2, 5) == ("levels 1..2 written by each block as it finishes; "
+                                        "levels 3..4 tile by tile as soon as their sources are written")

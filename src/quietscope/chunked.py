@@ -812,9 +812,15 @@ def _log_plan(layout: Layout, spec: OutputSpec, halo: tuple[int, ...], factor: F
         n_blocks, layout.n_t, hf, spec.dtype, layout.out_axes, spec.ngff, spec.n_levels,
     )
     if spec.n_levels and spec.n_levels > 1:
-        log.info("pyramid: levels 1..%d written by each block as it finishes%s", local_levels,
-                 f"; levels {local_levels + 1}..{spec.n_levels - 1} tile by tile as soon as their sources are written"
-                 if local_levels < spec.n_levels - 1 else "")
+        log.info("pyramid: %s", _pyramid_plan_text(local_levels, spec.n_levels))
+
+
+def _pyramid_plan_text(local_levels: int, n_levels: int) -> str:
+    """Which pyramid levels the block tasks write and which are tiled after their sources."""
+    parts = [f"levels 1..{local_levels} written by each block as it finishes"] if local_levels else []
+    if local_levels < n_levels - 1:
+        parts.append(f"levels {local_levels + 1}..{n_levels - 1} tile by tile as soon as their sources are written")
+    return "; ".join(parts)
 
 
 def _subtiled(factory: ProcessorFactory, layout: Layout, halo: tuple[int, ...], factor: Factor) -> ProcessorFactory:
