@@ -172,34 +172,42 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def summarise(rows: list[dict[str, Any]], datasets: list[str]) -> tuple[str, list[dict[str, Any]]]:
+def _mean_sem(values: list[float]) -> tuple[float | None, float | None]:
     from quietscope.metrics import mean_and_sem
 
+    return mean_and_sem(values) if values else (None, None)  # a dataset with no finished seed yet
+
+
+def summarise(rows: list[dict[str, Any]], datasets: list[str]) -> tuple[str, list[dict[str, Any]]]:
     names = ["n2v", "pn2v-boot (kept model)", "boot stage: N2V", "boot stage: PN2V MMSE", "boot stage: PN2V prior mean"]
+    deltas = {"kept_minus_n2v": "pn2v-boot (kept model)", "pn2v_mmse_minus_n2v": "boot stage: PN2V MMSE",
+              "pn2v_prior_minus_n2v": "boot stage: PN2V prior mean"}
     table, summary = [], []
     for ds in datasets:
         got = {(r["row"], r["seed"]): r for r in rows if r["dataset"] == ds}
         seeds = sorted({s for (_, s) in got})
-        diffs = [got[("pn2v-boot (kept model)", s)]["psnr_affine"] - got[("n2v", s)]["psnr_affine"]
-                 for s in seeds if ("pn2v-boot (kept model)", s) in got and ("n2v", s) in got]
-        mm = [got[("boot stage: PN2V MMSE", s)]["psnr_affine"] - got[("n2v", s)]["psnr_affine"]
-              for s in seeds if ("boot stage: PN2V MMSE", s) in got and ("n2v", s) in got]
-        pr = [got[("boot stage: PN2V prior mean", s)]["psnr_affine"] - got[("n2v", s)]["psnr_affine"]
-              for s in seeds if ("boot stage: PN2V prior mean", s) in got and ("n2v", s) in got]
+
+        def minus_n2v(row: str) -> list[float]:
+            return [got[(row, s)]["psnr_affine"] - got[("n2v", s)]["psnr_affine"] for s in seeds if (row, s) in got and ("n2v", s) in got]
+
         kept = [got[("pn2v-boot (kept model)", s)] for s in seeds if ("pn2v-boot (kept model)", s) in got]
         entry = {"dataset": ds, "n": len(seeds),
-                 **{k: mean_and_sem([got[(k, s)]["psnr_affine"] for s in seeds if (k, s) in got]) for k in names},
-                 "kept_minus_n2v": mean_and_sem(diffs) if diffs else None, "pn2v_mmse_minus_n2v": mean_and_sem(mm) if mm else None,
-                 "pn2v_prior_minus_n2v": mean_and_sem(pr) if pr else None,
+                 **{k: _mean_sem([got[(k, s)]["psnr_affine"] for s in seeds if (k, s) in got]) for k in names},
+                 **{k: _mean_sem(minus_n2v(row)) for k, row in deltas.items()},
                  "kept": [r["kept"] for r in kept], "agrees": [r["agrees"] for r in kept]}
         summary.append(entry)
-        table.append([ds, str(len(seeds))] + [fmt_mean_sem(*entry[k]) if entry[k][0] is not None else "–" for k in names]
-                     + [fmt_mean_sem(*entry["kept_minus_n2v"]) if diffs else "–", fmt_mean_sem(*entry["pn2v_mmse_minus_n2v"]) if mm else "–",
-                        fmt_mean_sem(*entry["pn2v_prior_minus_n2v"]) if pr else "–",
-                        "/".join(entry["kept"]), "/".join("yes" if a else "no" for a in entry["agrees"])])
+        table.append([ds, str(len(seeds))] + [fmt_mean_sem(*entry[k]) for k in [*names, *deltas]]
+                     + ["/".join(entry["kept"]), "/".join("yes" if a else "no" for a in entry["agrees"])])
     header = ["data", "seeds", "N2V (all steps)", "pn2v-boot (kept)", "stage N2V", "stage PN2V MMSE", "stage PN2V prior",
               "kept − N2V", "PN2V MMSE − N2V", "PN2V prior − N2V", "kept", "choice = GT ranking"]
     return markdown_table(header, table), summary
+
+
+def collect(work: Path, steps: int, datasets: list[str]) -> list[dict[str, Any]]:
+    """The rows each task wrote into the work folder (``--collect``: runs stopped before the end)."""
+    import json
+
+    return [r for ds in datasets for f in sorted((work / ds).glob(f"rows_s*_steps{steps}.json")) for r in json.loads(f.read_text())]
 
 
 def main() -> None:
@@ -211,8 +219,14 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/qs-pn2v-boot")
     ap.add_argument("--output", default=str(RESULTS / "pn2v_boot.json"))
+    ap.add_argument("--collect", action="store_true", help="train nothing: tabulate the rows the tasks wrote into --workdir")
     args = ap.parse_args()
     work, t_start = Path(args.workdir), time.perf_counter()
+    if args.collect:
+        table, summary = summarise(rows := collect(work, args.steps, args.datasets), args.datasets)
+        write_json(args.output, {"machine": machine(), "collected_from": str(work), "rows": rows, "summary": summary})
+        print(table)
+        return
     data = {ds: make_data(work, ds) for ds in args.datasets}
     tasks = [{**data[ds], "seed": s, "steps": args.steps, "n2v_fraction": args.n2v_fraction}
              for s in args.seeds for ds in args.datasets]  # seed-major: whole seeds finish first
