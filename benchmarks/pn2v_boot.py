@@ -8,7 +8,8 @@ Issue 20: bootstrapped PN2V must never lose to the N2V it came from. Per dataset
   clipped ends censored), PN2V warm-started from that N2V for the rest, and the self-supervised
   keep-the-better rule (Stein's risk estimate on the held-apart slab; ``workflows/pn2v_boot.py``).
   Its output is the model it kept. The stages are scored too (its N2V, PN2V's posterior mean,
-  PN2V's prior mean), so that the ground-truth ranking can be set against the choice.
+  PN2V's prior mean: the rule's three candidates), so that the ground-truth ranking can be set
+  against the choice; the kept model file is predicted with its own default estimate.
 
 Data (``shared/data``):
 
@@ -23,7 +24,7 @@ Data (``shared/data``):
 Network and budget: U-Net depth 2, 16 filters, batch 16, 32² patches, 2 % masked, Adam lr 1e-3
 cosine; the same for every model. One torch thread per process::
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/pn2v_boot.py --steps 1000 --seeds 0 1 2 --jobs 2
+    QS_THREADS=1 OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python -m benchmarks.pn2v_boot --steps 1000 --seeds 0 1 2 --jobs 2
 
 Rows are appended to the JSON (``--output``) as each task finishes.
 """
@@ -144,7 +145,7 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
         from quietscope.workflows.pn2v_boot import BootChoice
 
         r = read_manifest(boot)["pn2v_boot"]
-        choice = BootChoice(**{k: r[k] for k in BootChoice.__dataclass_fields__})
+        choice = BootChoice(**{k: r[k] for k in BootChoice.__dataclass_fields__ if k in r})
     else:
         choice = train_pn2v_boot(str(src), boot, method, tr, overwrite=True, progress=False,
                                  n2v_fraction=task["n2v_fraction"])
@@ -153,12 +154,17 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
     s_n2v = score(_predict(stages / "n2v.qs", src, d / f"p_bn2v_s{seed}.ome.zarr"), clean, name)
     s_mmse = score(_predict(stages / "pn2v.qs", src, d / f"p_mmse_s{seed}.ome.zarr"), clean, name)
     s_prior = score(_predict(stages / "pn2v.qs", src, d / f"p_prior_s{seed}.ome.zarr", {"estimate": "prior"}), clean, name)
-    final = s_mmse if choice.kept == "pn2v" else s_n2v
+    candidates = {"n2v": s_n2v, "pn2v": s_mmse, "pn2v-prior": s_prior}
+    # The kept file predicted as a user would (its default estimate): must equal its candidate's score.
+    final = score(_predict(boot, src, d / f"p_boot_s{seed}.ome.zarr"), clean, name)
     rec = {"kept": choice.kept, "sure_n2v": choice.n2v_risk, "sure_pn2v": choice.pn2v_risk, "sure_diff": choice.difference,
-           "sure_diff_se": choice.difference_se, "sure_pixels": choice.n_pixels, "variance_source": choice.variance_source}
-    gt_pref = "pn2v" if s_mmse["psnr_affine"] > s_n2v["psnr_affine"] else "n2v"
+           "sure_diff_se": choice.difference_se, "sure_prior": choice.prior_risk, "sure_prior_diff": choice.prior_difference,
+           "sure_prior_diff_se": choice.prior_difference_se, "sure_pixels": choice.n_pixels,
+           "variance_source": choice.variance_source}
+    gt_pref = max(candidates, key=lambda k: candidates[k]["psnr_affine"])
     rows.append({**base, "row": "pn2v-boot (kept model)", "train_s": t_boot, **final, **rec, "gt_prefers": gt_pref,
-                 "agrees": gt_pref == choice.kept})
+                 "agrees": gt_pref == choice.kept, "kept_file_matches_candidate":
+                 abs(final["psnr_affine"] - candidates[choice.kept]["psnr_affine"]) < 1e-3})
     rows.append({**base, "row": "boot stage: N2V", **s_n2v})
     rows.append({**base, "row": "boot stage: PN2V MMSE", **s_mmse})
     rows.append({**base, "row": "boot stage: PN2V prior mean", **s_prior})
@@ -166,30 +172,42 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def summarise(rows: list[dict[str, Any]], datasets: list[str]) -> tuple[str, list[dict[str, Any]]]:
+def _mean_sem(values: list[float]) -> tuple[float | None, float | None]:
     from quietscope.metrics import mean_and_sem
 
+    return mean_and_sem(values) if values else (None, None)  # a dataset with no finished seed yet
+
+
+def summarise(rows: list[dict[str, Any]], datasets: list[str]) -> tuple[str, list[dict[str, Any]]]:
     names = ["n2v", "pn2v-boot (kept model)", "boot stage: N2V", "boot stage: PN2V MMSE", "boot stage: PN2V prior mean"]
+    deltas = {"kept_minus_n2v": "pn2v-boot (kept model)", "pn2v_mmse_minus_n2v": "boot stage: PN2V MMSE",
+              "pn2v_prior_minus_n2v": "boot stage: PN2V prior mean"}
     table, summary = [], []
     for ds in datasets:
         got = {(r["row"], r["seed"]): r for r in rows if r["dataset"] == ds}
         seeds = sorted({s for (_, s) in got})
-        diffs = [got[("pn2v-boot (kept model)", s)]["psnr_affine"] - got[("n2v", s)]["psnr_affine"]
-                 for s in seeds if ("pn2v-boot (kept model)", s) in got and ("n2v", s) in got]
-        mm = [got[("boot stage: PN2V MMSE", s)]["psnr_affine"] - got[("n2v", s)]["psnr_affine"]
-              for s in seeds if ("boot stage: PN2V MMSE", s) in got and ("n2v", s) in got]
+
+        def minus_n2v(row: str) -> list[float]:
+            return [got[(row, s)]["psnr_affine"] - got[("n2v", s)]["psnr_affine"] for s in seeds if (row, s) in got and ("n2v", s) in got]
+
         kept = [got[("pn2v-boot (kept model)", s)] for s in seeds if ("pn2v-boot (kept model)", s) in got]
         entry = {"dataset": ds, "n": len(seeds),
-                 **{k: mean_and_sem([got[(k, s)]["psnr_affine"] for s in seeds if (k, s) in got]) for k in names},
-                 "kept_minus_n2v": mean_and_sem(diffs) if diffs else None, "pn2v_mmse_minus_n2v": mean_and_sem(mm) if mm else None,
+                 **{k: _mean_sem([got[(k, s)]["psnr_affine"] for s in seeds if (k, s) in got]) for k in names},
+                 **{k: _mean_sem(minus_n2v(row)) for k, row in deltas.items()},
                  "kept": [r["kept"] for r in kept], "agrees": [r["agrees"] for r in kept]}
         summary.append(entry)
-        table.append([ds, str(len(seeds))] + [fmt_mean_sem(*entry[k]) if entry[k][0] is not None else "–" for k in names]
-                     + [fmt_mean_sem(*entry["kept_minus_n2v"]) if diffs else "–", fmt_mean_sem(*entry["pn2v_mmse_minus_n2v"]) if mm else "–",
-                        "/".join(entry["kept"]), "/".join("yes" if a else "no" for a in entry["agrees"])])
+        table.append([ds, str(len(seeds))] + [fmt_mean_sem(*entry[k]) for k in [*names, *deltas]]
+                     + ["/".join(entry["kept"]), "/".join("yes" if a else "no" for a in entry["agrees"])])
     header = ["data", "seeds", "N2V (all steps)", "pn2v-boot (kept)", "stage N2V", "stage PN2V MMSE", "stage PN2V prior",
-              "kept − N2V", "PN2V MMSE − N2V", "kept", "choice = GT ranking"]
+              "kept − N2V", "PN2V MMSE − N2V", "PN2V prior − N2V", "kept", "choice = GT ranking"]
     return markdown_table(header, table), summary
+
+
+def collect(work: Path, steps: int, datasets: list[str]) -> list[dict[str, Any]]:
+    """The rows each task wrote into the work folder (``--collect``: runs stopped before the end)."""
+    import json
+
+    return [r for ds in datasets for f in sorted((work / ds).glob(f"rows_s*_steps{steps}.json")) for r in json.loads(f.read_text())]
 
 
 def main() -> None:
@@ -201,8 +219,14 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/qs-pn2v-boot")
     ap.add_argument("--output", default=str(RESULTS / "pn2v_boot.json"))
+    ap.add_argument("--collect", action="store_true", help="train nothing: tabulate the rows the tasks wrote into --workdir")
     args = ap.parse_args()
     work, t_start = Path(args.workdir), time.perf_counter()
+    if args.collect:
+        table, summary = summarise(rows := collect(work, args.steps, args.datasets), args.datasets)
+        write_json(args.output, {"machine": machine(), "collected_from": str(work), "rows": rows, "summary": summary})
+        print(table)
+        return
     data = {ds: make_data(work, ds) for ds in args.datasets}
     tasks = [{**data[ds], "seed": s, "steps": args.steps, "n2v_fraction": args.n2v_fraction}
              for s in args.seeds for ds in args.datasets]  # seed-major: whole seeds finish first

@@ -11,10 +11,10 @@ import pytest
 import tifffile
 import torch
 
-from quietscope.errors import ConfigError
+from quietscope.errors import ConfigError, InputError
 from quietscope.io.sample_data import synthetic_clean
 from quietscope.methods import build_method
-from quietscope.methods.modelfile import load_model, read_manifest
+from quietscope.methods.modelfile import load_model, read_manifest, save_model
 from quietscope.methods.pn2v import PN2V, blind_spot_risk, prior_mean, spread_offsets
 from quietscope.noise_models import GMMNoiseModel
 from quietscope.workflows import pn2v_boot
@@ -116,6 +116,68 @@ def test_choose_keeps_pn2v_only_when_it_is_clearly_better():
     assert c.kept == "n2v" and c.difference < 0 and c.difference + c.difference_se > 0
 
 
+def test_choose_three_candidates_scripted():
+    rng = np.random.default_rng(1)
+    n2v = 10 + rng.normal(0, 1, 4000)
+    worse, better, best = n2v + 0.5, n2v - 0.5, n2v - 1.0
+    # Only the prior mean beats N2V: keep it.
+    c = choose(n2v, worse, prior_risk=better)
+    assert c.kept == "pn2v-prior" and c.label == "PN2V (prior mean)"
+    assert c.prior_difference == pytest.approx(-0.5) and c.difference == pytest.approx(0.5)
+    # Both beat N2V; the posterior mean is clearly lower than the prior mean: keep it.
+    assert choose(n2v, best, prior_risk=better).kept == "pn2v"
+    # Both beat N2V equally (a tie): the prior mean, which needs no noise model at prediction.
+    assert choose(n2v, better, prior_risk=better.copy()).kept == "pn2v-prior"
+    # Only the posterior mean beats N2V.
+    assert choose(n2v, better, prior_risk=worse).kept == "pn2v"
+    # Neither, and a tie of all three: N2V.
+    assert choose(n2v, worse, prior_risk=worse).kept == "n2v"
+    assert choose(n2v, n2v.copy(), prior_risk=n2v.copy()).kept == "n2v"
+
+
+def test_choose_margin_decides_between_the_pn2v_estimates():
+    n = 4000
+    n2v = np.full(n, 10.0)
+    alternate = np.where(np.arange(n) % 2 == 0, 1.0, -1.0)  # paired s.e. of 1/sqrt(n) ~ 0.0158
+    prior = n2v - 0.02 + alternate  # lower than N2V by ~1.3 s.e.
+    c1, c2 = choose(n2v, n2v + 1, 1.0, prior_risk=prior), choose(n2v, n2v + 1, 2.0, prior_risk=prior)
+    assert (c1.kept, c2.kept) == ("pn2v-prior", "n2v")
+    assert 1.0 < -c1.prior_difference / c1.prior_difference_se < 2.0
+    # Both far below N2V; the posterior mean below the prior mean by ~1.3 s.e.: replaces it at
+    # margin 1, not at margin 2 (a lower mean within the noise keeps the prior mean).
+    mmse = prior - 0.02 + np.where(np.arange(n) % 4 < 2, 1.0, -1.0)
+    c1, c2 = choose(n2v + 1, mmse, 1.0, prior_risk=prior), choose(n2v + 1, mmse, 2.0, prior_risk=prior)
+    assert (c1.kept, c2.kept) == ("pn2v", "pn2v-prior")
+    assert c2.pn2v_risk < c2.prior_risk and 1.0 < -c2.posterior_vs_prior / c2.posterior_vs_prior_se < 2.0
+    with pytest.raises(InputError, match="same >= 2 pixels"):
+        choose(n2v, n2v, prior_risk=n2v[:-1])
+
+
+def test_model_saved_with_prior_estimate_predicts_the_prior_by_default(tmp_path):
+    from quietscope.inference import load_for_inference
+    from quietscope.methods.modelfile import save_model
+    from quietscope.workflows.info import describe
+
+    torch.manual_seed(0)
+    pn2v = build_method({"method": "pn2v", "spatial_ndim": 2, "net": TINY, "n_samples": 8,
+                         "noise_model": gaussian_model().to_dict()})
+    pn2v.set_normalization([200.0], [50.0])
+    assert pn2v.estimate == "mmse" and pn2v.config.estimate == "mmse"  # older files: no field, mmse
+    pn2v.set_default_estimate("prior")
+    save_model(tmp_path / "p.qs", pn2v, {})
+    x = (200 + SIGMA * torch.randn(1, 1, 32, 32))
+    loaded = load_for_inference(tmp_path / "p.qs")
+    assert loaded.method.estimate == "prior" and describe(tmp_path / "p.qs")["method"]["estimate"] == "prior"
+    with torch.no_grad():
+        got = loaded.method.predict(x)
+        want = prior_mean(loaded.method._samples(loaded.method.normalize(x)).movedim(2, -1))
+        torch.testing.assert_close(got, want)
+        mmse = load_for_inference(tmp_path / "p.qs", inference={"estimate": "mmse"}).method.predict(x)
+    assert float((mmse - want).abs().max()) > 1e-3  # --estimate mmse still overrides it
+    with pytest.raises(ConfigError, match="--estimate"):
+        pn2v.set_default_estimate("median")
+
+
 def test_blind_spot_risk_estimates_the_true_error():
     # Gaussian noise, a PN2V whose prior samples all equal the truth: its MMSE estimate is the
     # truth (error 0) and SURE must say so; N2V predicting truth + 2 has error 4.
@@ -140,28 +202,55 @@ def test_blind_spot_risk_estimates_the_true_error():
     risk_n = blind_spot_risk(n2v, x, lambda s, ch: torch.full_like(s, SIGMA**2), torch.Generator().manual_seed(0), draws=4)
     assert abs(float(risk_n.mean()) - 4.0) < 0.1 * SIGMA**2
 
+    # PN2V's prior mean at 202 is N2V's prediction: same masks, so the very same per-pixel risks.
+    pn2v.set_normalization([202.0], [50.0])
+    risk_p = blind_spot_risk(pn2v, x, lambda s, ch: torch.full_like(s, SIGMA**2), torch.Generator().manual_seed(0),
+                             draws=4, estimate="prior")
+    torch.testing.assert_close(risk_p, risk_n)
+    pn2v.set_default_estimate("prior")  # the model's own estimate is the default
+    torch.testing.assert_close(blind_spot_risk(pn2v, x, lambda s, ch: torch.full_like(s, SIGMA**2),
+                                               torch.Generator().manual_seed(0), draws=4), risk_n)
 
-@pytest.mark.parametrize("winner", ["pn2v", "n2v"])
+
+@pytest.mark.parametrize("winner", ["pn2v", "n2v"])  # "pn2v-prior": test_kept_prior_mean_is_the_files_default
 def test_pipeline_keeps_the_scripted_winner_and_says_so(n2v_model, tmp_path, monkeypatch, caplog, winner):
     _, path, _ = n2v_model
     n = 1000
-    scripted = {"pn2v": (np.full(n, 5.0), 4.0 + 0.01 * (np.arange(n) % 3)),
-                "n2v": (np.full(n, 5.0), np.full(n, 6.0))}[winner]
-    monkeypatch.setattr(pn2v_boot, "compare", lambda *a, **k: choose(*scripted, k.get("margin_se", 1.0), "scripted"))
+    step = 0.01 * (np.arange(n) % 3)
+    scripted = {"pn2v": (np.full(n, 5.0), 4.0 + step, 4.5 + step),
+                "n2v": (np.full(n, 5.0), np.full(n, 6.0), 5.0 + step)}[winner]
+    monkeypatch.setattr(pn2v_boot, "compare", lambda *a, **k: choose(*scripted[:2], 1.0, "scripted", prior_risk=scripted[2]))
     out = tmp_path / "boot.qs"
     with caplog.at_level(logging.INFO, logger="quietscope.workflows.pn2v_boot"):
         choice = train_pn2v_boot(path, out, {"net": TINY, "masked_pixel_percentage": 2.0, "n_samples": 4},
                                  {**TRAIN, "steps": 10}, progress=False)
     assert choice.kept == winner
     method, manifest = load_model(out)
-    assert isinstance(method, PN2V) == (winner == "pn2v")
+    assert isinstance(method, PN2V) == (winner != "n2v")
+    if winner == "pn2v":  # the kept estimate is the model file's default
+        assert method.estimate == manifest["method"]["estimate"] == "mmse"
     assert manifest["pn2v_boot"]["kept"] == winner
     assert (manifest["pn2v_boot"]["n2v_steps"], manifest["pn2v_boot"]["pn2v_steps"]) == (7, 3)
     stages = boot_dir(out)
     assert {p.name for p in stages.iterdir()} >= {"n2v.qs", "pn2v.qs", "noise_model.json", "choice.json"}
     assert json.loads((stages / "choice.json").read_text())["kept"] == winner
     assert f"keeping {winner.upper()}" in caplog.text
+    if winner == "pn2v":
+        assert "predict --estimate mmse" in caplog.text and "PN2V prior mean 4.5" in caplog.text
     assert read_manifest(stages / "pn2v.qs")["init"]["model"] == str(stages / "n2v.qs")
+
+
+def test_kept_prior_mean_is_the_files_default(n2v_model, tmp_path):
+    # The last step of the pipeline alone (the whole run is tested above for the other two).
+    _, _, model = n2v_model
+    save_model(tmp_path / "pn2v.qs", build_method({"method": "pn2v", "spatial_ndim": 2, "net": TINY, "n_samples": 4,
+                                                   "noise_model": gaussian_model().to_dict()}), {"train": {"steps": 3}})
+    record = {"kept": "pn2v-prior"}
+    pn2v_boot._write_winner(tmp_path / "boot.qs", tmp_path, "pn2v-prior", record)
+    method, manifest = load_model(tmp_path / "boot.qs")
+    assert isinstance(method, PN2V) and method.estimate == "prior" and manifest["method"]["estimate"] == "prior"
+    assert manifest["pn2v_boot"] == record and manifest["train"] == {"steps": 3}
+    assert load_model(tmp_path / "pn2v.qs")[0].estimate == "mmse"  # the stage itself is left as trained
 
 
 def test_pipeline_real_comparison_runs_and_refuses_overwrite(n2v_model, tmp_path):

@@ -204,7 +204,7 @@ def train(input_uri: str, output: str, method: str, init: str | None, n2v_fracti
             raise click.UsageError("--method pn2v-boot takes neither --resume, --init nor --channels (it trains its own N2V)")
         choice = train_pn2v_boot(input_uri, output, method_options, train_options, axes=axes, level=level,
                                  overwrite=overwrite, **({"n2v_fraction": n2v_fraction} if n2v_fraction is not None else {}))
-        click.echo(f"model: {output} (kept {choice.kept.upper()}: {choice.reason})")
+        click.echo(f"model: {output} (kept {choice.label}: {choice.reason})")
         return
     res = train_model([input_uri, *channels] if channels else input_uri, output, method_options, train_options, axes=axes, level=level,
                       overwrite=overwrite, resume=resume, init=init)
@@ -226,7 +226,7 @@ def _floats(text: str | None, name: str) -> list[float] | None:
 @click.argument("model")
 @click.argument("input_uri", metavar="INPUT")
 @click.option("-o", "--output", required=True, help="Output .ome.zarr (or .tif for small data).")
-@click.option("--estimate", default=None, type=click.Choice(["mmse", "prior"]), help="pn2v, bayes-poisson, bayes-gauss: the posterior mean (mmse, default) or the blind-spot prior mean alone (prior).")
+@click.option("--estimate", default=None, type=click.Choice(["mmse", "prior"]), help="pn2v, bayes-poisson, bayes-gauss: the posterior mean (mmse) or the blind-spot prior mean alone (prior); default: the model file's (mmse unless pn2v-boot kept the prior mean).")
 @click.option("--samples", "n_samples", default=None, type=int, help="Sampling methods: posterior samples per pixel.")
 @click.option("--tta", is_flag=True, help="Test-time augmentation: average the 8 flips/rotations in y/x (8x compute).")
 @predict_options

@@ -123,6 +123,11 @@ class PN2VConfig(N2VConfig):
     n_samples: int = Field(
         DEFAULT_SAMPLES, ge=2, le=2048, description="prior samples per pixel (PN2V paper: 800)"
     )
+    estimate: Literal["mmse", "prior"] = Field(
+        "mmse",
+        description="what prediction writes unless 'predict --estimate' says otherwise: the posterior mean "
+        "(mmse) or the prior mean (prior; e.g. set by pn2v-boot when the prior mean scored best)",
+    )
 
     @field_validator("noise_model")
     @classmethod
@@ -159,7 +164,8 @@ class PN2V(N2V):
         # A sub-module, so it follows the network to the GPU; its tables are rebuilt from the
         # config on load and land in the model file's tensors as well.
         self.noise_model = noise_model_from_dict(config.noise_model)
-        self.estimate: Literal["mmse", "prior"] = "mmse"
+        # The model file's default; ``set_inference(estimate=...)`` overrides it for one run.
+        self.estimate: Literal["mmse", "prior"] = config.estimate
         self._range_checked = False
         # Set by warm_start: the N2V normalisation the copied weights expect must survive train().
         self._normalization_fixed = False
@@ -254,6 +260,15 @@ class PN2V(N2V):
             ]
         )
         return out.reshape(x.shape)
+
+    def set_default_estimate(self, estimate: str) -> None:
+        """Make ``estimate`` (``"mmse"`` or ``"prior"``) what this model predicts by default.
+
+        Unlike ``set_inference`` it is part of the config, so a model file saved afterwards
+        predicts it unless ``predict --estimate`` says otherwise.
+        """
+        self.set_inference(estimate=estimate)  # validates the value
+        self.config = self.config.model_copy(update={"estimate": estimate})
 
     # ---- warm start from N2V ---------------------------------------------------------------
     def warm_start(self, n2v: N2V, prior_std: Any) -> None:
@@ -359,6 +374,7 @@ def blind_spot_risk(
     generator: torch.Generator,
     draws: int = 8,
     valid: tuple[float, float] | None = None,
+    estimate: Literal["mmse", "prior"] | None = None,
 ) -> torch.Tensor:
     """Per-pixel unbiased estimates of the squared error of ``method``'s estimate at masked pixels.
 
@@ -368,7 +384,7 @@ def blind_spot_risk(
     df/dx]``. At a masked pixel the network sees only the neighbours, so N2V's estimate does
     not depend on ``x_i`` (``df/dx = 0``: the blind-spot loss less ``v``), and PN2V's MMSE
     estimate depends on it only through the posterior weights, whose derivative autograd
-    gives exactly. Both methods scored with the same ``generator`` seed see the same masks:
+    gives exactly; PN2V's prior mean, like N2V, does not depend on it. All methods scored with the same ``generator`` seed see the same masks:
     the difference of their means is a paired, ground-truth-free estimate of which estimate
     is closer to the clean signal. It is exact for Gaussian noise; for Poisson–Gaussian noise
     ``v_i`` is taken at the blind-spot estimate (N2V's prediction, PN2V's prior mean), which
@@ -391,6 +407,9 @@ def blind_spot_risk(
     valid : (float, float), optional
         Observations at or outside these limits (clipped pixels) are left out: SURE does not
         hold for them.
+    estimate : {"mmse", "prior"}, optional
+        PN2V only: which estimate is scored; by default the model's own (what ``predict``
+        writes). Scored with the same ``generator`` seed, both estimates see the same masks.
 
     Returns
     -------
@@ -398,6 +417,7 @@ def blind_spot_risk(
         One risk estimate per scored pixel, raw units squared, pixels of all channels together.
     """
     method.eval()
+    use_prior = isinstance(method, PN2V) and (estimate or method.estimate) == "prior"
     out = []
     for _ in range(draws):
         masked, mask = method.blind_spot_mask(method.normalize(batch), generator)
@@ -411,7 +431,10 @@ def blind_spot_risk(
             x = batch[:, ch][m].detach().clone()
             if valid is not None:
                 keep = (x > valid[0]) & (x < valid[1])
-            if isinstance(method, PN2V):
+            if use_prior:
+                f = prior_mean(samples[:, ch][m])
+                risk = (f - x) ** 2 - variance(f, ch)  # blind: df/dx = 0, as for N2V
+            elif isinstance(method, PN2V):
                 s_k = samples[:, ch][m]
                 x.requires_grad_(True)
                 f = mmse_estimate(method.noise_model, x, s_k)

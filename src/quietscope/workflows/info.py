@@ -15,7 +15,7 @@ from quietscope.runner.ledger import Ledger
 
 #: Manifest keys ``info`` shows for a model file.
 MODEL_KEYS = ("quietscope_version", "torch_version", "method", "train", "axes", "data_stats", "best_val_loss",
-              "best_step", "noise_models", "calibration")
+              "best_step", "noise_models", "calibration", "pn2v_boot")
 
 
 def describe(uri: str | Path, axes: str | None = None, level: int = 0) -> dict[str, Any]:

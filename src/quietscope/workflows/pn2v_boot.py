@@ -8,12 +8,14 @@ winner.
 
 What the comparison compares: at the same masked pixels of the same held-apart patches (the
 slab neither network trained on), Stein's unbiased estimate of the squared error of each
-model's *final* estimate of the pixel, in raw units (:func:`quietscope.methods.pn2v.blind_spot_risk`):
-N2V's blind-spot prediction, and PN2V's posterior mean, which folds the pixel's own
-observation back in. The noise variance SURE needs is the data's own Poisson–Gaussian line
-(from local residuals, as ``inspect-noise`` measures it), not the bootstrapped noise model, so a
-noise model that is too narrow cannot vouch for itself. PN2V is kept only if its mean estimated
-error is lower by more than ``margin`` paired standard errors.
+candidate's *final* estimate of the pixel, in raw units (:func:`quietscope.methods.pn2v.blind_spot_risk`):
+N2V's blind-spot prediction, PN2V's posterior mean, which folds the pixel's own observation
+back in, and PN2V's prior mean (blind, like N2V). The noise variance SURE needs is the data's
+own Poisson–Gaussian line (from local residuals, as ``inspect-noise`` measures it), not the
+bootstrapped noise model, so a noise model that is too narrow cannot vouch for itself. A PN2V
+estimate is kept only if its mean estimated error is lower than N2V's by more than ``margin``
+paired standard errors (:func:`choose`); a kept prior mean is saved as the PN2V model's default
+estimate (``predict`` writes it unless ``--estimate`` says otherwise).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from quietscope.training.sampler import PatchSampler, split_train_val
 from quietscope.workflows.noise_model import bootstrap, data_variance_line
 from quietscope.workflows.train import train_model
 
-__all__ = ["BootChoice", "DEFAULT_N2V_FRACTION", "boot_dir", "choose", "train_pn2v_boot"]
+__all__ = ["BootChoice", "DEFAULT_N2V_FRACTION", "LABELS", "boot_dir", "choose", "train_pn2v_boot"]
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +55,22 @@ VAL_PATCHES, VAL_DRAWS = 64, 16
 _FORMAT_KEYS = ("format", "format_version", "quietscope_version", "torch_version", "method")
 
 
+Kept = Literal["n2v", "pn2v", "pn2v-prior"]
+#: How the candidates are named in logs and in ``quietscope train``'s last line.
+LABELS = {"n2v": "N2V", "pn2v": "PN2V (posterior mean)", "pn2v-prior": "PN2V (prior mean)"}
+
+
 @dataclass
 class BootChoice:
-    """The outcome of the keep-the-better rule (written into the model file's manifest)."""
+    """The outcome of the keep-the-better rule (written into the model file's manifest).
 
-    kept: Literal["pn2v", "n2v"]
+    Risks are mean SURE estimates of the squared error (raw units squared) at the same
+    held-apart masked pixels; ``difference`` and ``prior_difference`` are PN2V's posterior mean
+    and prior mean less N2V (paired, with their standard errors); ``posterior_vs_prior`` is the
+    posterior mean less the prior mean.
+    """
+
+    kept: Kept
     n2v_risk: float
     pn2v_risk: float
     difference: float
@@ -65,30 +78,71 @@ class BootChoice:
     n_pixels: int
     margin_se: float
     variance_source: str
+    prior_risk: float | None = None
+    prior_difference: float | None = None
+    prior_difference_se: float | None = None
+    posterior_vs_prior: float | None = None
+    posterior_vs_prior_se: float | None = None
+
+    def _qualifies(self, diff: float | None, se: float | None) -> bool:
+        return diff is not None and se is not None and diff + self.margin_se * se < 0
+
+    @property
+    def label(self) -> str:
+        """The kept model in words (``PN2V (prior mean)``)."""
+        return LABELS[self.kept]
 
     @property
     def reason(self) -> str:
-        verdict = "lower" if self.difference < 0 else "higher"
         # A negative N2V estimate means the variance used overstates the noise (SURE is only
-        # unbiased on average); the relative figure then means nothing and is not given.
-        rel = f" ({abs(self.difference) / self.n2v_risk:.2%})" if self.n2v_risk > 0 else ""
-        return (f"PN2V's estimated squared error is {verdict} than N2V's{rel}: "
-                f"{self.pn2v_risk:.5g} vs {self.n2v_risk:.5g}, difference {self.difference:.4g} ± {self.difference_se:.2g} s.e., "
+        # unbiased on average); relative figures then mean nothing and are not given.
+        def vs_n2v(risk: float, diff: float, se: float) -> str:
+            rel = f", {diff / self.n2v_risk:+.2%}" if self.n2v_risk > 0 else ""
+            return f"{risk:.5g} ({diff:+.4g} ± {se:.2g} s.e.{rel})"
+
+        parts = [f"N2V {self.n2v_risk:.5g}"]
+        if self.prior_risk is not None:
+            parts.append(f"PN2V prior mean {vs_n2v(self.prior_risk, self.prior_difference, self.prior_difference_se)}")
+        parts.append(f"PN2V posterior mean {vs_n2v(self.pn2v_risk, self.difference, self.difference_se)}")
+        beat_both = self.kept == "pn2v" and self.prior_risk is not None and self._qualifies(self.prior_difference, self.prior_difference_se)
+        why = ("no PN2V estimate beat N2V's" if self.kept == "n2v"
+               else f"{self.label} beat N2V's" + (" and the prior mean's" if beat_both else ""))
+        return (f"{why} estimated squared error by more than {self.margin_se:g} paired s.e.: {', '.join(parts)}; "
                 f"{self.n_pixels} held-apart masked pixels, noise variance from the {self.variance_source}")
 
 
-def choose(n2v_risk: Any, pn2v_risk: Any, margin_se: float = 1.0, variance_source: str = "") -> BootChoice:
+def _paired(base: np.ndarray, other: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error of ``other - base`` over the same pixels."""
+    d = other - base
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size))
+
+
+def _pixels(risk: Any) -> np.ndarray:
+    return np.asarray(risk, dtype=np.float64).ravel()
+
+
+def choose(n2v_risk: Any, pn2v_risk: Any, margin_se: float = 1.0, variance_source: str = "",
+           prior_risk: Any = None) -> BootChoice:
     """The keep-the-better rule on paired per-pixel risk estimates.
+
+    A PN2V estimate (posterior mean; prior mean, when scored) qualifies when its mean risk is
+    lower than N2V's by more than ``margin_se`` standard errors of the paired difference. None
+    qualifies: N2V. One: that one. Both: the posterior mean only if it is also lower than the
+    prior mean by more than ``margin_se`` paired standard errors, else the prior mean. Ties and
+    noise keep the estimate with fewer assumptions (N2V, then the prior mean, which does not
+    use the noise model at prediction).
 
     Parameters
     ----------
     n2v_risk, pn2v_risk : array_like, shape (N,)
-        Per-pixel estimates of the squared error of each model's estimate at the same pixels.
+        Per-pixel estimates of the squared error of N2V's estimate and of PN2V's posterior mean
+        at the same pixels.
     margin_se : float
-        PN2V is kept only if its mean is lower than N2V's by more than this many standard
-        errors of the paired difference (ties and noise keep N2V).
+        The margin, in standard errors of each paired difference.
     variance_source : str
         Recorded with the choice.
+    prior_risk : array_like, shape (N,), optional
+        The same for PN2V's prior mean (a third candidate).
 
     Returns
     -------
@@ -98,14 +152,26 @@ def choose(n2v_risk: Any, pn2v_risk: Any, margin_se: float = 1.0, variance_sourc
     --------
     >>> choose([2.0, 2.0, 2.1], [1.0, 1.1, 1.0]).kept
     'pn2v'
+    >>> choose([2.0, 2.0, 2.1], [1.0, 1.1, 1.0], prior_risk=[1.0, 1.1, 1.0]).kept
+    'pn2v-prior'
     """
-    a, b = np.asarray(n2v_risk, dtype=np.float64).ravel(), np.asarray(pn2v_risk, dtype=np.float64).ravel()
-    if a.shape != b.shape or a.size < 2:
-        raise InputError(f"need the same >= 2 pixels scored for both models, got {a.size} and {b.size}")
-    d = b - a
-    mean, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size))
-    kept: Literal["pn2v", "n2v"] = "pn2v" if mean + margin_se * se < 0 else "n2v"
-    return BootChoice(kept, float(a.mean()), float(b.mean()), mean, se, int(d.size), float(margin_se), variance_source)
+    a, b = _pixels(n2v_risk), _pixels(pn2v_risk)
+    c = None if prior_risk is None else _pixels(prior_risk)
+    if a.shape != b.shape or a.size < 2 or (c is not None and c.shape != a.shape):
+        sizes = ", ".join(str(v.size) for v in (a, b, c) if v is not None)
+        raise InputError(f"need the same >= 2 pixels scored for every model, got {sizes}")
+    diff, se = _paired(a, b)
+    kept: Kept = "pn2v" if diff + margin_se * se < 0 else "n2v"
+    extra: dict[str, float | None] = {}
+    if c is not None:
+        p_diff, p_se = _paired(a, c)
+        pp_diff, pp_se = _paired(c, b)
+        extra = {"prior_risk": float(c.mean()), "prior_difference": p_diff, "prior_difference_se": p_se,
+                 "posterior_vs_prior": pp_diff, "posterior_vs_prior_se": pp_se}
+        if p_diff + margin_se * p_se < 0 and not (kept == "pn2v" and pp_diff + margin_se * pp_se < 0):
+            kept = "pn2v-prior"
+    return BootChoice(kept, float(a.mean()), float(b.mean()), diff, se, int(a.size), float(margin_se),
+                      variance_source, **extra)
 
 
 def boot_dir(model_path: str | Path) -> Path:
@@ -147,11 +213,11 @@ def compare(n2v: Any, pn2v: PN2V, image: Image, tcfg: TrainConfig, variance: Any
     batch = torch.from_numpy(sampler.sample(VAL_PATCHES, np.random.default_rng(tcfg.seed + 99)))
     valid = getattr(pn2v.noise_model, "clip_limits", None)
     risks = []
-    for m in (n2v, pn2v):
-        gen = torch.Generator().manual_seed(tcfg.seed + 4242)  # the same masks for both
-        risks.append(torch.cat([blind_spot_risk(m, batch[i:i + 16], variance, gen, VAL_DRAWS, valid)
+    for m, estimate in ((n2v, None), (pn2v, "mmse"), (pn2v, "prior")):
+        gen = torch.Generator().manual_seed(tcfg.seed + 4242)  # the same masks for all three
+        risks.append(torch.cat([blind_spot_risk(m, batch[i:i + 16], variance, gen, VAL_DRAWS, valid, estimate)
                                 for i in range(0, batch.shape[0], 16)]).numpy())
-    choice = choose(risks[0], risks[1], margin_se, source)
+    choice = choose(risks[0], risks[1], margin_se, source, prior_risk=risks[2])
     if choice.n2v_risk < 0:
         # E[(N2V - x)^2] = N2V's error + the noise variance, so a negative estimate means the
         # variance overstates the noise here; its 2 v df/dx term then over-penalises PN2V's
@@ -180,8 +246,10 @@ def _steps(total: int, n2v_fraction: float) -> tuple[int, int]:
     return n2v_steps, total - n2v_steps
 
 
-def _write_winner(model_path: Path, chosen: Path, record: dict[str, Any]) -> None:
-    method, manifest = load_model(chosen)
+def _write_winner(model_path: Path, work: Path, kept: Kept, record: dict[str, Any]) -> None:
+    method, manifest = load_model(work / ("n2v.qs" if kept == "n2v" else "pn2v.qs"))
+    if kept == "pn2v-prior":
+        method.set_default_estimate("prior")  # in the config: 'predict' writes the prior mean
     info = {k: v for k, v in manifest.items() if k not in _FORMAT_KEYS}
     save_model(model_path, method, {**info, "pn2v_boot": record})
 
@@ -206,8 +274,8 @@ def train_pn2v_boot(
         As in :func:`quietscope.workflows.train.train_model`; one channel (the noise model is one
         per model: train each channel on its own).
     model_path : str or pathlib.Path
-        The model file to write: the PN2V or the N2V model, whichever the comparison keeps. The
-        stages are kept in ``<model>.boot/`` (``n2v.qs``, ``noise_model.json``, ``pn2v.qs``,
+        The model file to write: the N2V model, or the PN2V model with the kept estimate
+        (posterior or prior mean) as its default, whichever the comparison keeps. The stages are kept in ``<model>.boot/`` (``n2v.qs``, ``noise_model.json``, ``pn2v.qs``,
         ``choice.json``).
     method_options : dict
         N2V masking and network options (both stages), ``n_samples`` (PN2V).
@@ -258,11 +326,14 @@ def train_pn2v_boot(
     variance, source = _variance(input_uri, image, axes, nm, tcfg.seed)
     choice = compare(n2v_res.method.cpu(), pn2v_res.method.cpu(), image, tcfg, variance, source, margin_se)
     record = {**asdict(choice), "n2v_steps": n2v_steps, "pn2v_steps": pn2v_steps, "stages": str(work),
-              "compares": "SURE of each final estimate at held-apart masked pixels, data variance line"}
+              "compares": "SURE of each final estimate (N2V, PN2V posterior mean, PN2V prior mean) at the same "
+                          "held-apart masked pixels, data variance line"}
     (work / "choice.json").write_text(json.dumps(record, indent=2))
-    _write_winner(model_path, work / f"{choice.kept}.qs", record)
-    if choice.kept == "pn2v":
-        log.info("pn2v-boot: keeping PN2V: %s", choice.reason)
+    _write_winner(model_path, work, choice.kept, record)
+    if choice.kept != "n2v":
+        estimate = "prior" if choice.kept == "pn2v-prior" else "mmse"
+        log.info("pn2v-boot: keeping PN2V, predicting its %s by default (predict --estimate %s): %s",
+                 "prior mean" if estimate == "prior" else "posterior mean", estimate, choice.reason)
     else:
         log.warning("pn2v-boot: keeping N2V, PN2V did not beat it: %s; %s holds the N2V model", choice.reason, model_path)
     return choice

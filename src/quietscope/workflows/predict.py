@@ -106,6 +106,9 @@ def predict(
                   "input": str(input_uri), "input_level": level, "inference": inference, "tta": tta}
     log.info("method %s, device %s, precision %s, normalisation mean %s std %s", model.name, device, precision,
              [round(v, 4) for v in model.method.norm_mean.tolist()], [round(v, 4) for v in model.method.norm_std.tolist()])
+    if getattr(model.method, "estimate", None) is not None:
+        source = "--estimate" if inference.get("estimate") else "the model file's default"
+        log.info("estimate: %s (%s)", model.method.estimate, source)
     memory = memory_profile(model.method, len(names))
     options = options.model_copy(update={"device": str(device)})  # the default --memory follows the device
     log.info("memory per voxel: %.0f bytes of activations (probed, with slack), %.0f of block buffers",
