@@ -28,8 +28,9 @@ def test_n2v_on_real_image_gains_3db(tmp_path):
     noisy = poisson_gaussian(clean, 0.25 * 100 / float(clean.mean()), 0.1, float(clean.std()), seed=0)
     src = write_ome(tmp_path / "noisy.ome.zarr", noisy, "yx", (64, 64))
     train_model(src, tmp_path / "m.qs", N2V,
-                {"patch": (64,), "batch": 16, "steps": 150, "lr": 1e-3, "val_every": 50, "pool_size": 128}, progress=False)
+                {"patch": (64,), "batch": 8, "steps": 100, "lr": 1e-3, "val_every": 50, "pool_size": 128}, progress=False)
     predict(tmp_path / "m.qs", src, tmp_path / "d.ome.zarr", PredictOptions(chunks=(64, 64), block=(64, 64), progress=False))
+    # Measured: +5.2 dB at this budget (batch 8 x 100 steps, 34 s), +7.0 dB at batch 16 x 150 (91 s).
     denoised = zarr.open_array(store=str(tmp_path / "d.ome.zarr" / "0"), mode="r")[...]
     before, after = psnr(noisy, clean), psnr(denoised, clean)
     assert after >= before + 3.0, (before, after)
