@@ -30,6 +30,7 @@ benchmarks.split --level high; wait; python -m benchmarks.split --merge``.
 
 Learning curves (issue #16): ``python benchmarks/split.py --curve [--steps N] [--musplit-steps M]
 [--unet-steps U] [--every K] [--pairs nuclei_actin,actin_mito] [--levels high,moderate]
+[--methods denoisplit,musplit,unet_noisy,sequential]
 [--out split_curve.json]``. Per pair and noise level it trains, step by step with each method's
 own loss: the noisy-target U-Net, the sequential baseline (N2V per channel, then the same U-Net
 on the denoised channels; at test time N2V of the sum first), μSplit and denoiSplit (same ladder
@@ -447,9 +448,11 @@ def plot_curves(results: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def prepare_level(pair: str, level: str, pscale: float, grel: float, work: Path, out: dict, save) -> dict:
-    """Noisy data of one pair at one noise level, N2V of each channel and of the sum, and the
-    GMM noise models bootstrapped from the N2V predictions (no clean data)."""
+def prepare_level(pair: str, level: str, pscale: float, grel: float, work: Path, out: dict, save,
+                  sequential: bool = True) -> dict:
+    """Noisy data of one pair at one noise level, N2V of each channel and (for the sequential
+    baseline) of the sum, and the GMM noise models bootstrapped from the N2V predictions (no
+    clean data)."""
     from quietscope.simulate import poisson_gaussian
 
     clean = load_stains(PAIRS[pair])
@@ -468,9 +471,11 @@ def prepare_level(pair: str, level: str, pscale: float, grel: float, work: Path,
         d = run_predict(str(w / f"n2v_ch{i}.qs"), f, w / f"n2v_ch{i}.ome.zarr")[0]
         den.append(d)
         nm_files.append(bootstrap_noise_model(d, tr[i], w / f"nm_ch{i}.json"))
-    f = write_tif(w / "train_sum.tif", tr.sum(0))
-    train(f, w / "n2v_sum.qs", n2v, N2V_STEPS)
-    test_den = run_predict(str(w / "n2v_sum.qs"), write_tif(w / "test_sum.tif", te.sum(0)), w / "test_n2v.ome.zarr")[0]
+    test_den = None
+    if sequential:
+        f = write_tif(w / "train_sum.tif", tr.sum(0))
+        train(f, w / "n2v_sum.qs", n2v, N2V_STEPS)
+        test_den = run_predict(str(w / "n2v_sum.qs"), write_tif(w / "test_sum.tif", te.sum(0)), w / "test_n2v.ome.zarr")[0]
     res["preprocessing_cpu_s"] = round(time.process_time() - t0, 1)
     save()
     return {"pair": pair, "level": level, "key": key, "res": res, "tr": tr, "va": va, "te": te, "ca": ca,
@@ -612,8 +617,11 @@ def curve_main(argv: list[str]) -> int:
     try:
         # All methods of all levels stepped round-robin: a run cut short has every curve to the
         # same step.
-        prepared = [prepare_level(pair, name, ps, gr, work, out, save) for pair in pairs for name, ps, gr in levels]
-        jobs = [j for lv in prepared for j in make_jobs(lv, ["denoisplit", "musplit", "unet_noisy", "sequential"], steps, every, save)]
+        methods = arg("--methods", "denoisplit,musplit,unet_noisy,sequential").split(",")
+        out["methods"] = methods
+        prepared = [prepare_level(pair, name, ps, gr, work, out, save, "sequential" in methods)
+                    for pair in pairs for name, ps, gr in levels]
+        jobs = [j for lv in prepared for j in make_jobs(lv, methods, steps, every, save)]
         run_round_robin(jobs, save)
     finally:
         shutil.rmtree(work, ignore_errors=True)
