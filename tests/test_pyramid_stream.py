@@ -220,3 +220,26 @@ def test_pyramid_plan_log_names_only_levels_that_exist():
     assert _pyramid_plan_text(4, 5) == "levels 1..4 written by each block as it finishes"
     assert _pyramid_plan_text(2, 5) == ("levels 1..2 written by each block as it finishes; "
                                         "levels 3..4 tile by tile as soon as their sources are written")
+
+
+def test_block_wider_than_the_volume_writes_the_same_pyramid(tmp_path):
+    """A block wider than the volume along y (3 chunks of 16 on 37 rows) made coarse tiles cover
+    two write units while x stayed partial; their read-update-write broke (found with the
+    memory planner, which can choose such blocks)."""
+    from helpers import random_model
+    from quietscope.chunked import PredictOptions
+    from quietscope.workflows.predict import predict
+
+    rng = np.random.default_rng(4)
+    data = (100 + 20 * rng.standard_normal((45, 37, 29))).astype(np.float32)
+    src = write_zarr_array(tmp_path / "in.zarr", data, (8, 16, 16))
+    model = random_model(tmp_path / "m.qs", 3, depth=1, filters=4)
+    levels = {}
+    for block in [(16, 48, 16), (16, 32, 16)]:
+        out = tmp_path / f"o{block[1]}.ome.zarr"
+        res = predict(model, src, out, PredictOptions(chunks=(8, 16, 16), block=block, progress=False))
+        assert res.block == block
+        levels[block[1]] = read_levels(out)
+    assert len(levels[48]) == len(levels[32]) >= 2
+    for a, b in zip(levels[48], levels[32]):
+        np.testing.assert_allclose(a, b, atol=1e-4)

@@ -108,14 +108,20 @@ class PyramidPlan:
             out.append(slice(2 * r.start, min(2 * r.stop, p)) if a in PYRAMID else r)
         return tuple(out)
 
-    def unit_of(self, tile: Tile) -> tuple[int, ...]:
-        """Index of the write unit holding ``tile`` (tiles never straddle units)."""
-        u = self.units[tile.level]
-        return tuple(r.start // c for r, c in zip(self.region(tile.level, tile.index), u))
+    def unit_of(self, tile: Tile) -> tuple[tuple[int, int], ...]:
+        """The write units holding ``tile``: ``(first, stop)`` unit indices per axis.
 
-    def unit_region(self, level: int, unit: Sequence[int]) -> tuple[slice, ...]:
+        A tile either nests in one unit along an axis or covers whole units (a block wider than
+        a unit, or one block spanning the axis), so two tiles of a level hold either the same
+        units or none in common: the units are one read-update-write group.
+        """
+        u = self.units[tile.level]
+        return tuple((r.start // c, -(-r.stop // c)) for r, c in zip(self.region(tile.level, tile.index), u))
+
+    def unit_region(self, level: int, units: Sequence[tuple[int, int]]) -> tuple[slice, ...]:
+        """The region of the write units ``units`` (as :meth:`unit_of` gives them) at ``level``."""
         u, shape = self.units[level], self.level_shapes[level]
-        return tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(unit, u, shape))
+        return tuple(slice(a * c, min(b * c, s)) for (a, b), c, s in zip(units, u, shape))
 
     def partial(self, level: int) -> bool:
         """Whether tiles of ``level`` are smaller than its write unit (written by read-update-write)."""
