@@ -487,7 +487,7 @@ def _memory_plan(spatial: tuple[int, ...], align: tuple[int, ...], halo: tuple[i
     try:
         if blk.block:
             block = tuple(blk.block)
-            tile = choose_subtile(spatial, halo, f, (0.8 * budget - profile.fixed_bytes) / profile.net_bytes_per_voxel)
+            tile = choose_subtile(spatial, halo, f, lambda w: profile.net_bytes(w) <= 0.8 * budget)
         else:
             block, tile = plan_memory_blocks(spatial, align, halo, f, profile, budget, pow2_axes=pow2)
     except ValueError:

@@ -22,6 +22,7 @@ from quietscope.device import resolve_device, set_module_precision
 from quietscope.errors import ConfigError
 from quietscope.methods.modelfile import check_matches, load_model
 from quietscope.nets.receptive_field import method_receptive_radius
+from quietscope.nets.unet import inference_slabs
 from quietscope.tiling import Factor, halo_from_radius, per_axis, round_up, whole_window
 
 log = logging.getLogger(__name__)
@@ -366,7 +367,9 @@ def probe_bytes_per_voxel(method: Any, device: torch.device, shape: tuple[int, .
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    with torch.no_grad():
+    # Whole passes: a slabbed pass needs less, but a thin pass (too few planes to slab) needs
+    # this much, and the GPU plan bounds every pass with one figure.
+    with torch.no_grad(), inference_slabs(method, 0):
         method.predict(x)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base

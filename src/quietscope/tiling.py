@@ -17,7 +17,7 @@ both paths, provided ``halo`` covers the receptive-field radius.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import product
 
@@ -240,21 +240,71 @@ def parse_bytes(text: str | int | float) -> int:
     return int(value)
 
 
+#: Slab rule of the memory-lean U-Net pass (:mod:`quietscope.nets.slabbed`): about this many
+#: slabs along the first spatial axis, ...
+SLABS = 16
+#: ... none thinner than this many planes (a slab's first convolution recomputes one plane on
+#: each side) ...
+SLAB_MIN_PLANES = 8
+#: ... nor holding fewer voxels than this: oneDNN runs thin, small convolutions several times
+#: slower per voxel (measured: 8-row slabs of a 256² 2D tile 8x slower than the whole pass,
+#: 4-plane slabs of a 64x96² 3D tile 3.6x slower; 8 planes of 128² as fast as whole).
+SLAB_MIN_VOXELS = 2**17
+#: Planes of context a slab reads beyond its own on each side (two 3-wide convolutions).
+SLAB_HALO = 2
+
+
+def slab_extent(shape: Shape) -> int | None:
+    """Planes per slab of the memory-lean pass over a tile of spatial ``shape``; None: whole pass.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Spatial shape of the tile the net sees (first axis: z in 3D, y in 2D).
+
+    Returns
+    -------
+    int or None
+        Slab thickness along the first axis, or None where the tile is too thin or too small
+        to cut in at least two slabs.
+
+    Examples
+    --------
+    >>> slab_extent((128, 256, 256)), slab_extent((64, 96, 96)), slab_extent((256, 256))
+    (8, 15, None)
+    """
+    n, plane = shape[0], math.prod(shape[1:])
+    step = max(SLAB_MIN_PLANES, math.ceil(n / SLABS), math.ceil(SLAB_MIN_VOXELS / plane))
+    return step if 2 * step <= n else None
+
+
 @dataclass(frozen=True)
 class MemoryProfile:
     """Peak bytes of one block task: the net on one sub-tile plus the block's own buffers.
 
-    ``net_bytes_per_voxel`` (activations, probed per method) times the sub-tile's window voxels,
-    plus ``fixed_bytes`` (weights, workspaces), plus ``io_bytes_per_voxel`` times the block's
+    The net's activations on a sub-tile window are ``net_bytes_per_voxel`` per window voxel; for a
+    net run in slabs (:func:`slab_extent` not None) they are ``net_bytes_per_voxel`` per voxel
+    (what stays whole) plus ``slab_bytes_per_voxel`` per voxel of one slab with its context
+    planes, and ``whole_bytes_per_voxel`` per voxel where the window is run whole. Plus
+    ``fixed_bytes`` (weights, workspaces), plus ``io_bytes_per_voxel`` times the block's
     read-window voxels (input, its float32 copy, the assembled prediction, the cast output).
     """
 
     net_bytes_per_voxel: float
     io_bytes_per_voxel: float = 16.0
     fixed_bytes: float = 0.0
+    slab_bytes_per_voxel: float = 0.0
+    whole_bytes_per_voxel: float | None = None
 
     def net_bytes(self, window: Shape) -> float:
-        return self.fixed_bytes + self.net_bytes_per_voxel * math.prod(window)
+        voxels = math.prod(window)
+        if self.whole_bytes_per_voxel is None:
+            return self.fixed_bytes + self.net_bytes_per_voxel * voxels
+        step = slab_extent(window)
+        if step is None:
+            return self.fixed_bytes + self.whole_bytes_per_voxel * voxels
+        slab = (step + 2 * SLAB_HALO) * voxels // window[0]
+        return self.fixed_bytes + self.net_bytes_per_voxel * voxels + self.slab_bytes_per_voxel * slab
 
     def task_bytes(self, block_window: Shape, tile_window: Shape) -> float:
         """Predicted peak of one task predicting a block window in sub-tiles of ``tile_window``."""
@@ -295,9 +345,11 @@ def subtile_voxels(window: Shape, halo: Shape, tile: Shape) -> int:
     return math.prod(sum(r1 - r0 for *_, r0, r1 in subtile_cuts(n, h, t)) for n, h, t in zip(window, halo, tile))
 
 
-def choose_subtile(shape: Shape, halo: Shape, factor: Factor, max_window_voxels: float) -> Shape:
+def choose_subtile(shape: Shape, halo: Shape, factor: Factor,
+                   max_window_voxels: float | Callable[[Shape], bool]) -> Shape:
     """The sub-tile (output extent, multiples of ``factor``) with the least halo overhead whose
-    window ``tile + 2 * halo`` holds at most ``max_window_voxels``.
+    window ``tile + 2 * halo`` holds at most ``max_window_voxels`` (or, given a function of the
+    window, for which it says True: the window fits).
 
     Grows one axis at a time by one factor step, the axis that lowers
     ``prod(t + 2h) / prod(t)`` most, never beyond the volume's extent.
@@ -310,7 +362,12 @@ def choose_subtile(shape: Shape, halo: Shape, factor: Factor, max_window_voxels:
     f = per_axis(factor, len(shape))
     cap = [round_up(s, k) for s, k in zip(shape, f)]
     t = list(f)
-    if math.prod(a + 2 * h for a, h in zip(t, halo)) > max_window_voxels:
+    if callable(max_window_voxels):
+        fits = max_window_voxels
+    else:
+        def fits(window: Shape) -> bool:
+            return math.prod(window) <= max_window_voxels
+    if not fits(tuple(a + 2 * h for a, h in zip(t, halo))):
         raise ValueError("the smallest sub-tile does not fit")
     while True:
         best, best_factor = None, halo_factor(tuple(t), halo)
@@ -319,7 +376,7 @@ def choose_subtile(shape: Shape, halo: Shape, factor: Factor, max_window_voxels:
                 continue
             trial = list(t)
             trial[ax] = min(t[ax] + f[ax], cap[ax])
-            if math.prod(a + 2 * h for a, h in zip(trial, halo)) > max_window_voxels:
+            if not fits(tuple(a + 2 * h for a, h in zip(trial, halo))):
                 continue
             hf = halo_factor(tuple(trial), halo)
             if hf < best_factor - 1e-12:
@@ -385,7 +442,7 @@ def plan_memory_blocks(
         The budget cannot hold the smallest sub-tile with its halo, or one chunk's buffers.
     """
     f = per_axis(factor, len(shape))
-    tile = choose_subtile(shape, halo, f, (net_share * budget - profile.fixed_bytes) / profile.net_bytes_per_voxel)
+    tile = choose_subtile(shape, halo, f, lambda w: profile.net_bytes(w) <= net_share * budget)
     options = []  # per axis: (chunks per block, block extent, window extent, voxels computed along the axis)
     for ax, (s, c, h, k, t) in enumerate(zip(shape, chunks, halo, f, tile)):
         n_max = max(1, -(-s // c))

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
 import torch
 from torch import nn
+
+from quietscope.nets.slabbed import slabbed_forward
+from quietscope.tiling import slab_extent
 
 
 def _conv(ndim: int):
@@ -70,6 +77,12 @@ class UNet(nn.Module):
     down-sampling per spatial axis at each level (2 or 1; default 2 everywhere): ``(1, 2, 2)``
     keeps full z resolution, as anisotropic stacks need (their z steps are several times
     their pixel size, so pooling z would blur across planes and widen the z halo).
+
+    In inference (eval mode, no autograd) a large tile is computed in slabs along its first
+    spatial axis (:func:`~quietscope.nets.slabbed.slabbed_forward`, a third to a quarter of the
+    activation memory of a whole pass, same result up to float rounding); ``inference_slabs``
+    says how: ``"auto"`` (:func:`~quietscope.tiling.slab_extent`), ``0`` (always whole) or the
+    planes per slab.
     """
 
     def __init__(
@@ -106,6 +119,7 @@ class UNet(nn.Module):
             skip = 0 if (n2v2 and i == 0) else widths[i]
             self.up.append(ConvBlock(ndim, widths[i + 1] + skip, widths[i], batch_norm))
         self.head = _conv(ndim)(widths[0], out_channels, 1)
+        self.inference_slabs: int | Literal["auto"] = "auto"
 
     @property
     def downsampling_factor(self) -> int | tuple[int, ...]:
@@ -114,7 +128,17 @@ class UNet(nn.Module):
         f = tuple(p**self.depth for p in self.pool)
         return f[0] if len(set(f)) == 1 else f
 
+    def _slab_step(self, x: torch.Tensor) -> int | None:
+        if self.training or torch.is_grad_enabled() or self.inference_slabs == 0:
+            return None
+        if self.inference_slabs == "auto":
+            return slab_extent(tuple(x.shape[2:]))
+        return int(self.inference_slabs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        step = self._slab_step(x)
+        if step is not None:
+            return slabbed_forward(self, x, step)
         skips = []
         for block, pool in zip(self.down, self.pools):
             x = block(x)
@@ -128,3 +152,20 @@ class UNet(nn.Module):
                 x = torch.cat([x, skips[i]], dim=1)
             x = block(x)
         return self.head(x)
+
+
+@contextmanager
+def inference_slabs(module: nn.Module, value: int | Literal["auto"]) -> Iterator[None]:
+    """Set ``inference_slabs`` of every :class:`UNet` inside ``module`` for the block's duration.
+
+    ``0`` makes every pass whole, e.g. to measure the memory of a whole pass.
+    """
+    nets = [m for m in module.modules() if isinstance(m, UNet)]
+    saved = [n.inference_slabs for n in nets]
+    try:
+        for n in nets:
+            n.inference_slabs = value
+        yield
+    finally:
+        for n, v in zip(nets, saved):
+            n.inference_slabs = v
