@@ -262,13 +262,18 @@ def run_lightsheet(args, tmp: Path, threads: int, json_path: Path, header: dict)
     """Both sizes, z pooled and not, rows written to JSON as each finishes."""
     models = {"": random_model(tmp / "ls.qs", 3, depth=2, filters=args.filters, batch_norm=False),
               "-zfull": random_model(tmp / "lsz.qs", 3, depth=2, filters=args.filters, batch_norm=False, z_pool=False)}
+    wanted = set(args.ls_cases.split(",")) if args.ls_cases else None
     rows = []
     for suffix, model in models.items():
+        done = []
         for kind, shape, chunks in lightsheet_cases(args.ls_scale):
-            rows.append(measure_lightsheet(kind + suffix, shape, chunks, model, tmp, threads, args.peer_tiles))
+            if wanted is not None and kind + suffix not in wanted:
+                continue
+            done.append(measure_lightsheet(kind + suffix, shape, chunks, model, tmp, threads, args.peer_tiles))
+            rows.append(done[-1])
             json_path.write_text(json.dumps({**header, "rows": rows}, indent=2))
-        small, big = rows[-2], rows[-1]
-        big["rss_ratio_to_small"] = big["peak_rss_mb"] / small["peak_rss_mb"]
+        if len(done) == 2:
+            done[1]["rss_ratio_to_small"] = done[1]["peak_rss_mb"] / done[0]["peak_rss_mb"]
     return rows
 
 
@@ -294,6 +299,8 @@ def main() -> None:
     ap.add_argument("--ls-scale", type=int, default=1, help="3D-lightsheet: divide y and x by this (z kept)")
     ap.add_argument("--peer-tiles", type=int, default=None,
                     help="3D-lightsheet: time this many of the peer loop's (equal) tiles and extrapolate")
+    ap.add_argument("--ls-cases", default=None,
+                    help="3D-lightsheet: only these rows, e.g. LS-64,LS-64-zfull (default: all four)")
     args = ap.parse_args()
     if args.cases == "3D-lightsheet":
         args.filters = args.filters or 32  # the issue's net
@@ -340,7 +347,8 @@ def main_lightsheet(args) -> None:
     header = {"date": date.today().isoformat(),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU, torch {torch.__version__}",
               "command": f"python benchmarks/throughput.py --cases 3D-lightsheet --filters {args.filters} "
-                         f"--ls-scale {args.ls_scale}" + (f" --peer-tiles {args.peer_tiles}" if args.peer_tiles else ""),
+                         f"--ls-scale {args.ls_scale}" + (f" --peer-tiles {args.peer_tiles}" if args.peer_tiles else "")
+                         + (f" --ls-cases {args.ls_cases}" if args.ls_cases else ""),
               "model": f"n2v 3D U-Net depth 2, {args.filters} filters, no batch norm (random weights)",
               "peer": "crop-and-paste tiled loop in plain torch written here (CAREamics' default tiling 64x128x128, "
                       "overlap 48; no CAREamics dependency), same net, volume in RAM",
