@@ -110,9 +110,7 @@ def _upsampled(coarse: torch.Tensor, upsample: nn.Module, factor: int, skip: tor
 
 def _pool(pool: nn.Module, x: torch.Tensor, step: int) -> torch.Tensor:
     """``pool(x)`` slab by slab (max-pooling, or N2V2's blur-pool)."""
-    from quietscope.nets.unet import BlurPool  # the U-Net module imports this one
-
-    if isinstance(pool, BlurPool):
+    if hasattr(pool, "kernel") and hasattr(pool, "_far"):  # N2V2's BlurPool (unet.py imports this module)
         return _blur_pool(pool, x, step)
     pz = _as_tuple(pool.kernel_size, x.ndim - 2)[0]
     nout = x.shape[2] // pz
