@@ -212,6 +212,54 @@ def test_blind_spot_risk_estimates_the_true_error():
                                                torch.Generator().manual_seed(0), draws=4), risk_n)
 
 
+def test_shared_variance_reference_leaves_blind_candidates_only_their_loss_difference():
+    # Two blind candidates that differ only by a constant brightness offset, on a rising
+    # variance line: with each candidate's own v the brighter one gains g * offset per pixel
+    # for nothing; with one v per pixel (taken at a shared reference) their SURE difference is
+    # exactly their paired blind-spot-loss difference, for N2V and for PN2V's prior mean alike.
+    torch.manual_seed(0)
+    gain, intercept, offset = 0.5, 4.0, 2.0
+    line = lambda s, ch: gain * s + intercept  # noqa: E731
+    truth = 200.0 + 20.0 * torch.linspace(-1, 1, 32).expand(8, 1, 32, 32)
+    x = truth + torch.sqrt(line(truth, 0)) * torch.randn_like(truth)
+    n2v = build_method({"method": "n2v", "spatial_ndim": 2, "net": TINY, "masked_pixel_percentage": 10.0})
+    n2v.set_normalization([200.0], [50.0])
+    brighter = build_method(n2v.config.model_dump())
+    brighter.net.load_state_dict(n2v.net.state_dict())
+    with torch.no_grad():
+        brighter.net.head.bias += offset / 50.0  # normalised units: + offset in raw units
+    brighter.set_normalization([200.0], [50.0])
+    pn2v = build_method({"method": "pn2v", "spatial_ndim": 2, "net": TINY, "n_samples": 8, "masked_pixel_percentage": 10.0,
+                         "noise_model": gaussian_model(lo=0.0, hi=600.0).to_dict()})
+    pn2v.warm_start(brighter, 3.0)  # its prior mean is the brighter N2V's prediction
+
+    def score(method, variance, estimate=None, reference=None):
+        return blind_spot_risk(method, x, variance, torch.Generator().manual_seed(7), draws=3, estimate=estimate,
+                               reference=reference)
+
+    # SURE without -v is the blind-spot loss (f - x)^2.
+    zero = lambda s, ch: torch.zeros_like(s)  # noqa: E731
+    loss_a = score(n2v, zero)
+    for cand, est in ((brighter, None), (pn2v, "prior")):
+        loss_b = score(cand, zero, est)
+        assert abs(float((loss_b - loss_a).mean())) > 0.1  # the candidates do differ
+        shared = score(cand, line, est, reference=n2v) - score(n2v, line, reference=n2v)
+        torch.testing.assert_close(shared, loss_b - loss_a, rtol=0, atol=1e-3)
+        own = score(cand, line, est) - score(n2v, line)  # each its own v: the old bias, -g * offset per pixel
+        torch.testing.assert_close(own - (loss_b - loss_a), torch.full_like(own, -gain * offset), rtol=0, atol=1e-3)
+
+    # One variance per pixel for every candidate, the posterior mean's -v + 2 v df/dx included:
+    # the signals the variance is evaluated at are the reference's, whatever is scored.
+    seen: dict[str, list[torch.Tensor]] = {}
+    for name, cand, est in (("n2v", n2v, None), ("brighter", brighter, None), ("prior", pn2v, "prior"), ("mmse", pn2v, "mmse")):
+        seen[name] = []
+        score(cand, lambda s, ch, got=seen[name]: got.append(s.detach().clone()) or line(s, ch), est, reference=n2v)
+    for name in ("brighter", "prior", "mmse"):
+        torch.testing.assert_close(torch.cat(seen[name]), torch.cat(seen["n2v"]), rtol=0, atol=1e-4)
+    with pytest.raises(ConfigError, match="channel"):
+        score(n2v, line, reference=build_method({"method": "n2v", "spatial_ndim": 2, "in_channels": 2, "net": TINY}))
+
+
 @pytest.mark.parametrize("winner", ["pn2v", "n2v"])  # "pn2v-prior": test_kept_prior_mean_is_the_files_default
 def test_pipeline_keeps_the_scripted_winner_and_says_so(n2v_model, tmp_path, monkeypatch, caplog, winner):
     _, path, _ = n2v_model
@@ -259,7 +307,7 @@ def test_pipeline_real_comparison_runs_and_refuses_overwrite(n2v_model, tmp_path
     choice = train_pn2v_boot(path, out, {"net": TINY, "masked_pixel_percentage": 2.0, "n_samples": 4},
                              {**TRAIN, "steps": 8}, progress=False)
     assert choice.kept in ("pn2v", "n2v") and choice.n_pixels > 1000
-    assert np.isfinite(choice.difference) and choice.variance_source
+    assert np.isfinite(choice.difference) and "at N2V's blind-spot prediction" in choice.variance_source
     with pytest.raises(Exception, match="--overwrite"):
         train_pn2v_boot(path, out, {}, {**TRAIN, "steps": 8}, progress=False)
 

@@ -375,6 +375,7 @@ def blind_spot_risk(
     draws: int = 8,
     valid: tuple[float, float] | None = None,
     estimate: Literal["mmse", "prior"] | None = None,
+    reference: N2V | None = None,
 ) -> torch.Tensor:
     """Per-pixel unbiased estimates of the squared error of ``method``'s estimate at masked pixels.
 
@@ -384,11 +385,22 @@ def blind_spot_risk(
     df/dx]``. At a masked pixel the network sees only the neighbours, so N2V's estimate does
     not depend on ``x_i`` (``df/dx = 0``: the blind-spot loss less ``v``), and PN2V's MMSE
     estimate depends on it only through the posterior weights, whose derivative autograd
-    gives exactly; PN2V's prior mean, like N2V, does not depend on it. All methods scored with the same ``generator`` seed see the same masks:
-    the difference of their means is a paired, ground-truth-free estimate of which estimate
-    is closer to the clean signal. It is exact for Gaussian noise; for Poisson–Gaussian noise
-    ``v_i`` is taken at the blind-spot estimate (N2V's prediction, PN2V's prior mean), which
-    does not depend on ``x_i``.
+    gives exactly; PN2V's prior mean, like N2V, does not depend on it. All methods scored with
+    the same ``generator`` seed see the same masks: the difference of their means is a paired,
+    ground-truth-free estimate of which estimate is closer to the clean signal.
+
+    Where ``v_i`` is taken: it is exact for Gaussian noise (``v`` constant). For
+    signal-dependent (Poisson–Gaussian) noise ``v_i`` is ``variance`` at a blind-spot estimate
+    of pixel ``i``'s signal, which does not depend on ``x_i``: by default the scored method's
+    own (N2V's prediction; PN2V's prior mean, for both of its estimates). Pass ``reference``
+    to take it at that model's blind-spot prediction instead, computed from the very same
+    masked input, for every estimate scored. Comparing candidates, pass the same
+    ``reference`` to all of them: each pixel then has one ``v_i`` for all, so for two blind
+    estimates the ``-v`` terms cancel pixel by pixel and their paired SURE difference *is*
+    their paired blind-spot-loss difference ``(f_a - x)^2 - (f_b - x)^2``. With each
+    candidate's own ``v`` on a rising variance line, a slightly brighter estimate would score
+    lower without being closer to the signal. The posterior mean's ``-v + 2 v df/dx`` uses the
+    same shared ``v``.
 
     Parameters
     ----------
@@ -410,6 +422,12 @@ def blind_spot_risk(
     estimate : {"mmse", "prior"}, optional
         PN2V only: which estimate is scored; by default the model's own (what ``predict``
         writes). Scored with the same ``generator`` seed, both estimates see the same masks.
+    reference : N2V, optional
+        A blind-spot model (N2V family; a PN2V counts through its prior mean) at whose
+        prediction of each masked pixel ``variance`` is evaluated, for whichever estimate is
+        scored. It is fed ``method``'s masked input (re-normalised with its own statistics;
+        the masking strategies copy or take medians of neighbours, so this is the same masked
+        image in raw units), so its masks are ``method``'s. Default: ``method`` itself.
 
     Returns
     -------
@@ -417,6 +435,15 @@ def blind_spot_risk(
         One risk estimate per scored pixel, raw units squared, pixels of all channels together.
     """
     method.eval()
+    if reference is not None:
+        if reference.config.in_channels != method.config.in_channels:
+            raise ConfigError(
+                f"the variance reference has {reference.config.in_channels} channel(s), the scored model "
+                f"{method.config.in_channels}"
+            )
+        reference.eval()
+        if reference is method:
+            reference = None  # the same numbers, without a second forward pass
     use_prior = isinstance(method, PN2V) and (estimate or method.estimate) == "prior"
     out = []
     for _ in range(draws):
@@ -424,26 +451,34 @@ def blind_spot_risk(
         with torch.no_grad():
             if isinstance(method, PN2V):
                 samples = method._samples(masked).movedim(2, -1)  # (B, C, *spatial, K)
+                blind = prior_mean(samples)
             else:
-                pred = method.denormalize(method.net(masked))
+                blind = method.denormalize(method.net(masked))
+            ref = blind if reference is None else _blind_prediction(reference, method.denormalize(masked))
         for ch in range(method.config.in_channels):
             m = mask[:, ch]
             x = batch[:, ch][m].detach().clone()
             if valid is not None:
                 keep = (x > valid[0]) & (x < valid[1])
-            if use_prior:
-                f = prior_mean(samples[:, ch][m])
-                risk = (f - x) ** 2 - variance(f, ch)  # blind: df/dx = 0, as for N2V
-            elif isinstance(method, PN2V):
+            v = variance(ref[:, ch][m], ch)
+            if isinstance(method, PN2V) and not use_prior:
                 s_k = samples[:, ch][m]
                 x.requires_grad_(True)
                 f = mmse_estimate(method.noise_model, x, s_k)
                 (df,) = torch.autograd.grad(f.sum(), x)
                 x, f = x.detach(), f.detach()
-                v = variance(prior_mean(s_k), ch)
                 risk = (f - x) ** 2 - v + 2 * v * df
             else:
-                f = pred[:, ch][m]
-                risk = (f - x) ** 2 - variance(f, ch)
+                f = blind[:, ch][m]
+                risk = (f - x) ** 2 - v  # blind (N2V, PN2V's prior mean): df/dx = 0
             out.append(risk[keep] if valid is not None else risk)
     return torch.cat(out).double()
+
+
+def _blind_prediction(model: N2V, masked_raw: torch.Tensor) -> torch.Tensor:
+    """``model``'s blind-spot estimate (raw units) of an already masked raw batch: N2V's
+    prediction, a PN2V's prior mean."""
+    x = model.normalize(masked_raw)
+    if isinstance(model, PN2V):
+        return prior_mean(model._samples(x).movedim(2, -1))
+    return model.denormalize(model.net(x))

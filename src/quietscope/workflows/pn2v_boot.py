@@ -12,7 +12,11 @@ candidate's *final* estimate of the pixel, in raw units (:func:`quietscope.metho
 N2V's blind-spot prediction, PN2V's posterior mean, which folds the pixel's own observation
 back in, and PN2V's prior mean (blind, like N2V). The noise variance SURE needs is the data's
 own Poisson–Gaussian line (from local residuals, as ``inspect-noise`` measures it), not the
-bootstrapped noise model, so a noise model that is too narrow cannot vouch for itself. A PN2V
+bootstrapped noise model, so a noise model that is too narrow cannot vouch for itself. It is
+evaluated at one signal per pixel for all three candidates, N2V's blind-spot prediction of that
+pixel (the same masks for all), so the variance term cancels between the blind candidates and
+their paired difference is their blind-spot-loss difference: a candidate does not score better
+for being brighter on a rising variance line. A PN2V
 estimate is kept only if its mean estimated error is lower than N2V's by more than ``margin``
 paired standard errors (:func:`choose`); a kept prior mean is saved as the PN2V model's default
 estimate (``predict`` writes it unless ``--estimate`` says otherwise).
@@ -205,7 +209,9 @@ def _variance(uri: Any, image: Image, axes: str | None, nm: Any, seed: int) -> t
 
 def compare(n2v: Any, pn2v: PN2V, image: Image, tcfg: TrainConfig, variance: Any, source: str,
             margin_se: float) -> BootChoice:
-    """Score both models on the held-apart slab (same patches, same masks) and apply :func:`choose`."""
+    """Score the three candidates on the held-apart slab (same patches, same masks, the noise
+    variance of each pixel taken at N2V's blind-spot prediction for all) and apply :func:`choose`.
+    """
     _, val_region = split_train_val(image.spatial_shape, tuple(tcfg.patch), tcfg.val_fraction)
     if val_region is None:
         raise ConfigError("pn2v-boot compares the models on the held-apart slab; use --val-fraction > 0")
@@ -215,9 +221,11 @@ def compare(n2v: Any, pn2v: PN2V, image: Image, tcfg: TrainConfig, variance: Any
     risks = []
     for m, estimate in ((n2v, None), (pn2v, "mmse"), (pn2v, "prior")):
         gen = torch.Generator().manual_seed(tcfg.seed + 4242)  # the same masks for all three
-        risks.append(torch.cat([blind_spot_risk(m, batch[i:i + 16], variance, gen, VAL_DRAWS, valid, estimate)
+        risks.append(torch.cat([blind_spot_risk(m, batch[i:i + 16], variance, gen, VAL_DRAWS, valid, estimate,
+                                                reference=n2v)
                                 for i in range(0, batch.shape[0], 16)]).numpy())
-    choice = choose(risks[0], risks[1], margin_se, source, prior_risk=risks[2])
+    choice = choose(risks[0], risks[1], margin_se, f"{source} at N2V's blind-spot prediction of each pixel",
+                    prior_risk=risks[2])
     if choice.n2v_risk < 0:
         # E[(N2V - x)^2] = N2V's error + the noise variance, so a negative estimate means the
         # variance overstates the noise here; its 2 v df/dx term then over-penalises PN2V's
@@ -327,7 +335,8 @@ def train_pn2v_boot(
     choice = compare(n2v_res.method.cpu(), pn2v_res.method.cpu(), image, tcfg, variance, source, margin_se)
     record = {**asdict(choice), "n2v_steps": n2v_steps, "pn2v_steps": pn2v_steps, "stages": str(work),
               "compares": "SURE of each final estimate (N2V, PN2V posterior mean, PN2V prior mean) at the same "
-                          "held-apart masked pixels, data variance line"}
+                          "held-apart masked pixels, data variance line at N2V's blind-spot prediction (one per pixel, "
+                          "shared by the candidates)"}
     (work / "choice.json").write_text(json.dumps(record, indent=2))
     _write_winner(model_path, work, choice.kept, record)
     if choice.kept != "n2v":
