@@ -492,10 +492,11 @@ def _memory_plan(spatial: tuple[int, ...], align: tuple[int, ...], halo: tuple[i
             block, tile = plan_memory_blocks(spatial, align, halo, f, profile, budget, pow2_axes=pow2)
     except ValueError:
         smallest = tuple(k + 2 * h for k, h in zip(f, halo))
-        need = profile.net_bytes(smallest) / 0.8 * n_tasks
+        tile_bytes = profile.net_bytes(smallest)
+        need = tile_bytes / 0.8 * n_tasks
         raise ConfigError(f"--memory {total / 1e9:.3g} GB cannot hold one tile of this net ({n_tasks} task(s) at once; "
                           f"the smallest tile, {'x'.join(map(str, smallest))} with its halo {halo}, needs "
-                          f"{profile.net_bytes(smallest) / 1e9:.2g} GB): give --memory {need / 1e9:.2g}GB or more") from None
+                          f"{tile_bytes / 1e9:.2g} GB): give --memory {need / 1e9:.2g}GB or more") from None
     win = block_window(tuple(min(b, s) for b, s in zip(block, spatial)), halo, f)
     predicted = profile.task_bytes(win, tuple(min(t + 2 * h, w) for t, h, w in zip(tile, halo, win)))
     if predicted > budget:

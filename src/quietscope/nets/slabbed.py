@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quietscope.tiling import SLAB_HALO
+
 __all__ = ["slabbed_forward"]
 
 Planes = Callable[[int, int], torch.Tensor]
@@ -61,7 +63,7 @@ def _block_slab(block: nn.Module, planes: Planes, n: int, a: int, b: int) -> tor
     to zero, which is what the second convolution's own zero padding sees in a whole pass.
     """
     (c1, post1), (c2, post2) = _units(block)
-    lo, hi = a - 2, b + 2
+    lo, hi = a - SLAB_HALO, b + SLAB_HALO
     h = _pad_z(planes(max(lo, 0), min(hi, n)), max(0, -lo), max(0, hi - n))
     h = _conv_valid_z(c1, h)
     for m in post1:
