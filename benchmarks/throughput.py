@@ -68,7 +68,7 @@ def raw_forward(model_path: str, src: str, block, chunks, threads: int) -> dict:
     return {"seconds": dt, "voxels_per_s": written / dt, "voxels_computed": computed, "halo": list(halo)}
 
 
-def pipeline_run(model_path: str, src: str, out: str, chunks) -> dict:
+def pipeline_run(model_path: str, src: str, out: str, chunks, block=None) -> dict:
     """(b) and (d): ``quietscope.chunked.predict`` in a fresh child process.
 
     Returns the pipeline's own timings (level 0 = read -> predict -> write; then the pyramid),
@@ -80,7 +80,7 @@ import json, resource, time
 t0 = time.perf_counter()
 from quietscope.chunked import PredictOptions
 from quietscope.workflows.predict import predict
-r = predict({model_path!r}, {src!r}, {out!r}, PredictOptions(chunks={tuple(chunks) if chunks else None!r}, overwrite=True, progress=False))
+r = predict({model_path!r}, {src!r}, {out!r}, PredictOptions(chunks={tuple(chunks) if chunks else None!r}, block={tuple(block) if block else None!r}, overwrite=True, progress=False))
 print(json.dumps({{"level0_s": r.seconds_level0, "pyramid_s": r.seconds_pyramid, "job_s": time.perf_counter() - t0,
                   "n_blocks": r.n_blocks, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
@@ -186,7 +186,7 @@ def peer_loop(model_path: str, src: str, threads: int, max_tiles: int | None) ->
             "compute_factor": computed / math.prod(image.spatial_shape)}
 
 
-def lightsheet_plan(model_path: str, src: str, chunks=None) -> dict:
+def lightsheet_plan(model_path: str, src: str, chunks=None, block=None) -> dict:
     """The default plan of ``predict`` for ``src`` (block, sub-tile, memory), as the engine decides it."""
     from quietscope.chunked import PredictOptions, plan_layout
     from quietscope.inference import method_halo
@@ -199,7 +199,8 @@ def lightsheet_plan(model_path: str, src: str, chunks=None) -> dict:
     halo, f = method_halo(method), method.downsampling_factor
     image = open_image(src)
     prof = memory_profile(method, 1)
-    lay = plan_layout(image, 1, halo, PredictOptions(chunks=tuple(chunks) if chunks else None), False, prof, f)
+    lay = plan_layout(image, 1, halo, PredictOptions(chunks=tuple(chunks) if chunks else None,
+                                                     block=tuple(block) if block else None), False, prof, f)
     block = tuple(min(b, s) for b, s in zip(lay.block, image.spatial_shape))
     return {"block": list(lay.block), "subtile": list(lay.subtile), "halo": list(halo), "factor": f,
             "halo_factor_block": halo_factor(block, halo),
@@ -233,15 +234,28 @@ def raw_subtiled(model_path: str, src: str, plan: dict, threads: int) -> dict:
     return {"seconds": dt, "voxels_per_s": math.prod(image.spatial_shape) / dt}
 
 
-def measure_lightsheet(kind: str, shape, chunks, model_path: str, tmp: Path, threads: int, peer_tiles: int | None) -> dict:
+def measure_lightsheet(kind: str, shape, chunks, model_path: str, tmp: Path, threads: int, peer_tiles: int | None,
+                       sample: tuple[int, ...] | None = None) -> dict:
+    """One row. With ``sample`` (extents of the last axes), our pipeline and raw forward run on a
+    crop of that extent with the full volume's planned block forced: every block window of a
+    memory plan has the same shape (reflection pads the edges), so the crop's voxels/s is the
+    full plan's, without running an hour per row. The peer is timed on the full volume."""
     src = make_volume(tmp / f"{kind}.ome.zarr", shape, chunks)
     plan = lightsheet_plan(model_path, src)
-    raw = raw_subtiled(model_path, src, plan, threads)
-    run = pipeline_run(model_path, src, str(tmp / f"{kind}_out.ome.zarr"), None)
+    timed_src, timed_shape, block = src, tuple(shape), None
+    if sample:
+        timed_shape = tuple(shape[: len(shape) - len(sample)]) + tuple(sample)
+        timed_src = make_volume(tmp / f"{kind}_crop.ome.zarr", timed_shape, chunks)
+        block = plan["block"]
+        crop_plan = lightsheet_plan(model_path, timed_src, block=block)
+        assert crop_plan["block"] == plan["block"] and crop_plan["subtile"] == plan["subtile"], (crop_plan, plan)
+    raw = raw_subtiled(model_path, timed_src, plan, threads)
+    run = pipeline_run(model_path, timed_src, str(tmp / f"{kind}_out.ome.zarr"), None, block)
     peer = peer_loop(model_path, src, threads, peer_tiles)
-    voxels = math.prod(shape)
+    voxels = math.prod(timed_shape)
     pipe = voxels / (run["level0_s"] + run["pyramid_s"])
     row = {"kind": kind, "shape": list(shape), "chunks": list(chunks), **plan,
+           "timed_shape": list(timed_shape), "timed_blocks": run["n_blocks"],
            "raw_forward_voxels_per_s": raw["voxels_per_s"], "pipeline_voxels_per_s": pipe,
            "pipeline_over_raw": pipe / raw["voxels_per_s"], "job_seconds_incl_startup": run["job_s"],
            "peak_rss_mb": run["peak_rss_mb"], "peer_voxels_per_s": peer["voxels_per_s"],
@@ -249,6 +263,7 @@ def measure_lightsheet(kind: str, shape, chunks, model_path: str, tmp: Path, thr
            "pipeline_over_peer": pipe / peer["voxels_per_s"]}
     shutil.rmtree(tmp / f"{kind}_out.ome.zarr", ignore_errors=True)
     shutil.rmtree(tmp / f"{kind}.ome.zarr", ignore_errors=True)
+    shutil.rmtree(tmp / f"{kind}_crop.ome.zarr", ignore_errors=True)
     return row
 
 
@@ -269,7 +284,8 @@ def run_lightsheet(args, tmp: Path, threads: int, json_path: Path, header: dict)
         for kind, shape, chunks in lightsheet_cases(args.ls_scale):
             if wanted is not None and kind + suffix not in wanted:
                 continue
-            done.append(measure_lightsheet(kind + suffix, shape, chunks, model, tmp, threads, args.peer_tiles))
+            sample = tuple(int(v) for v in args.ls_sample.split(",")) if args.ls_sample and kind == "LS-128" else None
+            done.append(measure_lightsheet(kind + suffix, shape, chunks, model, tmp, threads, args.peer_tiles, sample))
             rows.append(done[-1])
             json_path.write_text(json.dumps({**header, "rows": rows}, indent=2))
         if len(done) == 2:
@@ -299,6 +315,9 @@ def main() -> None:
     ap.add_argument("--ls-scale", type=int, default=1, help="3D-lightsheet: divide y and x by this (z kept)")
     ap.add_argument("--peer-tiles", type=int, default=None,
                     help="3D-lightsheet: time this many of the peer loop's (equal) tiles and extrapolate")
+    ap.add_argument("--ls-sample", default=None,
+                    help="3D-lightsheet: time our pipeline on 128x1024^2 over a crop of these last-axis extents "
+                         "(e.g. 256,512) with the full volume's planned block (equal block windows: same voxels/s)")
     ap.add_argument("--ls-cases", default=None,
                     help="3D-lightsheet: only these rows, e.g. LS-64,LS-64-zfull (default: all four)")
     args = ap.parse_args()
@@ -348,7 +367,8 @@ def main_lightsheet(args) -> None:
               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU, torch {torch.__version__}",
               "command": f"python benchmarks/throughput.py --cases 3D-lightsheet --filters {args.filters} "
                          f"--ls-scale {args.ls_scale}" + (f" --peer-tiles {args.peer_tiles}" if args.peer_tiles else "")
-                         + (f" --ls-cases {args.ls_cases}" if args.ls_cases else ""),
+                         + (f" --ls-cases {args.ls_cases}" if args.ls_cases else "")
+                         + (f" --ls-sample {args.ls_sample}" if args.ls_sample else ""),
               "model": f"n2v 3D U-Net depth 2, {args.filters} filters, no batch norm (random weights)",
               "peer": "crop-and-paste tiled loop in plain torch written here (CAREamics' default tiling 64x128x128, "
                       "overlap 48; no CAREamics dependency), same net, volume in RAM",

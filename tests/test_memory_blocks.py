@@ -116,6 +116,17 @@ def test_memory_too_small_is_a_clear_error(tmp_path):
     assert not (tmp_path / "o.ome.zarr").exists() and not (tmp_path / "o2.ome.zarr").exists()
 
 
+def test_block_too_large_for_memory_is_a_clear_error(tmp_path):
+    # The sub-tile fits the budget, the given block's buffers do not: the error names --block.
+    data = np.full((8, 512, 512), 100, np.float32)
+    src = write_zarr_array(tmp_path / "in.zarr", data, (8, 128, 128))
+    model = random_model(tmp_path / "m.qs", 3, depth=1, filters=4)
+    opts = PredictOptions(block=(8, 512, 512), memory=_budget_for(model, 1, 2), progress=False)
+    with pytest.raises(ConfigError, match=r"--block \(8, 512, 512\) needs .* GB per task.*give a smaller --block"):
+        predict(model, src, tmp_path / "o.ome.zarr", opts)
+    assert not (tmp_path / "o.ome.zarr").exists()
+
+
 def test_memory_option_parsing():
     assert PredictOptions(memory="2GB").blocks.memory == 2_000_000_000
     assert PredictOptions(memory="1.5GiB").blocks.memory == int(1.5 * 2**30)

@@ -66,9 +66,9 @@ from quietscope.tiling import (
     Factor,
     MemoryProfile,
     axes_layout,
+    best_subtile,
     block_window,
     choose_block_shape,
-    choose_subtile,
     compute_factor,
     halo_factor,
     parse_bytes,
@@ -487,7 +487,14 @@ def _memory_plan(spatial: tuple[int, ...], align: tuple[int, ...], halo: tuple[i
     try:
         if blk.block:
             block = tuple(blk.block)
-            tile = choose_subtile(spatial, halo, f, lambda w: profile.net_bytes(w) <= 0.8 * budget)
+            win = block_window(tuple(min(b, s) for b, s in zip(block, spatial)), halo, f)
+            io = profile.io_bytes_per_voxel * math.prod(win)
+            # the same constraints as the planner's, so a plan given back as --block gets its sub-tile
+            tile = best_subtile(win, halo, f, lambda w: profile.net_bytes(w) <= min(0.8 * budget, budget - io))
+            if tile is None:
+                if profile.net_bytes(tuple(k + 2 * h for k, h in zip(f, halo))) > 0.8 * budget:
+                    raise ValueError("the smallest sub-tile does not fit")
+                tile = f  # the tile fits, the block's buffers do not: the --block error below says so
         else:
             block, tile = plan_memory_blocks(spatial, align, halo, f, profile, budget, pow2_axes=pow2)
     except ValueError:

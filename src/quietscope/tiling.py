@@ -345,47 +345,6 @@ def subtile_voxels(window: Shape, halo: Shape, tile: Shape) -> int:
     return math.prod(sum(r1 - r0 for *_, r0, r1 in subtile_cuts(n, h, t)) for n, h, t in zip(window, halo, tile))
 
 
-def choose_subtile(shape: Shape, halo: Shape, factor: Factor,
-                   max_window_voxels: float | Callable[[Shape], bool]) -> Shape:
-    """The sub-tile (output extent, multiples of ``factor``) with the least halo overhead whose
-    window ``tile + 2 * halo`` holds at most ``max_window_voxels`` (or, given a function of the
-    window, for which it says True: the window fits).
-
-    Grows one axis at a time by one factor step, the axis that lowers
-    ``prod(t + 2h) / prod(t)`` most, never beyond the volume's extent.
-
-    Raises
-    ------
-    ValueError
-        Not even the smallest sub-tile (one factor step per axis) fits.
-    """
-    f = per_axis(factor, len(shape))
-    cap = [round_up(s, k) for s, k in zip(shape, f)]
-    t = list(f)
-    if callable(max_window_voxels):
-        fits = max_window_voxels
-    else:
-        def fits(window: Shape) -> bool:
-            return math.prod(window) <= max_window_voxels
-    if not fits(tuple(a + 2 * h for a, h in zip(t, halo))):
-        raise ValueError("the smallest sub-tile does not fit")
-    while True:
-        best, best_factor = None, halo_factor(tuple(t), halo)
-        for ax in range(len(t)):
-            if t[ax] >= cap[ax]:
-                continue
-            trial = list(t)
-            trial[ax] = min(t[ax] + f[ax], cap[ax])
-            if not fits(tuple(a + 2 * h for a, h in zip(trial, halo))):
-                continue
-            hf = halo_factor(tuple(trial), halo)
-            if hf < best_factor - 1e-12:
-                best, best_factor = trial, hf
-        if best is None:
-            return tuple(t)
-        t = best
-
-
 def _axis_compute(size: int, block: int, halo: int, f: int, tile: int) -> int:
     """Voxels computed along one axis over all blocks of that axis (sub-tiles included)."""
     total = 0
@@ -409,6 +368,46 @@ def block_window(block: Shape, halo: Shape, factor: Factor) -> Shape:
     return tuple(b - a for a, b in zip(rs, re))
 
 
+def subtile_counts(length: int, halo: int, f: int) -> list[int]:
+    """Sub-tile extents worth trying along one axis of a window of ``length``: for each number of
+    sub-tiles, the smallest extent (a multiple of ``f``) that covers the window's output in that
+    many, largest first. Other extents compute more for the same number of sub-tiles."""
+    out = max(f, length - 2 * halo)
+    extents: list[int] = []
+    for n in range(1, -(-out // f) + 1):
+        t = round_up(-(-out // n), f)
+        if not extents or t < extents[-1]:
+            extents.append(t)
+    return extents
+
+
+def _axis_window_compute(length: int, halo: int, tile: int) -> int:
+    return sum(r1 - r0 for *_, r0, r1 in subtile_cuts(length, halo, tile))
+
+
+def best_subtile(window: Shape, halo: Shape, factor: Factor, fits: Callable[[Shape], bool]) -> Shape | None:
+    """The sub-tile of one block window that computes the fewest voxels, among those whose
+    window ``fits`` (None when not even the smallest does).
+
+    Candidates per axis are :func:`subtile_counts`; for each choice along the leading axes the
+    largest fitting extent along the last is taken (a larger window never fits where a smaller
+    one does not, and fewer cuts along an axis never compute more).
+    """
+    f = per_axis(factor, len(window))
+    cands = [subtile_counts(w, h, k) for w, h, k in zip(window, halo, f)]
+    best: tuple[int, Shape] | None = None
+    for lead in product(*cands[:-1]):
+        for last in cands[-1]:
+            t = tuple(lead) + (last,)
+            if not fits(tuple(min(a + 2 * h, w) for a, h, w in zip(t, halo, window))):
+                continue
+            cost = math.prod(_axis_window_compute(w, h, a) for w, h, a in zip(window, halo, t))
+            if best is None or cost < best[0]:
+                best = (cost, t)
+            break
+    return None if best is None else best[1]
+
+
 def plan_memory_blocks(
     shape: Shape,
     chunks: Shape,
@@ -422,14 +421,16 @@ def plan_memory_blocks(
 ) -> tuple[Shape, Shape]:
     """Block (multiples of ``chunks``) and sub-tile for a per-task memory ``budget`` in bytes.
 
-    The sub-tile, what the net sees at once, gets ``net_share`` of the budget and is chosen for
-    the least halo overhead (:func:`choose_subtile`). The block is then the one, among
-    ``1..8``, the powers of two and all chunks per axis (only powers of two, or all, along
-    ``pow2_axes``), with the fewest voxels computed over the whole plan (block halos, pooling
-    alignment and sub-tile halos; the count is separable per axis) whose task
-    (:meth:`MemoryProfile.task_bytes`) fits the budget; of those within ``min_gain`` of the
-    least, the smallest block (finer progress and resume). Deep blocks pay the z halo once for
-    many chunks of z.
+    Block and sub-tile are chosen together: for every block among ``1..8``, the powers of two
+    and all chunks per axis (only powers of two, or all, along ``pow2_axes``), the sub-tile is
+    the one of its window that computes the fewest voxels (:func:`best_subtile`) with the net
+    within ``net_share`` of the budget and the whole task (:meth:`MemoryProfile.task_bytes`:
+    net plus the block's buffers) within the budget. The plan is the pair with the fewest
+    voxels computed over the whole volume (block halos, pooling alignment and sub-tile halos;
+    the count is separable per axis); of those within ``min_gain`` of the least, the smallest
+    block (finer progress and resume). Choosing the sub-tile for its block matters: a tile
+    chosen alone (about a cube) cuts a deep block's window into uneven pieces along z, while one
+    shaped to the window pays the z halo once per block.
 
     Returns
     -------
@@ -442,21 +443,31 @@ def plan_memory_blocks(
         The budget cannot hold the smallest sub-tile with its halo, or one chunk's buffers.
     """
     f = per_axis(factor, len(shape))
-    tile = choose_subtile(shape, halo, f, lambda w: profile.net_bytes(w) <= net_share * budget)
-    options = []  # per axis: (chunks per block, block extent, window extent, voxels computed along the axis)
-    for ax, (s, c, h, k, t) in enumerate(zip(shape, chunks, halo, f, tile)):
+    smallest = tuple(k + 2 * h for k, h in zip(f, halo))
+    if profile.net_bytes(smallest) > net_share * budget:
+        raise ValueError("the smallest sub-tile does not fit")
+    options = []  # per axis: (block extent, window extent)
+    for ax, (s, c, h, k) in enumerate(zip(shape, chunks, halo, f)):
         n_max = max(1, -(-s // c))
         pow2 = {2**i for i in range(n_max.bit_length())} | {n_max}
         ns = sorted(pow2 if ax in pow2_axes else pow2 | set(range(1, min(8, n_max) + 1)))
-        options.append([(n, min(n * c, s), block_window((min(n * c, s),), (h,), k)[0],
-                         _axis_compute(s, min(n * c, s), h, k, t) / s) for n in ns if n <= n_max])
+        options.append([(min(n * c, s), block_window((min(n * c, s),), (h,), k)[0]) for n in ns if n <= n_max])
     fitting = []
     for combo in product(*options):
-        win = tuple(o[2] for o in combo)
-        if profile.task_bytes(win, tuple(min(t + 2 * h, w) for t, h, w in zip(tile, halo, win))) <= budget:
-            fitting.append((math.prod(o[3] for o in combo), math.prod(o[1] for o in combo), combo))
+        win = tuple(w for _, w in combo)
+        io = profile.io_bytes_per_voxel * math.prod(win)
+        if io + profile.net_bytes(tuple(min(a, w) for a, w in zip(smallest, win))) > budget:
+            continue
+        tile = best_subtile(win, halo, f, lambda w, io=io: (profile.net_bytes(w) <= net_share * budget
+                                                             and profile.net_bytes(w) + io <= budget))
+        if tile is None:
+            continue
+        block = tuple(b for b, _ in combo)
+        cost = math.prod(_axis_compute(s, b, h, k, t) / s for s, b, h, k, t in zip(shape, block, halo, f, tile))
+        fitting.append((cost, math.prod(block), block, tile))
     if not fitting:
         raise ValueError("one chunk with its halo does not fit")
-    least = min(cost for cost, _, _ in fitting)
-    _, _, combo = min((size, cost, combo) for cost, size, combo in fitting if cost <= least * (1 + min_gain))
-    return tuple(o[0] * c for o, c in zip(combo, chunks)), tile
+    least = min(cost for cost, *_ in fitting)
+    _, _, block, tile = min((size, cost, block, tile) for cost, size, block, tile in fitting
+                            if cost <= least * (1 + min_gain))
+    return block, tile
