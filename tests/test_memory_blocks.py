@@ -10,13 +10,14 @@ import zarr
 from click.testing import CliRunner
 
 from helpers import random_model, write_zarr_array
-from quietscope.chunked import PredictOptions, tasks_at_once
+from quietscope.chunked import PredictOptions, plan_layout, tasks_at_once
 from quietscope.errors import ConfigError
 from quietscope.inference import method_halo, predict_tile, predict_whole
 from quietscope.inference_memory import memory_profile, probe_memory
+from quietscope.io import open_image
 from quietscope.methods.modelfile import load_model
 from quietscope.runner.subtiles import predict_in_subtiles
-from quietscope.tiling import block_window, read_window
+from quietscope.tiling import MemoryProfile, block_window, read_window
 from quietscope.workflows.predict import predict
 from quietscope_cli.main import cli
 
@@ -150,3 +151,22 @@ def test_tasks_sharing_a_budget():
     assert tasks_at_once(PredictOptions(max_in_flight=2), 3) == (2, 2)
     assert tasks_at_once(PredictOptions(threads=3, workers=2), 3) == (3, None)
     assert tasks_at_once(PredictOptions(scheduler="tcp://h:8786"), 3) == (1, None)
+
+
+def test_plane_chunks_that_force_costly_blocks_are_flagged(tmp_path, caplog):
+    # A stack chunked one full plane at a time: blocks are whole output chunks, so in this
+    # memory only thin blocks fit; the log says what --chunks would save.
+    data = np.zeros((64, 1024, 1024), np.uint8)
+    z = zarr.create_array(store=str(tmp_path / "in.zarr"), shape=data.shape, chunks=(1, 1024, 1024), dtype=data.dtype)
+    image = open_image(str(tmp_path / "in.zarr"), axes="zyx")
+    prof = MemoryProfile(net_bytes_per_voxel=210.0, io_bytes_per_voxel=20.0, fixed_bytes=8.7e7,
+                         slab_bytes_per_voxel=880.0, whole_bytes_per_voxel=1005.0)
+    with caplog.at_level("WARNING", logger="quietscope.chunked"):
+        lay = plan_layout(image, 1, (24, 24, 24), PredictOptions(memory="1.58GB"), False, prof, 4)
+    assert lay.chunks == (1, 1024, 1024) and z.shape == data.shape
+    msg = [r.getMessage() for r in caplog.records if "--chunks 32,256,256" in r.getMessage()]
+    assert msg and "less work" in msg[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="quietscope.chunked"):
+        plan_layout(image, 1, (24, 24, 24), PredictOptions(memory="1.58GB", chunks=(32, 256, 256)), False, prof, 4)
+    assert not [r for r in caplog.records if "less work" in r.getMessage()]

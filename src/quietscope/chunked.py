@@ -243,6 +243,11 @@ def default_chunks(image: Image) -> tuple[int, ...]:
         ch = tuple(c for c, a in zip(image.chunks, image.axes) if a in "zyx")
         if math.prod(ch) >= 4096:
             return ch
+    return generic_chunks(spatial)
+
+
+def generic_chunks(spatial: tuple[int, ...]) -> tuple[int, ...]:
+    """256² in 2D, 32×256² in 3D, capped at the image: the chunks of a TIFF input's output."""
     base = (256, 256) if len(spatial) == 2 else (32, 256, 256)
     return tuple(min(b, s) for b, s in zip(base, spatial))
 
@@ -566,6 +571,8 @@ def plan_layout(image: Image, n_out: int, halo: tuple[int, ...], options: Predic
     if profile is not None and blk.max_tile_voxels is None:
         plan = _memory_plan(spatial, align, halo, factor, profile, options, pow2)
         block = plan.pop("block")
+        if _given_chunks(out, spatial, sp_axes) is None and not (blk.block or out.shards):
+            _warn_costly_chunks(spatial, chunks, block, plan["subtile"], halo, factor, profile, options, pow2)
     elif blk.block:
         block = tuple(blk.block)
     else:
@@ -574,6 +581,30 @@ def plan_layout(image: Image, n_out: int, halo: tuple[int, ...], options: Predic
                        or (a == "c" and ("c" in image.axes or n_out > 1)) or a in sp_axes)
     return Layout(chunks, tuple(out.shards) if out.shards else None, block, out_axes, n_out, image.n_timepoints, sp_axes,
                   spatial, **plan)
+
+
+def _warn_costly_chunks(spatial: tuple[int, ...], chunks: tuple[int, ...], block: tuple[int, ...], tile: tuple[int, ...],
+                        halo: tuple[int, ...], factor: Factor, profile: MemoryProfile, options: PredictOptions,
+                        pow2: list[int]) -> None:
+    """Warn when the input's chunks, kept for the output, force a plan that computes far more.
+
+    Blocks are whole output chunks, so chunks of a full plane (a TIFF series converted plane by
+    plane: 1 x 2048 x 2048) leave a memory budget room only for thin blocks and small sub-tiles.
+    """
+    generic = generic_chunks(spatial)
+    if generic == chunks:
+        return
+    f = per_axis(factor, len(spatial))
+    cost = compute_factor(spatial, block, halo, f, tile)
+    try:
+        alt = _memory_plan(spatial, generic, halo, factor, profile, options, pow2)
+    except ConfigError:
+        return
+    alt_cost = compute_factor(spatial, alt["block"], halo, f, alt["subtile"])
+    if cost > 1.5 * alt_cost:
+        log.warning("the output keeps the input's chunks %s, which makes the net compute %.1f voxels per voxel written "
+                    "in this memory; --chunks %s would compute %.1f (%.1fx less work)", chunks, cost,
+                    ",".join(map(str, generic)), alt_cost, cost / alt_cost)
 
 
 def physical_scale(image: Image, options: OutputOptions) -> tuple[dict[str, float], dict[str, str | None]]:

@@ -389,23 +389,44 @@ def best_subtile(window: Shape, halo: Shape, factor: Factor, fits: Callable[[Sha
     """The sub-tile of one block window that computes the fewest voxels, among those whose
     window ``fits`` (None when not even the smallest does).
 
-    Candidates per axis are :func:`subtile_counts`; for each choice along the leading axes the
-    largest fitting extent along the last is taken (a larger window never fits where a smaller
-    one does not, and fewer cuts along an axis never compute more).
+    Candidates per axis are :func:`subtile_counts`. A larger window never fits where a smaller
+    one does not, and fewer cuts along an axis never compute more, so for each choice along the
+    leading axes the largest fitting extent along the last is found by bisection, and leading
+    choices that cannot beat the best so far are skipped (this keeps terabyte-sized plans
+    within a second).
     """
     f = per_axis(factor, len(window))
-    cands = [subtile_counts(w, h, k) for w, h, k in zip(window, halo, f)]
+    cands = [[(t, _axis_window_compute(w, h, t)) for t in subtile_counts(w, h, k)] for w, h, k in zip(window, halo, f)]
+    last = cands[-1]
+    floor_last = last[0][1]  # the fewest cuts compute least
     best: tuple[int, Shape] | None = None
+
+    def ok(t: Shape) -> bool:
+        return fits(tuple(min(a + 2 * h, w) for a, h, w in zip(t, halo, window)))
+
     for lead in product(*cands[:-1]):
-        for last in cands[-1]:
-            t = tuple(lead) + (last,)
-            if not fits(tuple(min(a + 2 * h, w) for a, h, w in zip(t, halo, window))):
-                continue
-            cost = math.prod(_axis_window_compute(w, h, a) for w, h, a in zip(window, halo, t))
-            if best is None or cost < best[0]:
-                best = (cost, t)
-            break
+        lead_t = tuple(t for t, _ in lead)
+        lead_cost = math.prod(c for _, c in lead)
+        if best is not None and lead_cost * floor_last >= best[0]:
+            continue
+        if not ok(lead_t + (last[-1][0],)):
+            continue
+        lo, hi = 0, len(last) - 1  # last[hi] fits; find the first (largest extent) that does
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if ok(lead_t + (last[mid][0],)):
+                hi = mid
+            else:
+                lo = mid + 1
+        cost = lead_cost * last[lo][1]
+        if best is None or cost < best[0]:
+            best = (cost, lead_t + (last[lo][0],))
     return None if best is None else best[1]
+
+
+def _block_bound(shape: Shape, combo: Sequence[tuple[int, int]], halo: Shape, f: Shape) -> float:
+    """Voxels computed per voxel written by a block predicted in one tile: no sub-tiling computes less."""
+    return math.prod(_axis_compute(s, b, h, k, 10**12) / s for s, (b, _), h, k in zip(shape, combo, halo, f))
 
 
 def plan_memory_blocks(
@@ -453,7 +474,13 @@ def plan_memory_blocks(
         ns = sorted(pow2 if ax in pow2_axes else pow2 | set(range(1, min(8, n_max) + 1)))
         options.append([(min(n * c, s), block_window((min(n * c, s),), (h,), k)[0]) for n in ns if n <= n_max])
     fitting = []
-    for combo in product(*options):
+    least = math.inf
+    # Cheapest-looking blocks first (by their cost with one sub-tile, a lower bound): once a
+    # plan is found, blocks whose bound is beyond reach need no sub-tile search.
+    combos = sorted((_block_bound(shape, combo, halo, f), combo) for combo in product(*options))
+    for bound, combo in combos:
+        if bound > least * (1 + min_gain):
+            break
         win = tuple(w for _, w in combo)
         io = profile.io_bytes_per_voxel * math.prod(win)
         if io + profile.net_bytes(tuple(min(a, w) for a, w in zip(smallest, win))) > budget:
@@ -465,9 +492,9 @@ def plan_memory_blocks(
         block = tuple(b for b, _ in combo)
         cost = math.prod(_axis_compute(s, b, h, k, t) / s for s, b, h, k, t in zip(shape, block, halo, f, tile))
         fitting.append((cost, math.prod(block), block, tile))
+        least = min(least, cost)
     if not fitting:
         raise ValueError("one chunk with its halo does not fit")
-    least = min(cost for cost, *_ in fitting)
     _, _, block, tile = min((size, cost, block, tile) for cost, size, block, tile in fitting
                             if cost <= least * (1 + min_gain))
     return block, tile
