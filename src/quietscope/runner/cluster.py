@@ -29,6 +29,7 @@ from distributed import LocalCluster, WorkerPlugin
 from pydantic import BaseModel, ConfigDict, Field
 
 from quietscope.errors import ConfigError, validation_message
+from quietscope.runner.heap import heap_env
 
 log = logging.getLogger(__name__)
 
@@ -331,6 +332,7 @@ def _local_client(options: ClusterOptions) -> tuple[Any, Any]:
     if options.workers:
         task_threads, torch_threads = thread_budget(options.workers, options.threads, torch_threads=options.torch_threads)
         env = {v: str(torch_threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+        env.update(heap_env())
         local = LocalCluster(n_workers=options.workers, threads_per_worker=task_threads, processes=True, env=env, **common)
         client = Client(local)
         client.register_plugin(_torch_plugin(torch_threads))

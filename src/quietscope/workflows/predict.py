@@ -23,6 +23,8 @@ from quietscope.inference import (
 from quietscope.inference_memory import memory_profile
 from quietscope.io.reading import open_image
 from quietscope.runner.cluster import check_gpus_local, resolve_gpus
+from quietscope.runner.heap import ENV_VAR as HEAP_ENV_VAR
+from quietscope.runner.heap import bound_heap
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,9 @@ def predict(
         source = "--estimate" if inference.get("estimate") else "the model file's default"
         log.info("estimate: %s (%s)", model.method.estimate, source)
     memory = memory_profile(model.method, len(names))
+    if device.type == "cpu" and (threshold := bound_heap()):
+        log.info("heap: allocations of %d MB and more mapped on their own, so freed memory returns to the system "
+                 "and the peak stays near the plan (%s=0 leaves the allocator as it is)", threshold >> 20, HEAP_ENV_VAR)
     options = options.model_copy(update={"device": str(device)})  # the default --memory follows the device
     log.info("memory per voxel: %.0f bytes of activations (probed, with slack), %.0f of block buffers",
              memory.net_bytes_per_voxel, memory.io_bytes_per_voxel)

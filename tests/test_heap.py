@@ -1,0 +1,51 @@
+"""The CPU worker's allocator setting (runner/heap.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from quietscope.runner.heap import DEFAULT_MMAP_THRESHOLD, ENV_VAR, bound_heap, heap_env, mmap_threshold
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt exists on Linux only")
+
+
+def test_threshold_from_the_environment(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert mmap_threshold() == DEFAULT_MMAP_THRESHOLD == 4 * 2**20
+    assert heap_env() == {"MALLOC_MMAP_THRESHOLD_": str(4 * 2**20)}
+    monkeypatch.setenv(ENV_VAR, "0")
+    assert bound_heap() == 0 and heap_env() == {}  # 0: leave the allocator as it is
+    monkeypatch.setenv(ENV_VAR, "")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")  # the user's own glibc setting wins
+    assert bound_heap() == 0 and heap_env() == {}
+
+
+@linux
+def test_freed_blocks_return_to_the_system():
+    # A 2 MB block freed below the threshold stays in the heap; mapped on its own it goes back.
+    code = """
+import ctypes, re, sys
+from quietscope.runner.heap import bound_heap
+applied = bound_heap(1 << 20) if sys.argv[1] == "bound" else 0
+libc = ctypes.CDLL("libc.so.6"); libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]
+libc.free(libc.malloc(16 << 20))  # freeing a mapped block below 32 MB raises glibc's threshold to its size
+blocks = [libc.malloc(2 << 20) for _ in range(200)]
+for i, b in enumerate(blocks):
+    ctypes.memset(b, 1, 2 << 20)
+keep = [b for i, b in enumerate(blocks) if i % 2]  # every other block stays: holes the heap cannot trim
+for i, b in enumerate(blocks):
+    if not i % 2:
+        libc.free(b)
+rss = int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) // 1024
+print(applied, rss)
+"""
+    out = {}
+    for mode in ("bound", "free"):
+        res = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True)
+        out[mode] = [int(v) for v in res.stdout.split()]
+    assert out["bound"][0] == 1 << 20
+    assert out["free"][1] - out["bound"][1] >= 150  # 100 freed 2 MB holes: ~200 MB kept without the bound
