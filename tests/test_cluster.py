@@ -76,7 +76,9 @@ slurm:
 """
 
 
-def test_slurm_profile_parsed_and_job_script(tmp_path):
+def test_slurm_profile_parsed_and_job_script(tmp_path, monkeypatch):
+    for var in ("MALLOC_MMAP_THRESHOLD_", "QUIETSCOPE_MMAP_THRESHOLD"):
+        monkeypatch.delenv(var, raising=False)
     p = tmp_path / "cluster.yaml"
     p.write_text(PROFILE)
     prof = load_profile(p)
@@ -90,7 +92,7 @@ def test_slurm_profile_parsed_and_job_script(tmp_path):
     lines = script.splitlines()
     for want in ("#SBATCH -p gpu", "#SBATCH -A imaging-lab", "#SBATCH -t 02:00:00", "#SBATCH --gres=gpu:1",
                  "#SBATCH --constraint=a100", "#SBATCH --cpus-per-task=8", "module load cuda/12.4",
-                 "export OMP_NUM_THREADS=1"):
+                 "export OMP_NUM_THREADS=1", "export MALLOC_MMAP_THRESHOLD_=4194304"):
         assert want in lines, (want, script)
     worker_cmd = next(line for line in lines if "distributed.cli.dask_worker" in line)
     assert worker_cmd.startswith("/opt/quietscope/bin/python")

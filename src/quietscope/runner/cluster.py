@@ -179,7 +179,8 @@ def slurm_cluster(profile: ClusterProfile, security: Any | None = None) -> Any:
     if profile.gpus:
         directives.append(f"--gres=gpu:{profile.gpus}")
         worker_args += ["--resources", "GPU=1"]
-    prologue = [f"export OMP_NUM_THREADS={torch_threads}", *profile.job_script_prologue]
+    heap = [f"export {k}={v}" for k, v in heap_env().items()]  # glibc reads it at start (runner/heap.py)
+    prologue = [f"export OMP_NUM_THREADS={torch_threads}", *heap, *profile.job_script_prologue]
     sched: dict[str, Any] = {"dashboard_address": profile.dashboard_address, "port": profile.scheduler_port}
     if profile.scheduler_host:
         sched["host"] = profile.scheduler_host
