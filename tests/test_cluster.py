@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import sys
 import tracemalloc
 from itertools import islice
 from pathlib import Path
@@ -20,7 +21,7 @@ from quietscope.inference import predict_whole
 from quietscope.io.writing import OutputSpec, block_local_levels, build_pyramid, create_ome_zarr, open_level
 from quietscope.runner.cluster import dask_client, load_profile, slurm_cluster, thread_budget
 from quietscope.runner.executor import count_blocks, iter_blocks, iter_tasks
-from quietscope.runner.testing import BoxProcessor
+from quietscope.runner.testing import BoxProcessor, start_environ
 from quietscope.tiling import plan_blocks
 
 
@@ -297,3 +298,13 @@ def test_torch_threads_option_reaches_worker_processes():
 
     with dask_client(workers=1, threads=1, torch_threads=1) as client:
         assert set(client.run(torch_threads).values()) == {1}  # default would give the lone worker 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap settings are Linux-only")
+def test_worker_processes_start_with_the_heap_threshold(monkeypatch):
+    for var in ("MALLOC_MMAP_THRESHOLD_", "QUIETSCOPE_MMAP_THRESHOLD"):
+        monkeypatch.delenv(var, raising=False)
+    with dask_client(workers=1, threads=1, torch_threads=1) as client:
+        (env,) = client.run(start_environ).values()
+    assert env.get("MALLOC_MMAP_THRESHOLD_") == str(4 * 2**20), sorted(k for k in env if k.startswith("MALLOC"))
+

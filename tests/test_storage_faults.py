@@ -393,6 +393,25 @@ def test_output_deleted_mid_run_is_one_line_at_once_and_resume_recreates_it(sour
     _same(out, ref)
 
 
+def test_resume_over_the_stray_chunks_of_a_vanished_output_starts_afresh(source, tmp_path):
+    """A write in flight when the folder vanished puts back its chunk folders (the store makes
+    parents on write), without metadata or job record: --resume starts afresh. An output with
+    array metadata but no record is still refused."""
+    src, ref = source
+    out = tmp_path / "out.ome.zarr"
+    for rel in ("0/c/1/2", "1/c/0/1", ".quietscope/done/t0_0_0"):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(b"stray")
+    run_box_job(src, str(out), {**OPTS, "resume": True})
+    _same(out, ref)
+    other = tmp_path / "other.ome.zarr"
+    (other / "0").mkdir(parents=True)
+    (other / "0" / "zarr.json").write_text("{}")
+    with pytest.raises(OutputError, match="no quietscope job record"):
+        run_box_job(src, str(other), {**OPTS, "resume": True})
+    assert (other / "0" / "zarr.json").read_text() == "{}"
+
+
 def test_a_storage_error_that_cannot_be_pickled_still_reaches_the_client_as_one():
     """Worker processes pickle a task's StoreFault; zarr's ArrayNotFoundError (an output level
     gone) cannot be rebuilt from its pickle, so it travels as the builtin FileNotFoundError."""

@@ -715,7 +715,7 @@ def open_job(spec: OutputSpec, record: dict[str, Any], output: str, inputs: list
             return ledger, _reopen(ledger, spec, record, layout, local_levels), False
         if existed:
             log.info("%s: replacing the existing output", output) if not options.resume else \
-                log.info("resuming %s: nothing was written yet; starting it afresh", output)
+                log.info("resuming %s: no block of it is recorded; starting it afresh", output)
         stores.clear_except(output, f"{LEDGER_DIR}/{LOCK_NAME}")
         ledger.create(record)
         create_ome_zarr(spec)
@@ -733,17 +733,29 @@ def _refuse_if_busy(output: str) -> None:
 
 
 def _nothing_written(output: str) -> bool:
-    """An output with no job record that no block can have touched: only a lock folder, or the
-    metadata an older quietscope wrote before its ledger (blocks start after the ledger).
+    """An output with no job record that no block can have touched: only a lock folder, the
+    metadata an older quietscope wrote before its ledger (blocks start after the ledger), or the
+    stray chunks of a job whose output vanished under it (:func:`_only_stray_chunks`).
     """
     names = set(stores.list_names(output)) - {LEDGER_DIR}
-    if not names:
+    if not names or _only_stray_chunks(output, names):
         return True
     try:
         attrs = dict(zarr.open_group(stores.zarr_store_url(output), mode="r").attrs)
     except Exception:
         return False
     return "quietscope" in attrs and Ledger(output).done() == set()
+
+
+def _only_stray_chunks(output: str, names: set[str]) -> bool:
+    """Only level folders without metadata: the chunks that writes in flight put back after the
+    output's folder vanished under a running job (the store recreates parent folders on write).
+    No metadata means no array anyone could open, so nothing of value is replaced.
+    """
+    meta = ("zarr.json", ".zattrs", ".zgroup", ".zarray")
+    if not all(n.isdigit() for n in names) or any(stores.exists(f"{output}/{m}") for m in meta):
+        return False
+    return not any(stores.exists(f"{output}/{n}/{m}") for n in names for m in meta)
 
 
 def _reopen(ledger: Ledger, spec: OutputSpec, record: dict[str, Any], layout: Layout | None, local_levels: int) -> set[str]:

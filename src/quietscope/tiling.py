@@ -389,11 +389,13 @@ def best_subtile(window: Shape, halo: Shape, factor: Factor, fits: Callable[[Sha
     """The sub-tile of one block window that computes the fewest voxels, among those whose
     window ``fits`` (None when not even the smallest does).
 
-    Candidates per axis are :func:`subtile_counts`. A larger window never fits where a smaller
-    one does not, and fewer cuts along an axis never compute more, so for each choice along the
-    leading axes the largest fitting extent along the last is found by bisection, and leading
-    choices that cannot beat the best so far are skipped (this keeps terabyte-sized plans
-    within a second).
+    Candidates per axis are :func:`subtile_counts`. A larger window is taken not to fit where a
+    smaller one does not, and fewer cuts along an axis never compute more, so for each choice
+    along the leading axes the largest fitting extent along the last is found by bisection, and
+    leading choices that cannot beat the best so far are skipped (this keeps terabyte-sized plans
+    within a second). Where a memory profile breaks that order (a window just thin enough to
+    take the whole pass, see ``slab_extent``), the tile returned still fits, but a cheaper one
+    may be missed.
     """
     f = per_axis(factor, len(window))
     cands = [[(t, _axis_window_compute(w, h, t)) for t in subtile_counts(w, h, k)] for w, h, k in zip(window, halo, f)]

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import dask
 from distributed import LocalCluster, WorkerPlugin
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -333,8 +334,12 @@ def _local_client(options: ClusterOptions) -> tuple[Any, Any]:
     if options.workers:
         task_threads, torch_threads = thread_budget(options.workers, options.threads, torch_threads=options.torch_threads)
         env = {v: str(torch_threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-        env.update(heap_env())
-        local = LocalCluster(n_workers=options.workers, threads_per_worker=task_threads, processes=True, env=env, **common)
+        # The nanny applies ``env`` inside the started worker, after glibc has read its variables;
+        # only its pre-spawn environment is there at start (the nannies read it when created).
+        spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", default={}), **heap_env()}
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn}):
+            local = LocalCluster(n_workers=options.workers, threads_per_worker=task_threads, processes=True, env=env,
+                                 **common)
         client = Client(local)
         client.register_plugin(_torch_plugin(torch_threads))
         log.info("local cluster: %d worker processes x %d threads, %d torch thread(s) each; on %s only; dashboard %s",

@@ -6,8 +6,10 @@ that, the many 1–32 MB tensors of a slabbed pass come from the heap, and a fre
 returned to the system. Measured on a 32-filter 3D U-Net over 64×256² blocks, the peak RSS then
 varied from 1.78 to 2.11 GB between identical runs, with 1.32 GB predicted per task. With the
 threshold fixed at 4 MB it was 1.42–1.46 GB, at about 7 % more time (docs/benchmarks.md §9c).
-Why hand-written: neither torch nor dask sets this. distributed's nanny sets
-``MALLOC_TRIM_THRESHOLD_`` for worker processes, which trims only the top of the heap.
+Why hand-written: torch does not set this. distributed's nanny starts worker processes with
+``MALLOC_TRIM_THRESHOLD_``; any such variable also turns glibc's dynamic threshold off, which
+leaves it at 128 KB there. Local workers get this module's threshold through the same pre-spawn
+environment (``runner/cluster.py``), so they behave as the single process that was measured.
 """
 
 from __future__ import annotations

@@ -135,6 +135,12 @@ def torch_threads() -> int:
     return int(torch.get_num_threads())
 
 
+def start_environ() -> dict[str, str]:
+    """The environment this process was started with (what glibc read at start; Linux only)."""
+    raw = Path(f"/proc/{os.getpid()}/environ").read_bytes().split(b"\0")
+    return dict(e.decode(errors="replace").split("=", 1) for e in raw if b"=" in e)
+
+
 @dataclass(frozen=True)
 class DeviceProbeProcessor:
     """Fills each block with the number in its worker's ``CUDA_VISIBLE_DEVICES`` (halo 0).
