@@ -542,7 +542,9 @@ def calibrate_curve(learner, ca: np.ndarray, gt_ca: np.ndarray, te: np.ndarray, 
     check = calibrate_arrays(out_te[:2], out_te[2:4], gt_te, n_bins=20)
     after = [round(ence(np.maximum(c.scale * np.asarray(check.channels[i].rmv) + c.offset, 1e-12), check.channels[i].rmse), 3)
              for i, c in enumerate(cal.channels)]
-    plot_calibration(cal, IMAGES / f"denoisplit_calibration_{level}.png", f"denoiSplit std calibration ({level} noise)")
+    pair = "_".join(names)
+    plot_calibration(cal, IMAGES / f"denoisplit_calibration_{pair}_{level}.png",
+                     f"denoiSplit std calibration, {' + '.join(names)} ({level} noise)")
     return {"slope": [round(c.scale, 3) for c in cal.channels], "offset": [round(c.offset, 3) for c in cal.channels],
             "ence_uncalibrated_test": [round(c.ence_before, 3) for c in check.channels], "ence_calibrated_test": after}
 
@@ -632,6 +634,9 @@ def curve_main(argv: list[str]) -> int:
 def main() -> int:
     import os
 
+    if {"-h", "--help"} & set(sys.argv):  # options are read by hand: say them, run nothing
+        print(__doc__)
+        return 0
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     for noisy in ("distributed", "quietscope.chunked", "quietscope.runner"):
