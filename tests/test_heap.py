@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -53,3 +54,22 @@ print(applied, rss)
         out[mode] = [int(v) for v in res.stdout.split()]
     assert out["bound"][0] == 1 << 20
     assert out["free"][1] - out["bound"][1] >= 150  # 100 freed 2 MB holes: ~200 MB kept without the bound
+
+
+def test_predict_bounds_the_heap_before_the_model_loads(monkeypatch, tmp_path):
+    # The model load and the memory probe free large tensors: bound after them, the heap is
+    # already fragmented when the first block starts (benchmarks §9c/9d).
+    import quietscope.workflows.predict as wp
+
+    calls = []
+    monkeypatch.setattr(wp, "bound_heap", lambda: calls.append("bound") or 0)
+
+    def loaded(*args, **kwargs):
+        calls.append("load")
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(wp, "load_for_inference", loaded)
+    monkeypatch.setattr(wp, "open_image", lambda *a, **k: SimpleNamespace(spatial_axes="yx", n_channels=1))
+    with pytest.raises(RuntimeError, match="stop here"):
+        wp.predict(str(tmp_path / "m.qs"), str(tmp_path / "in.tif"), str(tmp_path / "out.ome.zarr"))
+    assert calls == ["bound", "load"]

@@ -82,6 +82,10 @@ def predict(
     ...         PredictOptions(chunks=(256, 256)))                # doctest: +SKIP
     """
     options = options or PredictOptions()
+    # Before the model loads and the probes run: their freed tensors would otherwise raise glibc's
+    # dynamic threshold and fragment the heap before the first block (benchmarks §9c).
+    on_cpu = options.device in ("cpu", "auto") and resolve_device(options.device).type == "cpu"  # never raises
+    threshold = bound_heap() if on_cpu else 0
     image = open_image(input_uri, level=level, axes=axes)
     inference = {k: v for k, v in (inference or {}).items() if v is not None}
     # Checked on the CPU before any worker starts: a mismatch must not cost a cluster start.
@@ -112,7 +116,7 @@ def predict(
         source = "--estimate" if inference.get("estimate") else "the model file's default"
         log.info("estimate: %s (%s)", model.method.estimate, source)
     memory = memory_profile(model.method, len(names))
-    if device.type == "cpu" and (threshold := bound_heap()):
+    if threshold:
         log.info("heap: allocations of %d MB and more mapped on their own, so freed memory returns to the system "
                  "and the peak stays near the plan (%s=0 leaves the allocator as it is)", threshold >> 20, HEAP_ENV_VAR)
     options = options.model_copy(update={"device": str(device)})  # the default --memory follows the device
