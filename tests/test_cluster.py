@@ -307,4 +307,3 @@ def test_worker_processes_start_with_the_heap_threshold(monkeypatch):
     with dask_client(workers=1, threads=1, torch_threads=1) as client:
         (env,) = client.run(start_environ).values()
     assert env.get("MALLOC_MMAP_THRESHOLD_") == str(4 * 2**20), sorted(k for k in env if k.startswith("MALLOC"))
-

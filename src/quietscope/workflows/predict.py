@@ -83,7 +83,7 @@ def predict(
     """
     options = options or PredictOptions()
     # Before the model loads and the probes run: their freed tensors would otherwise raise glibc's
-    # dynamic threshold and fragment the heap before the first block (benchmarks §9c).
+    # dynamic threshold and fragment the heap before the first block (benchmarks §9d).
     on_cpu = options.device in ("cpu", "auto") and resolve_device(options.device).type == "cpu"  # never raises
     threshold = bound_heap() if on_cpu else 0
     image = open_image(input_uri, level=level, axes=axes)
