@@ -234,8 +234,35 @@ def raw_subtiled(model_path: str, src: str, plan: dict, threads: int) -> dict:
     return {"seconds": dt, "voxels_per_s": math.prod(image.spatial_shape) / dt}
 
 
+def raw_in_child(model_path: str, src: str, plan: dict, threads: int, heap: str) -> dict:
+    """:func:`raw_subtiled` in a fresh process whose allocator is set as ``predict`` sets its own.
+
+    ``predict`` fixes glibc's mmap threshold (``runner/heap.py``), which costs time on every large
+    allocation; timing the raw pass in this process, with glibc's dynamic threshold, compared the
+    pipeline with a faster allocator than its own (docs/benchmarks.md §9d). ``heap="bounded"``
+    starts the child with the same threshold ``predict`` applies; ``"default"`` leaves glibc's own.
+    The environment variable is read by glibc at start, which ``mallopt`` after imports is not
+    equivalent to in a process that has already fragmented its heap.
+    """
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from quietscope.runner.heap import heap_env
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update({**env, **(heap_env() if heap == "bounded" else {"QUIETSCOPE_MMAP_THRESHOLD": "0"})})
+    try:  # spawn copies os.environ at start, so the child's glibc sees the threshold before its first malloc
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+            return pool.submit(raw_subtiled, model_path, src, plan, threads).result()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def measure_lightsheet(kind: str, shape, chunks, model_path: str, tmp: Path, threads: int, peer_tiles: int | None,
-                       sample: tuple[int, ...] | None = None) -> dict:
+                       sample: tuple[int, ...] | None = None, raw_heap: str = "bounded") -> dict:
     """One row. With ``sample`` (extents of the last axes), our pipeline and raw forward run on a
     crop of that extent with the full volume's planned block forced: every block window of a
     memory plan has the same shape (reflection pads the edges), so the crop's voxels/s is the
@@ -249,7 +276,7 @@ def measure_lightsheet(kind: str, shape, chunks, model_path: str, tmp: Path, thr
         block = plan["block"]
         crop_plan = lightsheet_plan(model_path, timed_src, block=block)
         assert crop_plan["block"] == plan["block"] and crop_plan["subtile"] == plan["subtile"], (crop_plan, plan)
-    raw = raw_subtiled(model_path, timed_src, plan, threads)
+    raw = raw_in_child(model_path, timed_src, plan, threads, raw_heap)
     run = pipeline_run(model_path, timed_src, str(tmp / f"{kind}_out.ome.zarr"), None, block)
     peer = peer_loop(model_path, src, threads, peer_tiles)
     voxels = math.prod(timed_shape)
@@ -257,7 +284,7 @@ def measure_lightsheet(kind: str, shape, chunks, model_path: str, tmp: Path, thr
     row = {"kind": kind, "shape": list(shape), "chunks": list(chunks), **plan,
            "timed_shape": list(timed_shape), "timed_blocks": run["n_blocks"],
            "raw_forward_voxels_per_s": raw["voxels_per_s"], "pipeline_voxels_per_s": pipe,
-           "pipeline_over_raw": pipe / raw["voxels_per_s"], "job_seconds_incl_startup": run["job_s"],
+           "pipeline_over_raw": pipe / raw["voxels_per_s"], "raw_heap": raw_heap, "job_seconds_incl_startup": run["job_s"],
            "peak_rss_mb": run["peak_rss_mb"], "peer_voxels_per_s": peer["voxels_per_s"],
            "peer_compute_factor": peer["compute_factor"], "peer_tiles": peer["tiles"], "peer_tiles_timed": peer["tiles_timed"],
            "pipeline_over_peer": pipe / peer["voxels_per_s"]}
@@ -285,7 +312,8 @@ def run_lightsheet(args, tmp: Path, threads: int, json_path: Path, header: dict)
             if wanted is not None and kind + suffix not in wanted:
                 continue
             sample = tuple(int(v) for v in args.ls_sample.split(",")) if args.ls_sample and kind == "LS-128" else None
-            done.append(measure_lightsheet(kind + suffix, shape, chunks, model, tmp, threads, args.peer_tiles, sample))
+            done.append(measure_lightsheet(kind + suffix, shape, chunks, model, tmp, threads, args.peer_tiles, sample,
+                                           args.raw_heap))
             rows.append(done[-1])
             json_path.write_text(json.dumps({**header, "rows": rows}, indent=2))
         if len(done) == 2:
@@ -320,6 +348,9 @@ def main() -> None:
                          "(e.g. 256,512) with the full volume's planned block (equal block windows: same voxels/s)")
     ap.add_argument("--ls-cases", default=None,
                     help="3D-lightsheet: only these rows, e.g. LS-64,LS-64-zfull (default: all four)")
+    ap.add_argument("--raw-heap", choices=("bounded", "default"), default="bounded",
+                    help="3D-lightsheet: time the raw pass with predict's mmap threshold (bounded, like for like) "
+                         "or glibc's dynamic one (default)")
     args = ap.parse_args()
     if args.cases == "3D-lightsheet":
         args.filters = args.filters or 32  # the issue's net
@@ -368,7 +399,8 @@ def main_lightsheet(args) -> None:
               "command": f"python benchmarks/throughput.py --cases 3D-lightsheet --filters {args.filters} "
                          f"--ls-scale {args.ls_scale}" + (f" --peer-tiles {args.peer_tiles}" if args.peer_tiles else "")
                          + (f" --ls-cases {args.ls_cases}" if args.ls_cases else "")
-                         + (f" --ls-sample {args.ls_sample}" if args.ls_sample else ""),
+                         + (f" --ls-sample {args.ls_sample}" if args.ls_sample else "")
+                         + f" --raw-heap {args.raw_heap}",
               "model": f"n2v 3D U-Net depth 2, {args.filters} filters, no batch norm (random weights)",
               "peer": "crop-and-paste tiled loop in plain torch written here (CAREamics' default tiling 64x128x128, "
                       "overlap 48; no CAREamics dependency), same net, volume in RAM",
