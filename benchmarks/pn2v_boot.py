@@ -1,15 +1,18 @@
-"""Fully unsupervised PN2V (``train --method pn2v-boot``) against N2V at an equal *total* step budget.
+"""Fully unsupervised PN2V (``train --method pn2v-boot``) against N2V at an equal step budget per candidate.
 
 Issue 20: bootstrapped PN2V must never lose to the N2V it came from. Per dataset and seed:
 
 * **N2V**: ``train --method n2v`` for the whole budget ``--steps``;
-* **pn2v-boot**: ``train --method pn2v-boot`` with the same ``--steps`` *in total*: N2V for
-  ``n2v_fraction`` of them, a GMM noise model bootstrapped from its prediction (8-bit data:
-  clipped ends censored), PN2V warm-started from that N2V for the rest, and the self-supervised
-  keep-the-better rule (Stein's risk estimate on the held-apart slab; ``workflows/pn2v_boot.py``).
-  Its output is the model it kept. The stages are scored too (its N2V, PN2V's posterior mean,
-  PN2V's prior mean: the rule's three candidates), so that the ground-truth ranking can be set
-  against the choice; the kept model file is predicted with its own default estimate.
+* **pn2v-boot**: ``train --method pn2v-boot`` with the same ``--steps``: N2V for all of them,
+  paused at ``n2v_fraction`` of them, where PN2V branches off (warm-started from N2V's weights
+  there) and trains the rest with a GMM bootstrapped from the finished N2V's prediction (8-bit
+  data: clipped ends censored); then the self-supervised keep-the-better rule (Stein's risk
+  estimate on the held-apart slab; ``workflows/pn2v_boot.py``). Each candidate has ``--steps``
+  steps; the pipeline trains ``steps * (2 - n2v_fraction)`` in all (until 2026-12-03 N2V stopped
+  at the branch, and the total was ``steps``). Its output is the model it kept. The stages are
+  scored too (its N2V, PN2V's posterior mean, PN2V's prior mean: the rule's three candidates),
+  so that the ground-truth ranking can be set against the choice; the kept model file is
+  predicted with its own default estimate. Its N2V stage must score exactly as the N2V row.
 
 Data (``shared/data``):
 
@@ -120,6 +123,7 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
+    from quietscope.methods.modelfile import read_manifest
     from quietscope.workflows.pn2v_boot import boot_dir, train_pn2v_boot
     from quietscope.workflows.train import train_model
 
@@ -141,7 +145,6 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     boot = d / f"boot_s{seed}_steps{steps}.qs"
     if boot.exists():
-        from quietscope.methods.modelfile import read_manifest
         from quietscope.workflows.pn2v_boot import BootChoice
 
         r = read_manifest(boot)["pn2v_boot"]
@@ -162,6 +165,10 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
            "sure_prior_diff_se": choice.prior_difference_se, "sure_pixels": choice.n_pixels,
            "variance_source": choice.variance_source}
     gt_pref = max(candidates, key=lambda k: candidates[k]["psnr_affine"])
+    boot_rec = read_manifest(boot)["pn2v_boot"]
+    rec.update({k: boot_rec.get(k) for k in ("n2v_steps", "branch_step", "pn2v_steps", "steps_trained")})
+    # Since N2V is paused and finished rather than stopped at the branch, its stage is the N2V row's model.
+    rec["stage_n2v_is_n2v"] = abs(s_n2v["psnr_affine"] - rows[0]["psnr_affine"]) < 1e-6
     rows.append({**base, "row": "pn2v-boot (kept model)", "train_s": t_boot, **final, **rec, "gt_prefers": gt_pref,
                  "agrees": gt_pref == choice.kept, "kept_file_matches_candidate":
                  abs(final["psnr_affine"] - candidates[choice.kept]["psnr_affine"]) < 1e-3})
@@ -215,7 +222,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--datasets", nargs="+", default=["w2s-ch0", "w2s-ch1", "w2s-ch2", "bpae"])
-    ap.add_argument("--n2v-fraction", type=float, default=0.7)
+    ap.add_argument("--n2v-fraction", type=float, default=0.9)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/qs-pn2v-boot")
     ap.add_argument("--output", default=str(RESULTS / "pn2v_boot.json"))

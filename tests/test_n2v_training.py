@@ -9,6 +9,7 @@ import zarr
 
 from helpers import write_ome
 from quietscope.chunked import PredictOptions
+from quietscope.errors import ConfigError, OutputError
 from quietscope.io.sample_data import find_data_dir, read_tiff, real_clean_2d
 from quietscope.methods.modelfile import load_model, read_manifest
 from quietscope.metrics import psnr
@@ -90,6 +91,32 @@ def test_interrupted_training_resumes_to_identical_weights(tmp_path, monkeypatch
     for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), k
     assert read_manifest(tmp_path / "resumed.qs")["history"] == read_manifest(tmp_path / "straight.qs")["history"]
+
+
+def test_paused_training_resumes_to_the_uninterrupted_weights(tmp_path):
+    # pn2v-boot pauses N2V where PN2V branches off and finishes it later: the finished N2V must be
+    # the very model an uninterrupted run gives. Step 7 is neither a checkpoint nor a validation step.
+    rng = np.random.default_rng(1)
+    src = write_ome(tmp_path / "in.ome.zarr", (100 + 10 * rng.standard_normal((48, 48))).astype(np.float32), "yx", (16, 16))
+    cfg = {"method": "n2v", "net": {"depth": 1, "filters": 4}}
+    opts = {"patch": (16,), "batch": 2, "steps": 12, "checkpoint_every": 4, "val_every": 3, "pool_size": 8}
+    straight = train_model(src, tmp_path / "straight.qs", cfg, opts, progress=False)
+    paused = train_model(src, tmp_path / "paused.qs", cfg, opts, stop_at=7, progress=False)
+    assert paused.paused_at == 7 and len(paused.history) == 7
+    assert (tmp_path / "paused.qs.ckpt").exists() and read_manifest(tmp_path / "paused.qs")["paused_at"] == 7
+    assert not all(torch.equal(x, y) for x, y in zip(paused.method.state_dict().values(),
+                                                     straight.method.state_dict().values()))
+    with pytest.raises(OutputError, match="--overwrite"):  # a paused model is not replaced by accident
+        train_model(src, tmp_path / "paused.qs", cfg, opts, progress=False)
+    train_model(src, tmp_path / "paused.qs", cfg, opts, resume=True, progress=False)
+    a, _ = load_model(tmp_path / "straight.qs")
+    b, _ = load_model(tmp_path / "paused.qs")
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), k
+    assert read_manifest(tmp_path / "paused.qs")["history"] == read_manifest(tmp_path / "straight.qs")["history"]
+    assert "paused_at" not in read_manifest(tmp_path / "paused.qs") and not (tmp_path / "paused.qs.ckpt").exists()
+    with pytest.raises(ConfigError, match="stop_at 13"):
+        train_model(src, tmp_path / "x.qs", cfg, opts, stop_at=13, progress=False)
 
 
 def test_validation_patches_are_held_apart():

@@ -278,14 +278,21 @@ def test_pipeline_keeps_the_scripted_winner_and_says_so(n2v_model, tmp_path, mon
     if winner == "pn2v":  # the kept estimate is the model file's default
         assert method.estimate == manifest["method"]["estimate"] == "mmse"
     assert manifest["pn2v_boot"]["kept"] == winner
-    assert (manifest["pn2v_boot"]["n2v_steps"], manifest["pn2v_boot"]["pn2v_steps"]) == (7, 3)
+    rec = manifest["pn2v_boot"]
+    assert (rec["n2v_steps"], rec["branch_step"], rec["pn2v_steps"], rec["steps_trained"]) == (10, 9, 1, 11)
     stages = boot_dir(out)
-    assert {p.name for p in stages.iterdir()} >= {"n2v.qs", "pn2v.qs", "noise_model.json", "choice.json"}
+    assert {p.name for p in stages.iterdir()} >= {"n2v.qs", "n2v_branch.qs", "pn2v.qs", "noise_model.json", "choice.json"}
+    if winner == "n2v":  # the kept N2V is the one 'train --method n2v' gives for all the steps, not the branch
+        straight = train_model(path, tmp_path / "straight.qs", {"method": "n2v", "net": TINY, "masked_pixel_percentage": 2.0},
+                               {**TRAIN, "steps": 10}, progress=False).method
+        for (k, x), (_, y) in zip(straight.state_dict().items(), method.state_dict().items()):
+            assert torch.equal(x, y), k
+        assert read_manifest(stages / "n2v_branch.qs")["paused_at"] == 9
     assert json.loads((stages / "choice.json").read_text())["kept"] == winner
     assert f"keeping {winner.upper()}" in caplog.text
     if winner == "pn2v":
         assert "predict --estimate mmse" in caplog.text and "PN2V prior mean 4.5" in caplog.text
-    assert read_manifest(stages / "pn2v.qs")["init"]["model"] == str(stages / "n2v.qs")
+    assert read_manifest(stages / "pn2v.qs")["init"]["model"] == str(stages / "n2v_branch.qs")
 
 
 def test_kept_prior_mean_is_the_files_default(n2v_model, tmp_path):

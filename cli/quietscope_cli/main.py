@@ -107,12 +107,13 @@ def info(input_uri: str, axes: str | None, level: int, as_json: bool) -> None:
 @click.argument("input_uri", metavar="INPUT")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write (.qs).")
 @click.option("--method", default="n2v", show_default=True,
-              help="Method name (see 'quietscope methods'), or pn2v-boot: N2V -> bootstrapped GMM -> warm-started PN2V "
-                   "in --steps in total, keeping PN2V only if a held-apart self-supervised check says it beats N2V.")
+              help="Method name (see 'quietscope methods'), or pn2v-boot: N2V for --steps, and PN2V branched off it "
+                   "late with a bootstrapped GMM, keeping PN2V only if a held-apart self-supervised check says it "
+                   "beats N2V.")
 @click.option("--init", "init", default=None, type=click.Path(dir_okay=False, exists=True),
               help="pn2v: warm-start from this N2V model (its network; PN2V's prior mean starts equal to its prediction).")
 @click.option("--n2v-fraction", default=None, type=float,
-              help="pn2v-boot: share of --steps that N2V trains for (PN2V gets the rest; default 0.7).")
+              help="pn2v-boot: where PN2V branches off N2V, as a share of --steps (PN2V trains the rest from there; N2V all of them; default 0.9).")
 @click.option("--patch", default="64", show_default=True, help="Patch size: one number or one per spatial axis (16,64,64).")
 @click.option("--batch", default=16, show_default=True, type=int)
 @click.option("--steps", default=2000, show_default=True, type=int)

@@ -76,6 +76,8 @@ class TrainResult:
     seconds: float = 0.0
     stopped_early: bool = False
     kept_step: int | None = None
+    #: The run stopped at ``stop_at``, before its last step; its checkpoint continues it.
+    paused_at: int | None = None
 
 
 def lr_at(step: int, total: int, base: float, warmup: int = 50) -> float:
@@ -225,11 +227,11 @@ def _keep_weights(method: Method, run: _Run, config: TrainConfig) -> int:
 
 
 def _loop(method: Method, run: _Run, prefetcher: PoolPrefetcher, val: tuple[Any, int], config: TrainConfig,
-          device: torch.device, bar: Any) -> bool:
-    """The training steps from ``run.start_step``; returns whether it stopped early."""
+          device: torch.device, bar: Any, stop: int) -> bool:
+    """The training steps from ``run.start_step`` up to ``stop``; returns whether it stopped early."""
     val_batch, val_draws = val
     pool = None
-    for step in range(run.start_step, config.steps):
+    for step in range(run.start_step, stop):
         if step % config.checkpoint_every == 0 or pool is None:
             if step > run.start_step:
                 run.save(method, step)
@@ -253,14 +255,23 @@ def train(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    stop_at: int | None = None,
 ) -> TrainResult:
     """Train ``method`` on patches sampled from ``image``.
 
     ``checkpoint`` is a file written every ``checkpoint_every`` steps; with ``resume`` training
-    continues from it (it must belong to the same configuration).
+    continues from it (it must belong to the same configuration). ``stop_at`` pauses the run
+    after that many steps of its ``config.steps`` (same learning-rate schedule, same patches):
+    the checkpoint is written at that step, so a later ``resume`` ends exactly where the
+    uninterrupted run would (``pn2v-boot`` branches PN2V off an unfinished N2V this way).
     """
     from tqdm.auto import tqdm
 
+    if stop_at is not None and not 0 < stop_at <= config.steps:
+        raise ConfigError(f"stop_at {stop_at} must lie in 1..{config.steps} (the run's steps)")
+    if stop_at is not None and checkpoint is None:
+        raise ConfigError("stop_at pauses a run to be resumed: give a checkpoint file")
+    stop = config.steps if stop_at is None else stop_at
     device = resolve_device(config.device)
     sampler, val_batch, val_draws, stats = _prepare_data(image, method, config, device)
     run, precision = _new_run(method, config, device, checkpoint)
@@ -275,13 +286,17 @@ def train(
     bar = tqdm(total=config.steps, initial=run.start_step, disable=not progress, desc="train", unit="step")
     set_module_precision(method.net, precision, device.type)
     try:
-        stopped_early = _loop(method, run, prefetcher, (val_batch, val_draws), config, device, bar)
+        stopped_early = _loop(method, run, prefetcher, (val_batch, val_draws), config, device, bar, stop)
     finally:
         set_module_precision(method.net, "fp32", device.type)
         bar.close()
         prefetcher.close()
+    paused = stop < config.steps and not stopped_early
+    if paused:  # before the kept weights are loaded: the checkpoint holds the run's own state
+        run.save(method, stop)
     kept_step = _keep_weights(method, run, config)
-    run.save(method, config.steps)
+    if not paused:
+        run.save(method, config.steps)
     method.eval()
     best = run.best
     return TrainResult(
@@ -293,6 +308,7 @@ def train(
         seconds=time.perf_counter() - t0,
         stopped_early=stopped_early,
         kept_step=kept_step,
+        paused_at=stop if paused else None,
     )
 
 

@@ -195,8 +195,11 @@ def _save(model_path: Path, result: TrainResult, tcfg: TrainConfig, image: Image
         "created_by": f"quietscope {__version__}",
         **(extra or {}),
     }
+    if result.paused_at is not None:
+        info["paused_at"] = result.paused_at
     save_model(model_path, result.method, info)
-    checkpoint_path(model_path).unlink(missing_ok=True)
+    if result.paused_at is None:  # a paused run's checkpoint is how it continues
+        checkpoint_path(model_path).unlink(missing_ok=True)
     try:
         plot_learning_curve(result.history, model_path.with_suffix(".learning_curve.png"))
     except Exception as exc:  # a plot must never lose a trained model
@@ -247,6 +250,7 @@ def train_model(
     resume: bool = False,
     progress: bool = True,
     init: str | Path | None = None,
+    stop_at: int | None = None,
 ) -> TrainResult:
     """Train a model on ``input_uri`` and save it to ``model_path`` (one self-describing file).
 
@@ -273,6 +277,10 @@ def train_model(
     init : str or pathlib.Path, optional
         ``--method pn2v`` only: an N2V model to warm-start from (:func:`warm_start`); its
         network options replace the ones given.
+    stop_at : int, optional
+        Pause after this many of ``steps`` (:func:`~quietscope.training.loop.train`): the model
+        file holds the weights so far and the checkpoint stays, so ``resume=True`` finishes
+        the run exactly as an uninterrupted one.
 
     Returns
     -------
@@ -312,7 +320,8 @@ def train_model(
         extra = {"init": {"model": str(init), "prior_std": warm_start(method, n2v, image, tcfg)}}
     log.info("training %s on %s: axes %s, shape %s, patch %s, batch %d, %d steps",
              method.name, input_uri, image.axes, image.shape, tcfg.patch, tcfg.batch, tcfg.steps)
-    result = train(image, method, tcfg, checkpoint=checkpoint_path(model_path), resume=resume, progress=progress)
+    result = train(image, method, tcfg, checkpoint=checkpoint_path(model_path), resume=resume, progress=progress,
+                   stop_at=stop_at)
     _save(model_path, result, tcfg, image, input_uri, level, extra)
     log.info("model written to %s (%.1f s)", model_path, result.seconds)
     return result
