@@ -52,9 +52,10 @@ __all__ = ["BootChoice", "DEFAULT_N2V_FRACTION", "LABELS", "boot_dir", "choose",
 
 log = logging.getLogger(__name__)
 
-#: Where PN2V branches off N2V, as a share of the steps; PN2V trains the rest. Late: PN2V's gain is
-#: the centre pixel's fold-in, which a warm start reaches in a few hundred steps, while every step
-#: moved from N2V to PN2V costs N2V's prior mean (docs/benchmarks.md §12e).
+#: Where PN2V branches off N2V, as a share of the steps; PN2V trains the rest. Late, because PN2V's
+#: gain was the centre pixel's fold-in, not a better prior mean (docs/benchmarks.md §12d), and the
+#: run trains ``steps * (2 - fraction)`` in all. Whether 10 % of the steps is enough for PN2V is
+#: not yet measured (§12e).
 DEFAULT_N2V_FRACTION = 0.9
 #: Held-apart patches and mask draws of the final comparison (tens of thousands of pixels).
 VAL_PATCHES, VAL_DRAWS = 64, 16
