@@ -40,7 +40,7 @@ import numpy as np
 
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 from benchmarks.common import RESULTS, machine, markdown_table, write_json
-from benchmarks.pn2v_boot import _options, _predict, make_data
+from benchmarks.harness import _options, _predict, make_data
 
 
 def signal_in_data_units(noisy: np.ndarray, clean: np.ndarray) -> np.ndarray:

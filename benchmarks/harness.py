@@ -382,3 +382,63 @@ def split_scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, list[float]]:
     """Range-invariant PSNR (2 decimals) and SSIM (3 decimals) per channel."""
     per = [score(p, g, only=("ssim", "ri_psnr")) for p, g in zip(pred, gt)]
     return {"ri_psnr": [round(s["ri_psnr"], 2) for s in per], "ssim": [round(s["ssim"], 3) for s in per]}
+
+
+# ---- the pn2v-boot data and protocol (benchmarks/pn2v_boot.py, benchmarks/fold_in_ceiling.py) ----------
+FIELDS = [f"fov{i:03d}" for i in range(81, 91)]
+BUDGET = {"batch": 16, "patch": 32, "depth": 2, "filters": 16, "lr": 1e-3, "mask_percent": 2.0}
+BPAE_NOISE = (25.0, 0.1)
+
+
+def _data_dir() -> Path:
+    from quietscope.io.sample_data import find_data_dir
+
+    data = find_data_dir()
+    if data is None:
+        raise SystemExit("shared/data not found (set QUIETSCOPE_DATA); this benchmark needs the real images")
+    return data
+
+
+def make_data(work: Path, name: str) -> dict[str, Any]:
+    """Write dataset ``name`` as OME-Zarr (noisy) + npy (clean); return its paths."""
+    from quietscope.io.sample_data import read_tiff
+    from quietscope.simulate import poisson_gaussian
+    from quietscope.workflows.demo import write_ome_zarr_image
+
+    d = work / name
+    d.mkdir(parents=True, exist_ok=True)
+    src = d / "noisy.ome.zarr"
+    if name.startswith("w2s"):
+        ch = name.split("-ch")[1]
+        noisy = np.stack([read_tiff(_data_dir() / "w2s" / "noisy" / f"{f}_ch{ch}.tif") for f in FIELDS])
+        clean = np.stack([read_tiff(_data_dir() / "w2s" / "clean" / f"{f}_ch{ch}.tif") for f in FIELDS]).astype(np.float32)
+        if not src.exists():
+            write_ome_zarr_image(src, noisy, "tyx", (1, 256, 256))  # uint8, as recorded
+    else:
+        clean = read_tiff(_data_dir() / "bpae" / "bpae_actin.tif").astype(np.float32)
+        photons, g = BPAE_NOISE
+        noisy = poisson_gaussian(clean, photons / float(clean.mean()), g, float(clean.std()), seed=0).astype(np.float32)
+        if not src.exists():
+            write_ome_zarr_image(src, noisy, "yx", (256, 256))
+        clean = clean[None]
+    np.save(d / "clean.npy", clean)
+    return {"name": name, "dir": str(d)}
+
+
+def _predict(model: Path, src: Path, out: Path, inference: dict | None = None) -> np.ndarray:
+    from quietscope.chunked import PredictOptions
+    from quietscope.io.reading import open_image
+    from quietscope.workflows.predict import predict
+
+    predict(model, src, out, PredictOptions(progress=False, overwrite=True, n_levels=1, threads=1, device="cpu"),
+            inference=inference)
+    arr = np.asarray(open_image(str(out)).array)
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    return arr
+
+
+def _options() -> tuple[dict[str, Any], dict[str, Any]]:
+    method = {"net": {"depth": BUDGET["depth"], "filters": BUDGET["filters"]}, "masked_pixel_percentage": BUDGET["mask_percent"]}
+    return method, {"patch": (BUDGET["patch"],), "batch": BUDGET["batch"], "lr": BUDGET["lr"], "pool_size": 256, "device": "cpu"}
