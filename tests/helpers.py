@@ -75,3 +75,9 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
     if root.is_file():
         return {root.name: root.read_bytes()}
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_same_weights(a, b) -> None:
+    """Two methods hold bit-identical weights (resumed or paused training against a straight run)."""
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), k

@@ -7,7 +7,7 @@ import pytest
 import torch
 import zarr
 
-from helpers import write_ome
+from helpers import assert_same_weights, write_ome
 from quietscope.chunked import PredictOptions
 from quietscope.errors import ConfigError, OutputError
 from quietscope.io.sample_data import find_data_dir, read_tiff, real_clean_2d
@@ -86,10 +86,7 @@ def test_interrupted_training_resumes_to_identical_weights(tmp_path, monkeypatch
     monkeypatch.setattr(N2V, "training_loss", original)
     assert (tmp_path / "resumed.qs.ckpt").exists() and not (tmp_path / "resumed.qs").exists()
     train_model(src, tmp_path / "resumed.qs", cfg, opts, resume=True, progress=False)
-    a, _ = load_model(tmp_path / "straight.qs")
-    b, _ = load_model(tmp_path / "resumed.qs")
-    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(x, y), k
+    assert_same_weights(load_model(tmp_path / "straight.qs")[0], load_model(tmp_path / "resumed.qs")[0])
     assert read_manifest(tmp_path / "resumed.qs")["history"] == read_manifest(tmp_path / "straight.qs")["history"]
 
 
@@ -109,10 +106,7 @@ def test_paused_training_resumes_to_the_uninterrupted_weights(tmp_path):
     with pytest.raises(OutputError, match="--overwrite"):  # a paused model is not replaced by accident
         train_model(src, tmp_path / "paused.qs", cfg, opts, progress=False)
     train_model(src, tmp_path / "paused.qs", cfg, opts, resume=True, progress=False)
-    a, _ = load_model(tmp_path / "straight.qs")
-    b, _ = load_model(tmp_path / "paused.qs")
-    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(x, y), k
+    assert_same_weights(load_model(tmp_path / "straight.qs")[0], load_model(tmp_path / "paused.qs")[0])
     assert read_manifest(tmp_path / "paused.qs")["history"] == read_manifest(tmp_path / "straight.qs")["history"]
     assert "paused_at" not in read_manifest(tmp_path / "paused.qs") and not (tmp_path / "paused.qs.ckpt").exists()
     with pytest.raises(ConfigError, match="stop_at 13"):

@@ -11,6 +11,7 @@ import pytest
 import tifffile
 import torch
 
+from helpers import assert_same_weights
 from quietscope.errors import ConfigError, InputError
 from quietscope.io.sample_data import synthetic_clean
 from quietscope.methods import build_method
@@ -285,8 +286,7 @@ def test_pipeline_keeps_the_scripted_winner_and_says_so(n2v_model, tmp_path, mon
     if winner == "n2v":  # the kept N2V is the one 'train --method n2v' gives for all the steps, not the branch
         straight = train_model(path, tmp_path / "straight.qs", {"method": "n2v", "net": TINY, "masked_pixel_percentage": 2.0},
                                {**TRAIN, "steps": 10}, progress=False).method
-        for (k, x), (_, y) in zip(straight.state_dict().items(), method.state_dict().items()):
-            assert torch.equal(x, y), k
+        assert_same_weights(straight, method)
         assert read_manifest(stages / "n2v_branch.qs")["paused_at"] == 9
     assert json.loads((stages / "choice.json").read_text())["kept"] == winner
     assert f"keeping {winner.upper()}" in caplog.text
