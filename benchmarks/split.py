@@ -29,7 +29,7 @@ benchmarks.split --level high; wait; python -m benchmarks.split --merge``.
 ``benchmarks/results/split_stepsN_images/``), leaving the default run's files alone.
 
 Learning curves (issue #16): ``python benchmarks/split.py --curve [--steps N] [--musplit-steps M]
-[--unet-steps U] [--every K] [--pairs nuclei_actin,actin_mito] [--levels high,moderate]
+[--unet-steps U] [--every K] [--pairs nuclei_actin,actin_mito,w2s_mito_actin] [--levels high,moderate]
 [--methods denoisplit,musplit,unet_noisy,sequential]
 [--out split_curve.json]``. Per pair and noise level it trains, step by step with each method's
 own loss: the noisy-target U-Net, the sequential baseline (N2V per channel, then the same U-Net
@@ -191,10 +191,34 @@ def figures(inp: np.ndarray, ds: np.ndarray, mu: np.ndarray, gt: np.ndarray) -> 
 
 # ---- learning curves (--curve) --------------------------------------------------------------
 #: Two-structure pairs of the curve benchmark: BPAE nuclei + actin (distinct morphology) first,
-#: then the issue's actin + mito (similar, fine structures).
-PAIRS = {"nuclei_actin": ("nuclei", "actin"), "actin_mito": ("actin", "mito")}
+#: then the issue's actin + mito (similar, fine structures), both from the one BPAE field; then
+#: W2S mitochondria (ch0) + F-actin (ch2) of the ten W2S fields' 400-frame means: the same kind
+#: of pair with 5x the training pixels (seven fields), to test whether the share of the first
+#: stain that the second output keeps on BPAE is a lack of training data.
+PAIRS = {"nuclei_actin": ("nuclei", "actin"), "actin_mito": ("actin", "mito"), "w2s_mito_actin": ("mito", "actin")}
 #: Held-apart field for the keep-best criterion: noisy data only, between training and test.
 VAL = (slice(0, 680), slice(512, 832))
+#: W2S fields, laid side by side along x (fov081 at x 0..512, ...): train on 081-087, keep-best
+#: criterion on 088, test on 089, calibration on the top half of 090. Patches that straddle two
+#: fields are still valid two-structure sums (both channels straddle alike).
+W2S_FIELDS, W2S_CH = [f"{n:03d}" for n in range(81, 91)], (0, 2)
+W2S_REGIONS = {"train": (slice(0, 512), slice(0, 7 * 512)), "val": (slice(0, 512), slice(7 * 512, 8 * 512)),
+               "test": (slice(0, 512), slice(8 * 512, 9 * 512)), "calib": (slice(0, 256), slice(9 * 512, 10 * 512))}
+
+
+def pair_regions(pair: str) -> tuple[np.ndarray, dict]:
+    """Clean stains of ``pair`` ``(2, H, W)`` and its train / val / test / calib slices."""
+    if pair.startswith("w2s_"):
+        import tifffile
+
+        w2s = DATA.parent / "w2s" / "clean"
+        out = []
+        for c in W2S_CH:
+            a = np.concatenate([tifffile.imread(w2s / f"fov{f}_ch{c}.tif") for f in W2S_FIELDS], axis=1).astype(np.float64)
+            lo, hi = np.percentile(a, [1, 99.5])
+            out.append(np.clip((a - lo) / (hi - lo), 0, None) * 1000.0)
+        return np.stack(out).astype(np.float32), W2S_REGIONS
+    return load_stains(PAIRS[pair]), {"train": TRAIN, "val": VAL, "test": TEST, "calib": CALIB}
 #: The ladder VAE of the curve runs (denoisplit and musplit alike).
 CURVE_VAE = {"net": {"depth": 3, "filters": 16}, "latent_channels": 8, "context_levels": 2}
 #: VAE patch (its field is 4x wider: 128²), U-Net patch, batch, learning rate; share of
@@ -455,9 +479,9 @@ def prepare_level(pair: str, level: str, pscale: float, grel: float, work: Path,
     clean data)."""
     from quietscope.simulate import poisson_gaussian
 
-    clean = load_stains(PAIRS[pair])
+    clean, regions = pair_regions(pair)
     noisy = np.stack([poisson_gaussian(c, pscale, grel, float(c.std()), seed=11 + i) for i, c in enumerate(clean)]).astype(np.float32)
-    tr, va, te, ca = (noisy[(slice(None),) + r] for r in (TRAIN, VAL, TEST, CALIB))
+    tr, va, te, ca = (noisy[(slice(None),) + regions[r]] for r in ("train", "val", "test", "calib"))
     key = f"{pair}/{level}"
     res = out["runs"].setdefault(key, {"noise": {"poisson_scale": pscale, "gauss_rel": grel}, "methods": {}})
     w = work / pair / level
@@ -479,7 +503,7 @@ def prepare_level(pair: str, level: str, pscale: float, grel: float, work: Path,
     res["preprocessing_cpu_s"] = round(time.process_time() - t0, 1)
     save()
     return {"pair": pair, "level": level, "key": key, "res": res, "tr": tr, "va": va, "te": te, "ca": ca,
-            "gt_te": clean[(slice(None),) + TEST], "gt_ca": clean[(slice(None),) + CALIB], "den": np.stack(den),
+            "gt_te": clean[(slice(None),) + regions["test"]], "gt_ca": clean[(slice(None),) + regions["calib"]], "den": np.stack(den),
             "nm_files": nm_files, "test_den": test_den}
 
 
@@ -521,18 +545,23 @@ def run_round_robin(jobs: list[tuple[dict, str, CurveJob]], save) -> None:
                 log.info("%s %s: kept %s", lv["key"], name, lv["res"]["methods"][name]["kept"])
                 if name == "denoisplit":
                     lv["res"]["calibration"] = calibrate_curve(job.learner, lv["ca"], lv["gt_ca"], lv["te"], lv["gt_te"],
-                                                               lv["level"], PAIRS[lv["pair"]])
+                                                               lv["level"], PAIRS[lv["pair"]], lv["pair"])
                 plot_level(lv)
                 save()
 
 
 def plot_level(lv: dict) -> None:
     plot_curves(lv["res"]["methods"], IMAGES / f"denoisplit_curve_{lv['pair']}_{lv['level']}.png",
-                f"BPAE {lv['pair'].replace('_', ' + ')}, {lv['level']} noise")
+                f"{pair_title(lv['pair'])}, {lv['level']} noise")
+
+
+def pair_title(pair: str) -> str:
+    """``'BPAE actin + mito'``, ``'W2S mito + actin'``: the plots' titles."""
+    return f"{'W2S' if pair.startswith('w2s_') else 'BPAE'} {' + '.join(PAIRS[pair])}"
 
 
 def calibrate_curve(learner, ca: np.ndarray, gt_ca: np.ndarray, te: np.ndarray, gt_te: np.ndarray, level: str,
-                    names: tuple[str, ...]) -> dict:
+                    names: tuple[str, ...], pair: str) -> dict:
     """Fit RMSE = a·RMV + b on the calibration field, report ENCE on the test field, plot."""
     from quietscope.workflows.calibrate import calibrate_arrays, ence, plot_calibration
 
@@ -542,7 +571,6 @@ def calibrate_curve(learner, ca: np.ndarray, gt_ca: np.ndarray, te: np.ndarray, 
     check = calibrate_arrays(out_te[:2], out_te[2:4], gt_te, n_bins=20)
     after = [round(ence(np.maximum(c.scale * np.asarray(check.channels[i].rmv) + c.offset, 1e-12), check.channels[i].rmse), 3)
              for i, c in enumerate(cal.channels)]
-    pair = "_".join(names)
     plot_calibration(cal, IMAGES / f"denoisplit_calibration_{pair}_{level}.png",
                      f"denoiSplit std calibration, {' + '.join(names)} ({level} noise)")
     return {"slope": [round(c.scale, 3) for c in cal.channels], "offset": [round(c.offset, 3) for c in cal.channels],
@@ -577,7 +605,7 @@ def replot(path: Path) -> None:
     data = json.loads(path.read_text())
     for key, run in data["runs"].items():
         pair, level = key.split("/")
-        plot_curves(run["methods"], IMAGES / f"denoisplit_curve_{pair}_{level}.png", f"BPAE {pair.replace('_', ' + ')}, {level} noise")
+        plot_curves(run["methods"], IMAGES / f"denoisplit_curve_{pair}_{level}.png", f"{pair_title(pair)}, {level} noise")
 
 
 def curve_main(argv: list[str]) -> int:
@@ -608,9 +636,10 @@ def curve_main(argv: list[str]) -> int:
            "steps": steps, "eval_every": every, "patch": CURVE_PATCH, "unet_patch": UNET_PATCH, "batch": CURVE_BATCH,
            "foreground": CURVE_FOREGROUND, "vae": CURVE_VAE,
            "denoisplit_recipe": DENOISPLIT_RECIPE, "n2v_steps": N2V_STEPS,
-           "curve_metrics": "posterior-mean prediction of the test field (rows 0-256, cols 832-1088)",
+           "curve_metrics": "posterior-mean prediction of the test field (BPAE: rows 0-256, cols 832-1088; "
+                            "W2S: field 089)",
            "kept": "weights of the best validation criterion (foreground per-channel MSE vs noisy targets on held-apart "
-                   "fields cols 512-832), scored with 8 posterior samples (VAEs)", "runs": {}}
+                   "fields: BPAE cols 512-832, W2S field 088), scored with 8 posterior samples (VAEs)", "runs": {}}
 
     def save():
         path.write_text(json.dumps(out, indent=2))
