@@ -40,7 +40,7 @@ import numpy as np
 
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 from benchmarks.common import RESULTS, machine, markdown_table, write_json
-from benchmarks.harness import _options, _predict, make_data
+from benchmarks.harness import field_psnr, make_data, predict_array, train_options
 
 
 def signal_in_data_units(noisy: np.ndarray, clean: np.ndarray) -> np.ndarray:
@@ -95,12 +95,6 @@ def halves(n_fields: int, shape: tuple[int, ...]) -> list[tuple[Any, Any]]:
     return [(np.s_[..., cols], np.s_[..., ~cols]), (np.s_[..., ~cols], np.s_[..., cols])]
 
 
-def field_psnr(pred: np.ndarray, clean: np.ndarray) -> float:
-    from quietscope.metrics import affine_fit, psnr
-
-    return float(np.mean([psnr(affine_fit(p, c), c) for p, c in zip(pred, clean)]))
-
-
 def measure(name: str, work: Path, steps: int, seed: int) -> dict[str, Any]:
     from quietscope.io.reading import open_image
     from quietscope.workflows.train import train_model
@@ -111,10 +105,9 @@ def measure(name: str, work: Path, steps: int, seed: int) -> dict[str, Any]:
     noisy = np.asarray(open_image(str(src)).array).reshape(clean.shape).astype(np.float64)
     model = d / f"n2v_s{seed}_steps{steps}.qs"
     if not model.exists():
-        method, tr = _options()
-        tr = {**tr, "steps": steps, "seed": seed, "val_every": max(steps // 10, 1), "checkpoint_every": max(steps // 10, 1)}
+        method, tr = train_options(steps, seed)
         train_model(str(src), model, {**method, "method": "n2v"}, tr, overwrite=True, progress=False)
-    mu = _predict(model, src, d / f"p_n2v_s{seed}.ome.zarr").reshape(clean.shape).astype(np.float64)
+    mu = predict_array(model, src, d / f"p_n2v_s{seed}.ome.zarr").reshape(clean.shape).astype(np.float64)
     s = signal_in_data_units(noisy, clean)
     row: dict[str, Any] = {"dataset": name, "seed": seed, "steps": steps, "noisy": field_psnr(noisy, clean),
                            "n2v": field_psnr(mu, clean)}

@@ -29,6 +29,7 @@ Pieces, in the order a benchmark uses them:
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -54,12 +55,12 @@ from quietscope.workflows.train import train_model
 __all__ = [
     "CROP", "FIELD_BUDGET", "METRICS", "PREDICT_DEFAULTS", "RESULTS", "ROOT", "SIM_LEVELS",
     "SPLIT_CALIB", "SPLIT_DATA", "SPLIT_NET", "SPLIT_TEST", "SPLIT_TRAIN", "SPLIT_TRAIN_OPTS", "Trained",
-    "binned_fold_in_mse", "bpae_field_noise", "budget_train_options", "centre_origin", "command_line", "data_dir",
-    "filter_output", "find_data_dir", "fmt_mean_sem", "machine", "markdown_table", "mean_and_sem",
-    "output_channels", "predict", "predict_options", "predict_run", "psnr_db", "psnr_from_mse",
+    "BPAE_NOISE", "BUDGET", "FIELDS", "binned_fold_in_mse", "bpae_field_noise", "budget_train_options", "centre_origin", "command_line", "data_dir",
+    "field_psnr", "filter_output", "find_data_dir", "fmt_mean_sem", "machine", "make_data", "markdown_table", "mean_and_sem",
+    "output_channels", "predict", "predict_array", "predict_options", "predict_run", "psnr_db", "psnr_from_mse",
     "random_model", "read_bpae", "read_output", "run_in_processes", "run_processor", "score", "single_thread",
     "split_clean", "split_predict", "split_scores", "split_train", "timer", "train",
-    "train_with_budget", "write_json", "write_tif",
+    "train_options", "train_with_budget", "write_json", "write_tif",
 ]
 
 #: The repository root (docs/images and docs/guide are written below it by some scripts).
@@ -390,18 +391,8 @@ BUDGET = {"batch": 16, "patch": 32, "depth": 2, "filters": 16, "lr": 1e-3, "mask
 BPAE_NOISE = (25.0, 0.1)
 
 
-def _data_dir() -> Path:
-    from quietscope.io.sample_data import find_data_dir
-
-    data = find_data_dir()
-    if data is None:
-        raise SystemExit("shared/data not found (set QUIETSCOPE_DATA); this benchmark needs the real images")
-    return data
-
-
 def make_data(work: Path, name: str) -> dict[str, Any]:
     """Write dataset ``name`` as OME-Zarr (noisy) + npy (clean); return its paths."""
-    from quietscope.io.sample_data import read_tiff
     from quietscope.simulate import poisson_gaussian
     from quietscope.workflows.demo import write_ome_zarr_image
 
@@ -410,12 +401,12 @@ def make_data(work: Path, name: str) -> dict[str, Any]:
     src = d / "noisy.ome.zarr"
     if name.startswith("w2s"):
         ch = name.split("-ch")[1]
-        noisy = np.stack([read_tiff(_data_dir() / "w2s" / "noisy" / f"{f}_ch{ch}.tif") for f in FIELDS])
-        clean = np.stack([read_tiff(_data_dir() / "w2s" / "clean" / f"{f}_ch{ch}.tif") for f in FIELDS]).astype(np.float32)
+        noisy = np.stack([read_tiff(data_dir() / "w2s" / "noisy" / f"{f}_ch{ch}.tif") for f in FIELDS])
+        clean = np.stack([read_tiff(data_dir() / "w2s" / "clean" / f"{f}_ch{ch}.tif") for f in FIELDS]).astype(np.float32)
         if not src.exists():
             write_ome_zarr_image(src, noisy, "tyx", (1, 256, 256))  # uint8, as recorded
     else:
-        clean = read_tiff(_data_dir() / "bpae" / "bpae_actin.tif").astype(np.float32)
+        clean = read_tiff(data_dir() / "bpae" / "bpae_actin.tif").astype(np.float32)
         photons, g = BPAE_NOISE
         noisy = poisson_gaussian(clean, photons / float(clean.mean()), g, float(clean.std()), seed=0).astype(np.float32)
         if not src.exists():
@@ -425,20 +416,23 @@ def make_data(work: Path, name: str) -> dict[str, Any]:
     return {"name": name, "dir": str(d)}
 
 
-def _predict(model: Path, src: Path, out: Path, inference: dict | None = None) -> np.ndarray:
-    from quietscope.chunked import PredictOptions
-    from quietscope.io.reading import open_image
-    from quietscope.workflows.predict import predict
+def predict_array(model: Path, src: Path, out: Path, inference: dict | None = None) -> np.ndarray:
+    """:func:`predict_run` of ``src`` (:data:`PREDICT_DEFAULTS`), every time point read back; ``out`` removed.
 
-    predict(model, src, out, PredictOptions(progress=False, overwrite=True, n_levels=1, threads=1, device="cpu"),
-            inference=inference)
+    Not :func:`predict`: that reads time point 0 only, and W2S's fields are stacked along t.
+    """
+    predict_run(model, src, out, inference=inference)
     arr = np.asarray(open_image(str(out)).array)
-    import shutil
-
     shutil.rmtree(out, ignore_errors=True)
     return arr
 
 
-def _options() -> tuple[dict[str, Any], dict[str, Any]]:
+def train_options(steps: int, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Method and training options of the PN2V benchmarks (:data:`BUDGET`) for ``steps`` and ``seed``."""
     method = {"net": {"depth": BUDGET["depth"], "filters": BUDGET["filters"]}, "masked_pixel_percentage": BUDGET["mask_percent"]}
-    return method, {"patch": (BUDGET["patch"],), "batch": BUDGET["batch"], "lr": BUDGET["lr"], "pool_size": 256, "device": "cpu"}
+    return method, budget_train_options(BUDGET, steps, seed)
+
+
+def field_psnr(pred: np.ndarray, clean: np.ndarray) -> float:
+    """Mean over fields (first axis) of :func:`psnr_db` after an affine fit of each field onto its clean image."""
+    return float(np.mean([psnr_db(p, c, "psnr_affine") for p, c in zip(pred, clean)]))

@@ -47,15 +47,15 @@ import numpy as np
 
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 from benchmarks.common import RESULTS, fmt_mean_sem, machine, markdown_table, write_json
-from benchmarks.harness import BPAE_NOISE, BUDGET, FIELDS, _options, _predict, make_data
+from benchmarks.harness import BPAE_NOISE, BUDGET, FIELDS, field_psnr, make_data, predict_array, train_options
 
 
 def score(pred: np.ndarray, clean: np.ndarray, name: str) -> dict[str, float]:
     """Mean over fields of PSNR after an affine fit (and, on BPAE, with the clean range)."""
-    from quietscope.metrics import affine_fit, psnr
+    from quietscope.metrics import psnr
 
     pred = pred.reshape(clean.shape).astype(np.float64)
-    out = {"psnr_affine": float(np.mean([psnr(affine_fit(p, c), c) for p, c in zip(pred, clean)]))}
+    out = {"psnr_affine": field_psnr(pred, clean)}
     if name == "bpae":
         out["psnr_range"] = psnr(pred[0], clean[0].astype(np.float64))
     return out
@@ -72,8 +72,7 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
 
     d, name, seed, steps = Path(task["dir"]), task["name"], task["seed"], task["steps"]
     clean, src = np.load(d / "clean.npy"), d / "noisy.ome.zarr"
-    method, tr = _options()
-    tr = {**tr, "steps": steps, "seed": seed, "val_every": max(steps // 10, 1), "checkpoint_every": max(steps // 10, 1)}
+    method, tr = train_options(steps, seed)
     base = {"dataset": name, "seed": seed, "steps": steps}
     rows: list[dict[str, Any]] = []
     partial = d / f"rows_s{seed}_steps{steps}.json"
@@ -82,7 +81,7 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
     if not n2v.exists():  # a rerun after a crash keeps the models it finished (same options)
         train_model(str(src), n2v, {**method, "method": "n2v"}, tr, overwrite=True, progress=False)
     t_n2v = time.perf_counter() - t0
-    rows.append({**base, "row": "n2v", "train_s": t_n2v, **score(_predict(n2v, src, d / f"p_n2v_s{seed}.ome.zarr"), clean, name)})
+    rows.append({**base, "row": "n2v", "train_s": t_n2v, **score(predict_array(n2v, src, d / f"p_n2v_s{seed}.ome.zarr"), clean, name)})
     write_json(partial, rows)
 
     t0 = time.perf_counter()
@@ -97,12 +96,12 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
                                  n2v_fraction=task["n2v_fraction"])
     t_boot = time.perf_counter() - t0
     stages = boot_dir(boot)
-    s_n2v = score(_predict(stages / "n2v.qs", src, d / f"p_bn2v_s{seed}.ome.zarr"), clean, name)
-    s_mmse = score(_predict(stages / "pn2v.qs", src, d / f"p_mmse_s{seed}.ome.zarr"), clean, name)
-    s_prior = score(_predict(stages / "pn2v.qs", src, d / f"p_prior_s{seed}.ome.zarr", {"estimate": "prior"}), clean, name)
+    s_n2v = score(predict_array(stages / "n2v.qs", src, d / f"p_bn2v_s{seed}.ome.zarr"), clean, name)
+    s_mmse = score(predict_array(stages / "pn2v.qs", src, d / f"p_mmse_s{seed}.ome.zarr"), clean, name)
+    s_prior = score(predict_array(stages / "pn2v.qs", src, d / f"p_prior_s{seed}.ome.zarr", {"estimate": "prior"}), clean, name)
     candidates = {"n2v": s_n2v, "pn2v": s_mmse, "pn2v-prior": s_prior}
     # The kept file predicted as a user would (its default estimate): must equal its candidate's score.
-    final = score(_predict(boot, src, d / f"p_boot_s{seed}.ome.zarr"), clean, name)
+    final = score(predict_array(boot, src, d / f"p_boot_s{seed}.ome.zarr"), clean, name)
     rec = {"kept": choice.kept, "sure_n2v": choice.n2v_risk, "sure_pn2v": choice.pn2v_risk, "sure_diff": choice.difference,
            "sure_diff_se": choice.difference_se, "sure_prior": choice.prior_risk, "sure_prior_diff": choice.prior_difference,
            "sure_prior_diff_se": choice.prior_difference_se, "sure_pixels": choice.n_pixels,

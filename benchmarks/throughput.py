@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.harness import RESULTS, make_volume, random_model
+from benchmarks.harness import RESULTS, ROOT, make_volume, random_model
 from quietscope.inference import method_halo, predict_tile
 from quietscope.io import open_image
 from quietscope.methods.modelfile import load_model
@@ -244,21 +244,18 @@ def raw_in_child(model_path: str, src: str, plan: dict, threads: int, heap: str)
     The environment variable is read by glibc at start, which ``mallopt`` after imports is not
     equivalent to in a process that has already fragmented its heap.
     """
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
     from quietscope.runner.heap import heap_env
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update({**env, **(heap_env() if heap == "bounded" else {"QUIETSCOPE_MMAP_THRESHOLD": "0"})})
-    try:  # spawn copies os.environ at start, so the child's glibc sees the threshold before its first malloc
-        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-            return pool.submit(raw_subtiled, model_path, src, plan, threads).result()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    env.update(heap_env() if heap == "bounded" else {"QUIETSCOPE_MMAP_THRESHOLD": "0"})
+    # A fresh interpreter given its own environment, so glibc reads the threshold before its
+    # first malloc and this process's environment is left as it is.
+    code = (f"import json; from benchmarks.throughput import raw_subtiled; "
+            f"print(json.dumps(raw_subtiled({model_path!r}, {src!r}, {plan!r}, {threads!r})))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr[-3000:])
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def measure_lightsheet(kind: str, shape, chunks, model_path: str, tmp: Path, threads: int, peer_tiles: int | None,
