@@ -13,7 +13,10 @@ bins of both, on one half of the data, and scores it on the other half (2-fold).
 * ``table``: ``mu + E[s - mu | mu, x - mu]``, the best function of the pair, whatever the noise
   (up to the bins' width).
 
-The fold-in's ceiling is the better of ``linear`` and ``table`` less ``remap``. PN2V's posterior also sees its prior's width per
+The fold-in's ceiling is the better of ``linear`` and ``table`` less ``remap``. Beside it: what a
+fold-in would add if N2V ignored the pixel (``independent_fold_in_db``, Gaussian errors), and the
+pixel's weight in N2V's own prediction (``n2v_centre_weight``, :func:`centre_weight`): N2V sees the
+pixel at prediction, so part of the fold-in may be done already. PN2V's posterior also sees its prior's width per
 pixel, which ``mu`` alone does not carry, so the ceiling is approximate, not strict; but a
 method whose ceiling is below the target cannot reach it by tuning its noise model.
 
@@ -95,6 +98,35 @@ def halves(n_fields: int, shape: tuple[int, ...]) -> list[tuple[Any, Any]]:
     return [(np.s_[..., cols], np.s_[..., ~cols]), (np.s_[..., ~cols], np.s_[..., cols])]
 
 
+def centre_weight(model: Path, field: np.ndarray, delta: float, spacing: int = 32) -> float:
+    """How much N2V's prediction at a pixel moves with that pixel's own value: ``d mu_i / d x_i``.
+
+    N2V is trained blind to the centre pixel, but at prediction it sees it, and nothing stops it
+    from using it a little. Measured by adding ``±delta`` at a grid of pixels ``spacing`` apart
+    (farther than the weights that matter, so the bumps barely see each other) and averaging
+    the response at those pixels over both signs (which cancels the second-order term).
+    """
+    import torch
+
+    from quietscope.methods.modelfile import load_model
+
+    method, _ = load_model(str(model))
+    method.eval()
+    x = np.ascontiguousarray(field, np.float32)
+    c = spacing // 2
+
+    def run(a: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return method.predict(torch.from_numpy(a)[None, None])[0, 0].numpy().astype(np.float64)
+
+    base, out = run(x), []
+    for d in (delta, -delta):
+        bumped = x.copy()
+        bumped[c::spacing, c::spacing] += d
+        out.append(float(np.mean((run(bumped) - base)[c::spacing, c::spacing]) / d))
+    return float(np.mean(out))
+
+
 def measure(name: str, work: Path, steps: int, seed: int) -> dict[str, Any]:
     from quietscope.io.reading import open_image
     from quietscope.workflows.train import train_model
@@ -124,6 +156,11 @@ def measure(name: str, work: Path, steps: int, seed: int) -> dict[str, Any]:
     row["fold_in_ceiling_db"] = max(row["table_gain_db"], row["linear_gain_db"]) - row["remap_gain_db"]
     # How much of the noise N2V leaves: its error variance against the noise variance, in data units.
     row["n2v_error_over_noise"] = float(np.mean((mu - s) ** 2) / np.mean((noisy - s) ** 2))
+    # What a fold-in would add if N2V ignored the pixel and errors were Gaussian: e n / (e + n).
+    row["independent_fold_in_db"] = float(10 * np.log10(1 + row["n2v_error_over_noise"]))
+    # The pixel's weight in N2V's own prediction, and the weight a Gaussian fold-in would give it.
+    row["n2v_centre_weight"] = centre_weight(model, noisy[0], float(np.std(noisy[0] - mu[0])))
+    row["optimal_centre_weight"] = row["n2v_error_over_noise"] / (1 + row["n2v_error_over_noise"])
     return row
 
 
@@ -145,8 +182,8 @@ def main() -> None:
             rows.append(measure(name, Path(args.workdir), args.steps, seed))
             write_json(Path(args.output), {"machine": machine(), "rows": rows})
             print(rows[-1], flush=True)
-    cols = ["dataset", "seed", "noisy", "n2v", "n2v_error_over_noise", "remap_gain_db", "linear_gain_db", "table_gain_db",
-            "fold_in_ceiling_db"]
+    cols = ["dataset", "seed", "noisy", "n2v", "n2v_error_over_noise", "n2v_centre_weight", "optimal_centre_weight",
+            "independent_fold_in_db", "remap_gain_db", "linear_gain_db", "table_gain_db", "fold_in_ceiling_db"]
     print(markdown_table(cols, [[f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols] for r in rows]))
     print(f"JSON: {args.output}")
 

@@ -84,8 +84,10 @@ def predict(
     options = options or PredictOptions()
     # Before the model loads and the probes run: their freed tensors would otherwise raise glibc's
     # dynamic threshold and fragment the heap before the first block (benchmarks §9d).
-    on_cpu = options.device in ("cpu", "auto") and resolve_device(options.device).type == "cpu"  # never raises
-    threshold = bound_heap() if on_cpu else 0
+    # "cpu" and "auto" resolve without raising; an explicit GPU is resolved after the input and
+    # model checks, so their errors come first.
+    device = resolve_device(options.device) if options.device in ("cpu", "auto") else None
+    threshold = bound_heap() if device is not None and device.type == "cpu" else 0
     image = open_image(input_uri, level=level, axes=axes)
     inference = {k: v for k, v in (inference or {}).items() if v is not None}
     # Checked on the CPU before any worker starts: a mismatch must not cost a cluster start.
@@ -93,7 +95,7 @@ def predict(
                                f"input {str(input_uri)!r}")
     _check_gpu_options(options)
     preflight(image, output, options)
-    device = resolve_device(options.device)
+    device = device or resolve_device(options.device)
     precision = resolve_precision(options.compute.precision, device)
     bytes_per_voxel = None
     if device.type == "cuda":
