@@ -151,7 +151,7 @@ def part_worker_rss(tmp: Path, quick: bool) -> dict:
     sizes = [1024, 2048] if quick else [1024, 2048, 4096]
     rows = []
     with dask_client(workers=2) as client:
-        for s in sizes:  # small to large: ru_maxrss only grows, so a flat series means flat peaks
+        for s in sizes:  # small to large: the peak only grows, so a flat series means flat peaks
             src = write_image(tmp / f"rss_{s}.zarr", (s, s), (256, 256))
             predict_with(src, str(tmp / f"rss_{s}.ome.zarr"), BoxProcessor(), (1, 1), 1,
                          dict(chunks=(256, 256), block=(512, 512), scheduler=client.scheduler.address,

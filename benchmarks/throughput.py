@@ -73,16 +73,17 @@ def pipeline_run(model_path: str, src: str, out: str, chunks, block=None) -> dic
 
     Returns the pipeline's own timings (level 0 = read -> predict -> write; then the pyramid),
     the whole job's wall time including start-up (imports, cluster, halo measurement), and the
-    child's peak RSS.
+    child's own peak RSS (``VmHWM``: ``ru_maxrss`` would include the parent's, see runner/heap.py).
     """
     code = f"""
-import json, resource, time
+import json, time
 t0 = time.perf_counter()
 from quietscope.chunked import PredictOptions
+from quietscope.runner.heap import peak_rss_bytes
 from quietscope.workflows.predict import predict
 r = predict({model_path!r}, {src!r}, {out!r}, PredictOptions(chunks={tuple(chunks) if chunks else None!r}, block={tuple(block) if block else None!r}, overwrite=True, progress=False))
 print(json.dumps({{"level0_s": r.seconds_level0, "pyramid_s": r.seconds_pyramid, "job_s": time.perf_counter() - t0,
-                  "n_blocks": r.n_blocks, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+                  "n_blocks": r.n_blocks, "peak_rss_mb": peak_rss_bytes() / 2**20}}))
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if res.returncode != 0:

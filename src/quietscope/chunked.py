@@ -59,6 +59,7 @@ from quietscope.runner.executor import (
     iter_tasks,
     run_blocks,
 )
+from quietscope.runner.heap import peak_rss_bytes
 from quietscope.runner.ledger import LEDGER_DIR, LOCK_NAME, JobLock, Ledger, busy_message, stale_reason
 from quietscope.runner.pyramid import PyramidPlan
 from quietscope.runner.subtiles import SubtiledFactory
@@ -883,15 +884,6 @@ def _subtiled(factory: ProcessorFactory, layout: Layout, halo: tuple[int, ...], 
     if all(w <= t + 2 * h for w, t, h in zip(win, layout.subtile, halo)):
         return factory
     return SubtiledFactory(factory, tuple(halo), tuple(layout.subtile))
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
-    import resource  # POSIX only
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def _memory_report(layout: Layout, halo: tuple[int, ...], factor: Factor) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 
-__all__ = ["DEFAULT_MMAP_THRESHOLD", "ENV_VAR", "bound_heap", "heap_env"]
+__all__ = ["DEFAULT_MMAP_THRESHOLD", "ENV_VAR", "bound_heap", "heap_env", "peak_rss_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -65,3 +65,25 @@ def heap_env(threshold: int | None = None) -> dict[str, str]:
     if threshold <= 0 or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return {}
     return {"MALLOC_MMAP_THRESHOLD_": str(threshold)}
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process's own address space so far, in bytes.
+
+    On Linux this is ``VmHWM`` of ``/proc/self/status``. Not ``getrusage``'s ``ru_maxrss``: the
+    kernel carries that across ``fork`` and ``exec``, so a process started by a large parent
+    (a benchmark that has just held a volume, a scheduler) reports at least the parent's peak.
+    A CLI child of a 2 GB benchmark process reported 2065 MB while its own peak was 1376 MB
+    (docs/benchmarks.md §9f). Elsewhere (macOS) ``ru_maxrss``, which is bytes there.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource  # POSIX only
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)

@@ -123,10 +123,10 @@ def noop(*args: object) -> int:
 
 
 def worker_peak_rss() -> int:
-    """Peak resident memory of the calling process in bytes (Linux ``ru_maxrss`` is KiB)."""
-    import resource
+    """Peak resident memory of the calling process in bytes (:func:`quietscope.runner.heap.peak_rss_bytes`)."""
+    from quietscope.runner.heap import peak_rss_bytes
 
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    return peak_rss_bytes()
 
 
 def torch_threads() -> int:
