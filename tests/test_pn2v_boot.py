@@ -314,6 +314,7 @@ def test_pipeline_real_comparison_runs_and_refuses_overwrite(n2v_model, tmp_path
     choice = train_pn2v_boot(path, out, {"net": TINY, "masked_pixel_percentage": 2.0, "n_samples": 4},
                              {**TRAIN, "steps": 8}, progress=False)
     assert choice.kept in ("pn2v", "n2v") and choice.n_pixels > 1000
+    assert choice.prior_risk is None  # the prior mean is offered only on request (prior_candidate)
     assert np.isfinite(choice.difference) and "at N2V's blind-spot prediction" in choice.variance_source
     with pytest.raises(Exception, match="--overwrite"):
         train_pn2v_boot(path, out, {}, {**TRAIN, "steps": 8}, progress=False)

@@ -1,19 +1,20 @@
 """``quietscope train --method pn2v-boot``: fully unsupervised PN2V that keeps N2V when PN2V is not better.
 
-One command, one total step budget: N2V (a share ``n2v_fraction`` of the steps) -> a GMM noise
-model bootstrapped from N2V's prediction of the data (Prakash et al. 2020) -> PN2V warm-started
-from that N2V (:meth:`quietscope.methods.pn2v.PN2V.warm_start`, the remaining steps) -> a
-ground-truth-free comparison on the held-apart validation slab, and the model file holds the
-winner.
+One command: N2V for all ``steps``, paused at ``n2v_fraction`` of them where PN2V branches off
+and then finished -> a GMM noise model bootstrapped from the finished N2V's prediction of the
+data (Prakash et al. 2020) -> PN2V warm-started from the paused N2V
+(:meth:`quietscope.methods.pn2v.PN2V.warm_start`, the remaining steps) -> a ground-truth-free
+comparison on the held-apart validation slab, and the model file holds the winner. A kept N2V
+is therefore the model ``train --method n2v --steps`` gives.
 
 What the comparison compares: at the same masked pixels of the same held-apart patches (the
 slab neither network trained on), Stein's unbiased estimate of the squared error of each
 candidate's *final* estimate of the pixel, in raw units (:func:`quietscope.methods.pn2v.blind_spot_risk`):
-N2V's blind-spot prediction, PN2V's posterior mean, which folds the pixel's own observation
-back in, and PN2V's prior mean (blind, like N2V). The noise variance SURE needs is the data's
+N2V's blind-spot prediction and PN2V's posterior mean, which folds the pixel's own observation
+back in (and, with ``prior_candidate``, PN2V's prior mean, blind like N2V). The noise variance SURE needs is the data's
 own Poisson–Gaussian line (from local residuals, as ``inspect-noise`` measures it), not the
 bootstrapped noise model, so a noise model that is too narrow cannot vouch for itself. It is
-evaluated at one signal per pixel for all three candidates, N2V's blind-spot prediction of that
+evaluated at one signal per pixel for all candidates, N2V's blind-spot prediction of that
 pixel (the same masks for all), so the variance term cancels between the blind candidates and
 their paired difference is their blind-spot-loss difference: a candidate does not score better
 for being brighter on a rising variance line. A PN2V
@@ -211,9 +212,10 @@ def _variance(uri: Any, image: Image, axes: str | None, nm: Any, seed: int) -> t
 
 
 def compare(n2v: Any, pn2v: PN2V, image: Image, tcfg: TrainConfig, variance: Any, source: str,
-            margin_se: float) -> BootChoice:
-    """Score the three candidates on the held-apart slab (same patches, same masks, the noise
-    variance of each pixel taken at N2V's blind-spot prediction for all) and apply :func:`choose`.
+            margin_se: float, prior_candidate: bool = False) -> BootChoice:
+    """Score the candidates on the held-apart slab (same patches, same masks, the noise variance
+    of each pixel taken at N2V's blind-spot prediction for all) and apply :func:`choose`: N2V and
+    PN2V's posterior mean, and PN2V's prior mean with ``prior_candidate``.
     """
     _, val_region = split_train_val(image.spatial_shape, tuple(tcfg.patch), tcfg.val_fraction)
     if val_region is None:
@@ -222,13 +224,14 @@ def compare(n2v: Any, pn2v: PN2V, image: Image, tcfg: TrainConfig, variance: Any
     batch = torch.from_numpy(sampler.sample(VAL_PATCHES, np.random.default_rng(tcfg.seed + 99)))
     valid = getattr(pn2v.noise_model, "clip_limits", None)
     risks = []
-    for m, estimate in ((n2v, None), (pn2v, "mmse"), (pn2v, "prior")):
-        gen = torch.Generator().manual_seed(tcfg.seed + 4242)  # the same masks for all three
+    scored = ((n2v, None), (pn2v, "mmse")) + (((pn2v, "prior"),) if prior_candidate else ())
+    for m, estimate in scored:
+        gen = torch.Generator().manual_seed(tcfg.seed + 4242)  # the same masks for all
         risks.append(torch.cat([blind_spot_risk(m, batch[i:i + 16], variance, gen, VAL_DRAWS, valid, estimate,
                                                 reference=n2v)
                                 for i in range(0, batch.shape[0], 16)]).numpy())
     choice = choose(risks[0], risks[1], margin_se, f"{source} at N2V's blind-spot prediction of each pixel",
-                    prior_risk=risks[2])
+                    prior_risk=risks[2] if prior_candidate else None)
     if choice.n2v_risk < 0:
         # E[(N2V - x)^2] = N2V's error + the noise variance, so a negative estimate means the
         # variance overstates the noise here; its 2 v df/dx term then over-penalises PN2V's
@@ -276,6 +279,7 @@ def train_pn2v_boot(
     progress: bool = True,
     n2v_fraction: float = DEFAULT_N2V_FRACTION,
     margin_se: float = 1.0,
+    prior_candidate: bool = False,
 ) -> BootChoice:
     """N2V, and PN2V branched off it with a bootstrapped GMM, each ``steps`` long; keep the better one.
 
@@ -297,6 +301,11 @@ def train_pn2v_boot(
         Where PN2V branches off N2V, as a share of ``steps``.
     margin_se : float
         See :func:`choose`.
+    prior_candidate : bool
+        Also offer PN2V's prior mean (a third candidate). Off by default: since N2V trains all
+        the steps, PN2V's prior mean (100 of its 1000 steps as PN2V) was below N2V on all 8
+        measured runs (−0.03 to −0.23 dB), and the rule kept it once at −0.23 dB where the
+        posterior mean was +0.25 (docs/benchmarks.md §12f).
 
     Returns
     -------
@@ -351,10 +360,11 @@ def train_pn2v_boot(
     pn2v_res = train_model(input_uri, work / "pn2v.qs", {**pn2v_opts, "noise_model": nm.to_dict()},
                            {**train_options, "steps": pn2v_steps}, init=work / "n2v_branch.qs", overwrite=True, **kw)
     variance, source = _variance(input_uri, image, axes, nm, tcfg.seed)
-    choice = compare(n2v_res.method.cpu(), pn2v_res.method.cpu(), image, tcfg, variance, source, margin_se)
+    choice = compare(n2v_res.method.cpu(), pn2v_res.method.cpu(), image, tcfg, variance, source, margin_se, prior_candidate)
     record = {**asdict(choice), "n2v_steps": total, "branch_step": branch, "pn2v_steps": pn2v_steps,
               "steps_trained": total + pn2v_steps, "stages": str(work),
-              "compares": "SURE of each final estimate (N2V, PN2V posterior mean, PN2V prior mean) at the same "
+              "compares": "SURE of each final estimate (N2V, PN2V posterior mean" + (", PN2V prior mean" if prior_candidate else "")
+                          + ") at the same "
                           "held-apart masked pixels, data variance line at N2V's blind-spot prediction (one per pixel, "
                           "shared by the candidates)"}
     (work / "choice.json").write_text(json.dumps(record, indent=2))
