@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from quietscope.runner.heap import peak_rss_bytes
+
 
 def _box3(tile: np.ndarray) -> np.ndarray:
     """3x3 mean over the last two axes (reflect border); needs a halo of 1.
@@ -124,8 +126,6 @@ def noop(*args: object) -> int:
 
 def worker_peak_rss() -> int:
     """Peak resident memory of the calling process in bytes (:func:`quietscope.runner.heap.peak_rss_bytes`)."""
-    from quietscope.runner.heap import peak_rss_bytes
-
     return peak_rss_bytes()
 
 
