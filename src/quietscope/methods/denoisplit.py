@@ -47,10 +47,6 @@ from quietscope.nets.ladder_vae import LadderVAE, LevelStats
 from quietscope.nets.lateral_context import centre_crop, contexts_by_reflection, contexts_from_field, field_size
 from quietscope.noise_models import load_noise_model, noise_model_from_dict
 
-#: Grid spacing (y/x) of the masked pixels of the blind validation (:meth:`DenoiSplit.blind_posterior_mean`):
-#: 1/16 of the pixels per pass, 16 passes.
-BLIND_SPACING = 4
-
 
 class ChannelCalibration(BaseModel):
     """``std_calibrated = scale * std + offset`` for one output channel (raw units)."""
@@ -353,67 +349,27 @@ class DenoiSplit(Method):
 
         ``select`` (lower is better; the keep-best criterion) is the per-channel mean squared
         error against the noisy targets on foreground pixels (sum above its mean), each channel
-        divided by its variance there, of **blind** predictions (:meth:`blind_posterior_mean`):
-        each pixel is predicted with its own input value masked. Without the mask the criterion
-        rewards passing the input's noise through, because a target's noise is part of the
-        input: an unsplit output (each channel ~ half the noisy sum) then scored better than a
-        split, denoised one, and the kept weights were unsplit (docs/benchmarks.md §5, W2S run).
-        Masked, the target's noise is independent of the prediction, so the score ranks
-        checkpoints by their error against the clean channels, plus a constant (as N2V's
-        validation does). ``corr_outputs`` is the correlation of the two predicted channels
-        (unmasked; 1 = not split).
+        divided by its variance there: background dominates the loss and barely moves, while an
+        unsplit output (each channel ~ half the input) is wrong exactly on the structures.
+        ``corr_outputs`` is the correlation of the two predicted channels (1 = not split).
         """
         with torch.no_grad():
             inner = self._inner_shape(tuple(batch.shape[2:]))
-            field = self.superimpose(batch)
-            x, ctx = self._net_inputs(self._normalize_input(field), inner)
+            x, ctx = self._net_inputs(self._normalize_input(self.superimpose(batch)), inner)
             pred = self._signal(self.net(x, "mean", None, ctx)[0])
-            blind = self.blind_posterior_mean(field, inner)
             tgt = centre_crop(batch, inner) if ctx else batch
             total = tgt.sum(1)
             fg = total > total.mean()
             errs = []
             for i in range(tgt.shape[1]):
-                t, p = tgt[:, i][fg], blind[:, i][fg]
+                t, p = tgt[:, i][fg], pred[:, i][fg]
                 errs.append(float(((t - p) ** 2).mean() / t.var().clamp(min=1e-12)))
             a, b = pred[:, 0].flatten(), pred[:, 1].flatten()
             a, b = a - a.mean(), b - b.mean()
             corr = float((a * b).sum() / ((a * a).sum() * (b * b).sum()).sqrt().clamp(min=1e-12))
         return {"select": sum(errs) / len(errs), "corr_outputs": corr}
 
-    def blind_posterior_mean(self, field: torch.Tensor, inner: tuple[int, ...], spacing: int = BLIND_SPACING,
-                             seed: int = 0) -> torch.Tensor:
-        """Posterior means ``(B, C, *inner)`` (raw units) in which no pixel saw its own input value.
-
-        ``field``: the superimposed input ``(B, 1, *S)``, raw units; ``inner`` its central patch
-        (the whole field without context). In ``spacing**2`` passes, every pixel of a grid
-        ``spacing`` apart in y and x (all planes in 3D) gets the value of a random neighbour up
-        to 2 px away in y/x (Noise2Void's masking); each pass keeps the predictions of its own
-        grid. Sources are never grid pixels (``spacing > 2``), so a masked value never leaks.
-        """
-        gen = torch.Generator().manual_seed(seed)
-        shape = field.shape[2:]
-        h, w = shape[-2], shape[-1]
-        out: torch.Tensor | None = None
-        for oy in range(spacing):
-            for ox in range(spacing):
-                yy, xx = torch.meshgrid(torch.arange(oy, h, spacing), torch.arange(ox, w, spacing), indexing="ij")
-                d = torch.randint(-2, 3, (2, *yy.shape), generator=gen)
-                d[0][(d == 0).all(0)] = 1  # never the pixel itself
-                sy, sx = (yy + d[0]).clamp(0, h - 1), (xx + d[1]).clamp(0, w - 1)
-                masked = field.clone()
-                masked[..., yy, xx] = field[..., sy, sx]
-                grid = torch.zeros(shape[-2:], dtype=torch.bool)
-                grid[yy, xx] = True
-                x, ctx = self._net_inputs(self._normalize_input(masked), inner)
-                pred = self._signal(self.net(x, "mean", None, ctx)[0])
-                keep = centre_crop(grid.expand(*field.shape[:2], *shape), inner) if ctx else grid.expand(*field.shape[:2], *shape)
-                keep = keep.expand(pred.shape)
-                out = torch.zeros_like(pred) if out is None else out
-                out[keep] = pred[keep]
-        assert out is not None
-        return out
-
+    # ---- prediction -------------------------------------------------------------------
     def _signal(self, out: torch.Tensor) -> torch.Tensor:
         return self.denormalize(out[:, : self.config.in_channels])
 
