@@ -303,9 +303,9 @@ def train_pn2v_boot(
         See :func:`choose`.
     prior_candidate : bool
         Also offer PN2V's prior mean (a third candidate). Off by default: since N2V trains all
-        the steps, PN2V's prior mean (100 of its 1000 steps as PN2V) was below N2V on all 8
-        measured runs (−0.03 to −0.23 dB), and the rule kept it once at −0.23 dB where the
-        posterior mean was +0.25 (docs/benchmarks.md §12f).
+        the steps, PN2V's prior mean (100 of its 1000 steps as PN2V) was below N2V on 10 of 12
+        measured channel-seeds (−0.23 to +0.10 dB, mean −0.09), and the rule kept it once at
+        −0.23 dB where the posterior mean was +0.25 (docs/benchmarks.md §12f).
 
     Returns
     -------
