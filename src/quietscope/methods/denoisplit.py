@@ -57,11 +57,6 @@ def unexplained_share(pred: torch.Tensor, target: torch.Tensor) -> float:
     return 1.0 if denom <= 0 else 1.0 - float((p * t).sum()) ** 2 / denom
 
 
-#: Grid spacing (y/x) of the masked pixels of the blind validation (:meth:`DenoiSplit.blind_posterior_mean`):
-#: 1/16 of the pixels per pass, 16 passes.
-BLIND_SPACING = 4
-
-
 class ChannelCalibration(BaseModel):
     """``std_calibrated = scale * std + offset`` for one output channel (raw units)."""
 
@@ -363,10 +358,8 @@ class DenoiSplit(Method):
 
         ``select`` (lower is better; the keep-best criterion) is, per channel on foreground
         pixels (sum above its mean), the share of the noisy target's variance that the best
-        affine map of the **blind** prediction (:meth:`blind_posterior_mean`: each pixel predicted
-        with its own input value masked, so the target's noise, which is in the input, cannot
-        be "predicted") leaves unexplained, ``1 - corr²`` (:func:`unexplained_share`), averaged
-        over channels: background dominates the loss and barely moves, while an
+        affine map of the prediction leaves unexplained, ``1 - corr²`` (:func:`unexplained_share`),
+        averaged over channels: background dominates the loss and barely moves, while an
         unsplit output (each channel ~ half the input) is wrong exactly on the structures. Affine
         invariant because a squared error was not: on W2S the separated checkpoints had the right
         structure at a drifting scale or offset and scored worse than unsplit ones
@@ -377,52 +370,18 @@ class DenoiSplit(Method):
             inner = self._inner_shape(tuple(batch.shape[2:]))
             x, ctx = self._net_inputs(self._normalize_input(self.superimpose(batch)), inner)
             pred = self._signal(self.net(x, "mean", None, ctx)[0])
-            blind = self.blind_posterior_mean(self.superimpose(batch), inner)
             tgt = centre_crop(batch, inner) if ctx else batch
             total = tgt.sum(1)
             fg = total > total.mean()
             errs = []
             for i in range(tgt.shape[1]):
-                errs.append(unexplained_share(blind[:, i][fg], tgt[:, i][fg]))
+                errs.append(unexplained_share(pred[:, i][fg], tgt[:, i][fg]))
             a, b = pred[:, 0].flatten(), pred[:, 1].flatten()
             a, b = a - a.mean(), b - b.mean()
             corr = float((a * b).sum() / ((a * a).sum() * (b * b).sum()).sqrt().clamp(min=1e-12))
         return {"select": sum(errs) / len(errs), "corr_outputs": corr}
 
     # ---- prediction -------------------------------------------------------------------
-    def blind_posterior_mean(self, field: torch.Tensor, inner: tuple[int, ...], spacing: int = BLIND_SPACING,
-                             seed: int = 0) -> torch.Tensor:
-        """Posterior means ``(B, C, *inner)`` (raw units) in which no pixel saw its own input value.
-
-        ``field``: the superimposed input ``(B, 1, *S)``, raw units; ``inner`` its central patch
-        (the whole field without context). In ``spacing**2`` passes, every pixel of a grid
-        ``spacing`` apart in y and x (all planes in 3D) gets the value of a random neighbour up
-        to 2 px away in y/x (Noise2Void's masking); each pass keeps the predictions of its own
-        grid. Sources are never grid pixels (``spacing > 2``), so a masked value never leaks.
-        """
-        gen = torch.Generator().manual_seed(seed)
-        shape = field.shape[2:]
-        h, w = shape[-2], shape[-1]
-        out: torch.Tensor | None = None
-        for oy in range(spacing):
-            for ox in range(spacing):
-                yy, xx = torch.meshgrid(torch.arange(oy, h, spacing), torch.arange(ox, w, spacing), indexing="ij")
-                d = torch.randint(-2, 3, (2, *yy.shape), generator=gen)
-                d[0][(d == 0).all(0)] = 1  # never the pixel itself
-                sy, sx = (yy + d[0]).clamp(0, h - 1), (xx + d[1]).clamp(0, w - 1)
-                masked = field.clone()
-                masked[..., yy, xx] = field[..., sy, sx]
-                grid = torch.zeros(shape[-2:], dtype=torch.bool)
-                grid[yy, xx] = True
-                x, ctx = self._net_inputs(self._normalize_input(masked), inner)
-                pred = self._signal(self.net(x, "mean", None, ctx)[0])
-                keep = centre_crop(grid.expand(*field.shape[:2], *shape), inner) if ctx else grid.expand(*field.shape[:2], *shape)
-                keep = keep.expand(pred.shape)
-                out = torch.zeros_like(pred) if out is None else out
-                out[keep] = pred[keep]
-        assert out is not None
-        return out
-
     def _signal(self, out: torch.Tensor) -> torch.Tensor:
         return self.denormalize(out[:, : self.config.in_channels])
 
