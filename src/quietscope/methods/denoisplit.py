@@ -48,15 +48,6 @@ from quietscope.nets.lateral_context import centre_crop, contexts_by_reflection,
 from quietscope.noise_models import load_noise_model, noise_model_from_dict
 
 
-def unexplained_share(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """``1 - corr(pred, target)²``: the share of ``target``'s variance left by the least-squares
-    affine fit ``a·pred + b`` (1 for a constant prediction; unchanged by any affine map of ``pred``)."""
-    p, t = pred.double().flatten(), target.double().flatten()
-    p, t = p - p.mean(), t - t.mean()
-    denom = float((p * p).sum() * (t * t).sum())
-    return 1.0 if denom <= 0 else 1.0 - float((p * t).sum()) ** 2 / denom
-
-
 class ChannelCalibration(BaseModel):
     """``std_calibrated = scale * std + offset`` for one output channel (raw units)."""
 
@@ -356,15 +347,11 @@ class DenoiSplit(Method):
     def validation_metrics(self, batch: torch.Tensor) -> dict[str, float]:
         """Splitting on the validation patches, from the posterior means.
 
-        ``select`` (lower is better; the keep-best criterion) is, per channel on foreground
-        pixels (sum above its mean), the share of the noisy target's variance that the best
-        affine map of the prediction leaves unexplained, ``1 - corr²`` (:func:`unexplained_share`),
-        averaged over channels: background dominates the loss and barely moves, while an
-        unsplit output (each channel ~ half the input) is wrong exactly on the structures. Affine
-        invariant because a squared error was not: on W2S the separated checkpoints had the right
-        structure at a drifting scale or offset and scored worse than unsplit ones
-        (docs/benchmarks.md §5). ``corr_outputs`` is the correlation of the two predicted
-        channels (1 = not split).
+        ``select`` (lower is better; the keep-best criterion) is the per-channel mean squared
+        error against the noisy targets on foreground pixels (sum above its mean), each channel
+        divided by its variance there: background dominates the loss and barely moves, while an
+        unsplit output (each channel ~ half the input) is wrong exactly on the structures.
+        ``corr_outputs`` is the correlation of the two predicted channels (1 = not split).
         """
         with torch.no_grad():
             inner = self._inner_shape(tuple(batch.shape[2:]))
@@ -375,7 +362,8 @@ class DenoiSplit(Method):
             fg = total > total.mean()
             errs = []
             for i in range(tgt.shape[1]):
-                errs.append(unexplained_share(pred[:, i][fg], tgt[:, i][fg]))
+                t, p = tgt[:, i][fg], pred[:, i][fg]
+                errs.append(float(((t - p) ** 2).mean() / t.var().clamp(min=1e-12)))
             a, b = pred[:, 0].flatten(), pred[:, 1].flatten()
             a, b = a - a.mean(), b - b.mean()
             corr = float((a * b).sum() / ((a * a).sum() * (b * b).sum()).sqrt().clamp(min=1e-12))
