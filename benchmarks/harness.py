@@ -58,7 +58,7 @@ __all__ = [
     "BPAE_NOISE", "BUDGET", "FIELDS", "binned_fold_in_mse", "bpae_field_noise", "budget_train_options", "centre_origin", "command_line", "data_dir",
     "field_psnr", "filter_output", "find_data_dir", "fmt_mean_sem", "machine", "make_data", "markdown_table", "mean_and_sem",
     "output_channels", "predict", "predict_array", "predict_options", "predict_run", "psnr_db", "psnr_from_mse",
-    "random_model", "read_bpae", "read_output", "run_in_processes", "run_processor", "score", "single_thread",
+    "random_model", "read_bpae", "read_output", "read_tiff", "rescale_stain", "run_in_processes", "run_processor", "score", "single_thread",
     "split_clean", "split_predict", "split_scores", "split_train", "timer", "train",
     "train_options", "train_with_budget", "write_json", "write_tif",
 ]
@@ -349,14 +349,16 @@ SPLIT_TRAIN_OPTS = {"patch": (64,), "batch": 8, "lr": 1e-3, "val_fraction": 0.1,
                     "checkpoint_every": 10_000, "device": "cpu", "seed": 0}
 
 
+def rescale_stain(a: np.ndarray) -> np.ndarray:
+    """``a`` (float64) mapped so that its 1st..99.5th percentile spans 0..1000, clipped below at 0."""
+    lo, hi = np.percentile(a, [1, 99.5])
+    return np.clip((a - lo) / (hi - lo), 0, None) * 1000.0
+
+
 def split_clean() -> np.ndarray:
     """The two stains rescaled so that their 1st..99.5th percentile spans 0..1000."""
-    out = []
-    for name in ("actin", "mito"):
-        a = read_tiff(SPLIT_DATA / f"bpae_{name}.tif").astype(np.float64)
-        lo, hi = np.percentile(a, [1, 99.5])
-        out.append(np.clip((a - lo) / (hi - lo), 0, None) * 1000.0)
-    return np.stack(out).astype(np.float32)
+    return np.stack([rescale_stain(read_tiff(SPLIT_DATA / f"bpae_{name}.tif").astype(np.float64))
+                     for name in ("actin", "mito")]).astype(np.float32)
 
 
 def write_tif(path: Path, arr: np.ndarray) -> str:

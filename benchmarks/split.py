@@ -55,9 +55,9 @@ import numpy as np
 
 # The task (fields, data, net, training options) and its train/predict/score helpers are shared
 # with split_probe.py: they live in the harness, under split.py's old names.
+from benchmarks.harness import FIELDS, SPLIT_NET, read_tiff, rescale_stain, write_tif
 from benchmarks.harness import SPLIT_CALIB as CALIB
 from benchmarks.harness import SPLIT_DATA as DATA
-from benchmarks.harness import SPLIT_NET, write_tif
 from benchmarks.harness import SPLIT_TEST as TEST
 from benchmarks.harness import SPLIT_TRAIN as TRAIN
 from benchmarks.harness import split_clean as load_clean
@@ -201,7 +201,7 @@ VAL = (slice(0, 680), slice(512, 832))
 #: W2S fields, laid side by side along x (fov081 at x 0..512, ...): train on 081-087, keep-best
 #: criterion on 088, test on 089, calibration on the top half of 090. Patches that straddle two
 #: fields are still valid two-structure sums (both channels straddle alike).
-W2S_FIELDS, W2S_CH = [f"{n:03d}" for n in range(81, 91)], (0, 2)
+W2S_CH = (0, 2)
 W2S_REGIONS = {"train": (slice(0, 512), slice(0, 7 * 512)), "val": (slice(0, 512), slice(7 * 512, 8 * 512)),
                "test": (slice(0, 512), slice(8 * 512, 9 * 512)), "calib": (slice(0, 256), slice(9 * 512, 10 * 512))}
 
@@ -209,15 +209,9 @@ W2S_REGIONS = {"train": (slice(0, 512), slice(0, 7 * 512)), "val": (slice(0, 512
 def pair_regions(pair: str) -> tuple[np.ndarray, dict]:
     """Clean stains of ``pair`` ``(2, H, W)`` and its train / val / test / calib slices."""
     if pair.startswith("w2s_"):
-        import tifffile
-
         w2s = DATA.parent / "w2s" / "clean"
-        out = []
-        for c in W2S_CH:
-            a = np.concatenate([tifffile.imread(w2s / f"fov{f}_ch{c}.tif") for f in W2S_FIELDS], axis=1).astype(np.float64)
-            lo, hi = np.percentile(a, [1, 99.5])
-            out.append(np.clip((a - lo) / (hi - lo), 0, None) * 1000.0)
-        return np.stack(out).astype(np.float32), W2S_REGIONS
+        return np.stack([rescale_stain(np.concatenate([read_tiff(w2s / f"{f}_ch{c}.tif") for f in FIELDS], axis=1)
+                                       .astype(np.float64)) for c in W2S_CH]).astype(np.float32), W2S_REGIONS
     return load_stains(PAIRS[pair]), {"train": TRAIN, "val": VAL, "test": TEST, "calib": CALIB}
 #: The ladder VAE of the curve runs (denoisplit and musplit alike).
 CURVE_VAE = {"net": {"depth": 3, "filters": 16}, "latent_channels": 8, "context_levels": 2}
@@ -228,14 +222,7 @@ CURVE_PATCH, UNET_PATCH, CURVE_BATCH, CURVE_LR, CURVE_FOREGROUND = 32, 64, 8, 1e
 
 def load_stains(names: tuple[str, ...]) -> np.ndarray:
     """Stains ``names`` of the BPAE field, each rescaled (1st..99.5th percentile -> 0..1000)."""
-    import tifffile
-
-    out = []
-    for name in names:
-        a = tifffile.imread(DATA / f"bpae_{name}.tif").astype(np.float64)
-        lo, hi = np.percentile(a, [1, 99.5])
-        out.append(np.clip((a - lo) / (hi - lo), 0, None) * 1000.0)
-    return np.stack(out).astype(np.float32)
+    return np.stack([rescale_stain(read_tiff(DATA / f"bpae_{name}.tif").astype(np.float64)) for name in names]).astype(np.float32)
 
 
 def corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -545,7 +532,7 @@ def run_round_robin(jobs: list[tuple[dict, str, CurveJob]], save) -> None:
                 log.info("%s %s: kept %s", lv["key"], name, lv["res"]["methods"][name]["kept"])
                 if name == "denoisplit":
                     lv["res"]["calibration"] = calibrate_curve(job.learner, lv["ca"], lv["gt_ca"], lv["te"], lv["gt_te"],
-                                                               lv["level"], PAIRS[lv["pair"]], lv["pair"])
+                                                               lv["level"], lv["pair"])
                 plot_level(lv)
                 save()
 
@@ -561,12 +548,13 @@ def pair_title(pair: str) -> str:
 
 
 def calibrate_curve(learner, ca: np.ndarray, gt_ca: np.ndarray, te: np.ndarray, gt_te: np.ndarray, level: str,
-                    names: tuple[str, ...], pair: str) -> dict:
+                    pair: str) -> dict:
     """Fit RMSE = a·RMV + b on the calibration field, report ENCE on the test field, plot."""
     from quietscope.workflows.calibrate import calibrate_arrays, ence, plot_calibration
 
     out_ca = learner.predict(ca.sum(0), 8)
     out_te = learner.predict(te.sum(0), 8)
+    names = PAIRS[pair]
     cal = calibrate_arrays(out_ca[:2], out_ca[2:4], gt_ca, n_bins=20, names=list(names))
     check = calibrate_arrays(out_te[:2], out_te[2:4], gt_te, n_bins=20)
     after = [round(ence(np.maximum(c.scale * np.asarray(check.channels[i].rmv) + c.offset, 1e-12), check.channels[i].rmse), 3)
