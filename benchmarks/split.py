@@ -30,7 +30,7 @@ benchmarks.split --level high; wait; python -m benchmarks.split --merge``.
 
 Learning curves (issue #16): ``python benchmarks/split.py --curve [--steps N] [--musplit-steps M]
 [--unet-steps U] [--every K] [--pairs nuclei_actin,actin_mito,w2s_mito_actin] [--levels high,moderate]
-[--methods denoisplit,musplit,unet_noisy,sequential]
+[--methods denoisplit,musplit,unet_noisy,sequential] [--keep best|last]
 [--out split_curve.json]``. Per pair and noise level it trains, step by step with each method's
 own loss: the noisy-target U-Net, the sequential baseline (N2V per channel, then the same U-Net
 on the denoised channels; at test time N2V of the sum first), μSplit and denoiSplit (same ladder
@@ -396,8 +396,8 @@ class CurveJob:
     samples. Jobs are stepped round-robin, so a run cut short has every curve to the same step."""
 
     def __init__(self, learner, train: np.ndarray, val: np.ndarray, test_in: np.ndarray, gt: np.ndarray, steps: int,
-                 every: int, record, final_samples: int = 0) -> None:
-        self.learner, self.train, self.test_in, self.gt = learner, train, test_in, gt
+                 every: int, record, final_samples: int = 0, keep: str = "best") -> None:
+        self.learner, self.train, self.test_in, self.gt, self.keep = learner, train, test_in, gt, keep
         self.steps, self.every, self.record, self.final_samples = steps, every, record, final_samples
         self.rng = np.random.default_rng(0)
         self.val_fields = draw_fields(val, np.random.default_rng(1), 16, learner.field)
@@ -421,9 +421,10 @@ class CurveJob:
             log.info("step %d (%.0f s cpu): %s", i + 1, self.train_s, row)
 
     def finish(self) -> dict:
-        self.learner.load(self.best[2])
+        if self.keep == "best":
+            self.learner.load(self.best[2])
         out = self.learner.predict(self.test_in, self.final_samples)
-        kept = {"step": self.best[1], **split_metrics(out[:2], self.gt)}
+        kept = {"step": self.best[1] if self.keep == "best" else self.steps, **split_metrics(out[:2], self.gt)}
         return {"curve": self.curve, "last": self.curve[-1], "kept": kept, "train_cpu_s": round(self.train_s, 1),
                 "cpu_minutes": round(self.train_s / 60, 1)}
 
@@ -494,8 +495,10 @@ def prepare_level(pair: str, level: str, pscale: float, grel: float, work: Path,
             "nm_files": nm_files, "test_den": test_den}
 
 
-def make_jobs(lv: dict, names: list[str], steps: dict, every: int, save) -> list[tuple[dict, str, CurveJob]]:
-    """A :class:`CurveJob` per method name on a prepared level."""
+def make_jobs(lv: dict, names: list[str], steps: dict, every: int, save, keep: dict[str, str] | None = None
+              ) -> list[tuple[dict, str, CurveJob]]:
+    """A :class:`CurveJob` per method name on a prepared level; ``keep`` maps a method name to
+    ``"best"`` (the held-apart criterion, the default) or ``"last"``."""
     res, tr, te = lv["res"], lv["tr"], lv["te"]
 
     def recorder(name):
@@ -514,7 +517,8 @@ def make_jobs(lv: dict, names: list[str], steps: dict, every: int, save) -> list
     jobs = []
     for name in names:
         make, targets, test_in, n, samples = makers[name]
-        jobs.append((lv, name, CurveJob(make(), targets, lv["va"], test_in, lv["gt_te"], n, every, recorder(name), samples)))
+        jobs.append((lv, name, CurveJob(make(), targets, lv["va"], test_in, lv["gt_te"], n, every, recorder(name), samples,
+                                        (keep or {}).get(name, "best"))))
     return jobs
 
 
@@ -628,6 +632,11 @@ def curve_main(argv: list[str]) -> int:
                             "W2S: field 089)",
            "kept": "weights of the best validation criterion (foreground per-channel MSE vs noisy targets on held-apart "
                    "fields: BPAE cols 512-832, W2S field 088), scored with 8 posterior samples (VAEs)", "runs": {}}
+    # --keep last: the VAEs keep their last weights, as `quietscope train --method denoisplit|musplit`
+    # does by default (the held-apart criterion preferred unsplit steps, docs/benchmarks.md §5).
+    keep = {m: "last" for m in ("denoisplit", "musplit")} if arg("--keep", "best") == "last" else {}
+    if keep:
+        out["kept"] = "VAEs (denoisplit, musplit): their last weights; U-Nets: " + out["kept"]
 
     def save():
         path.write_text(json.dumps(out, indent=2))
@@ -640,7 +649,7 @@ def curve_main(argv: list[str]) -> int:
         out["methods"] = methods
         prepared = [prepare_level(pair, name, ps, gr, work, out, save, "sequential" in methods)
                     for pair in pairs for name, ps, gr in levels]
-        jobs = [j for lv in prepared for j in make_jobs(lv, methods, steps, every, save)]
+        jobs = [j for lv in prepared for j in make_jobs(lv, methods, steps, every, save, keep)]
         run_round_robin(jobs, save)
     finally:
         shutil.rmtree(work, ignore_errors=True)
