@@ -335,7 +335,10 @@ def test_cli_train_applies_the_recommended_options_and_logs_the_split(tmp_path):
     assert res.exit_code == 0, res.output
     assert "--patch 32 (recommended default)" in res.output
     assert "--steps 4000" not in res.output  # given on the command line: kept
-    from quietscope.methods.modelfile import load_model
+    assert "--keep last (recommended default)" in res.output
+    from quietscope.methods.modelfile import load_model, read_manifest
 
     m, _ = load_model(str(out))
     assert m.config.context_levels == 2 and int(m.context_patch) == 32
+    man = read_manifest(out)
+    assert man["train"]["keep"] == "last" and man["kept_step"] == 2

@@ -164,14 +164,16 @@ def train(input_uri: str, output: str, method: str, init: str | None, n2v_fracti
 
     # Options left at their generic default take the method's recommendation (if it has one).
     ctx = click.get_current_context()
-    given = {"patch": patch, "batch": batch, "steps": steps, "lr": lr, "depth": depth, "filters": filters, "foreground": foreground}
+    given = {"patch": patch, "batch": batch, "steps": steps, "lr": lr, "depth": depth, "filters": filters, "foreground": foreground,
+             "keep": keep}
     recommended = recommended_options(method)
     rec_params = recommended.pop("params", {})
     for key, value in recommended.items():
         if key in given and ctx.get_parameter_source(key) is ParameterSource.DEFAULT:
             given[key] = value
             click.echo(f"{method}: --{key} {value} (recommended default)", err=True)
-    patch, batch, steps, lr, depth, filters, foreground = (given[k] for k in ("patch", "batch", "steps", "lr", "depth", "filters", "foreground"))
+    patch, batch, steps, lr, depth, filters, foreground, keep = (
+        given[k] for k in ("patch", "batch", "steps", "lr", "depth", "filters", "foreground", "keep"))
     method_options: dict[str, Any] = {"method": method, "net": {"depth": depth, "filters": filters, "n2v2": n2v2, "batch_norm": batch_norm,
                                                             "z_pool": {"yes": True, "no": False}.get(z_pool, "auto")},
                                       "masked_pixel_percentage": masked_percent}
