@@ -49,7 +49,7 @@ from quietscope.training.sampler import PatchSampler, split_train_val
 from quietscope.workflows.noise_model import bootstrap, data_variance_line
 from quietscope.workflows.train import train_model
 
-__all__ = ["BootChoice", "DEFAULT_N2V_FRACTION", "LABELS", "boot_dir", "choose", "train_pn2v_boot"]
+__all__ = ["BootChoice", "CompareOn", "DEFAULT_N2V_FRACTION", "LABELS", "boot_dir", "choose", "rescore", "train_pn2v_boot"]
 
 log = logging.getLogger(__name__)
 
@@ -211,16 +211,29 @@ def _variance(uri: Any, image: Image, axes: str | None, nm: Any, seed: int) -> t
     return line, f"data Poisson-Gaussian line var = {gain:.5g} * s + {intercept:.5g}"
 
 
+#: Where :func:`compare` draws its patches: the held-apart validation slab (one edge band), or
+#: the whole image (the slab and the training region, patches spread over all of it).
+CompareOn = Literal["slab", "image"]
+
+
 def compare(n2v: Any, pn2v: PN2V, image: Image, tcfg: TrainConfig, variance: Any, source: str,
-            margin_se: float, prior_candidate: bool = False) -> BootChoice:
-    """Score the candidates on the held-apart slab (same patches, same masks, the noise variance
-    of each pixel taken at N2V's blind-spot prediction for all) and apply :func:`choose`: N2V and
+            margin_se: float, prior_candidate: bool = False, where: CompareOn = "slab") -> BootChoice:
+    """Score the candidates on ``where`` (same patches, same masks, the noise variance of each
+    pixel taken at N2V's blind-spot prediction for all) and apply :func:`choose`: N2V and
     PN2V's posterior mean, and PN2V's prior mean with ``prior_candidate``.
+
+    ``where="slab"`` scores pixels neither network trained on, but one edge band need not stand
+    for the image (BPAE seed 1, docs/benchmarks.md §12f); ``"image"`` draws the patches from the
+    whole image, training pixels included: a blind-spot estimate never sees its own pixel, but
+    the weights were fitted to those pixels' noisy values.
     """
-    _, val_region = split_train_val(image.spatial_shape, tuple(tcfg.patch), tcfg.val_fraction)
-    if val_region is None:
-        raise ConfigError("pn2v-boot compares the models on the held-apart slab; use --val-fraction > 0")
-    sampler = PatchSampler(image, tuple(tcfg.patch), val_region, augment=False)
+    if where == "image":
+        region = None
+    else:
+        _, region = split_train_val(image.spatial_shape, tuple(tcfg.patch), tcfg.val_fraction)
+        if region is None:
+            raise ConfigError("pn2v-boot compares the models on the held-apart slab; use --val-fraction > 0")
+    sampler = PatchSampler(image, tuple(tcfg.patch), region, augment=False)
     batch = torch.from_numpy(sampler.sample(VAL_PATCHES, np.random.default_rng(tcfg.seed + 99)))
     valid = getattr(pn2v.noise_model, "clip_limits", None)
     risks = []
@@ -280,6 +293,7 @@ def train_pn2v_boot(
     n2v_fraction: float = DEFAULT_N2V_FRACTION,
     margin_se: float = 1.0,
     prior_candidate: bool = False,
+    compare_on: CompareOn = "slab",
 ) -> BootChoice:
     """N2V, and PN2V branched off it with a bootstrapped GMM, each ``steps`` long; keep the better one.
 
@@ -306,6 +320,8 @@ def train_pn2v_boot(
         the steps, PN2V's prior mean (100 of its 1000 steps as PN2V) was below N2V on 10 of 12
         measured channel-seeds (−0.23 to +0.10 dB, mean −0.09), and the rule kept it once at
         −0.23 dB where the posterior mean was +0.25 (docs/benchmarks.md §12f).
+    compare_on : {"slab", "image"}
+        Where the comparison draws its pixels (:func:`compare`'s ``where``).
 
     Returns
     -------
@@ -360,12 +376,13 @@ def train_pn2v_boot(
     pn2v_res = train_model(input_uri, work / "pn2v.qs", {**pn2v_opts, "noise_model": nm.to_dict()},
                            {**train_options, "steps": pn2v_steps}, init=work / "n2v_branch.qs", overwrite=True, **kw)
     variance, source = _variance(input_uri, image, axes, nm, tcfg.seed)
-    choice = compare(n2v_res.method.cpu(), pn2v_res.method.cpu(), image, tcfg, variance, source, margin_se, prior_candidate)
+    choice = compare(n2v_res.method.cpu(), pn2v_res.method.cpu(), image, tcfg, variance, source, margin_se, prior_candidate,
+                     compare_on)
+    pixels = "held-apart masked pixels" if compare_on == "slab" else "masked pixels spread over the whole image"
     record = {**asdict(choice), "n2v_steps": total, "branch_step": branch, "pn2v_steps": pn2v_steps,
-              "steps_trained": total + pn2v_steps, "stages": str(work),
+              "steps_trained": total + pn2v_steps, "stages": str(work), "compare_on": compare_on,
               "compares": "SURE of each final estimate (N2V, PN2V posterior mean" + (", PN2V prior mean" if prior_candidate else "")
-                          + ") at the same "
-                          "held-apart masked pixels, data variance line at N2V's blind-spot prediction (one per pixel, "
+                          + f") at the same {pixels}, data variance line at N2V's blind-spot prediction (one per pixel, "
                           "shared by the candidates)"}
     (work / "choice.json").write_text(json.dumps(record, indent=2))
     _write_winner(model_path, work, choice.kept, record)
@@ -381,3 +398,36 @@ def train_pn2v_boot(
 def boot_record(model_path: str | Path) -> dict[str, Any] | None:
     """The ``pn2v_boot`` record of a model file written by :func:`train_pn2v_boot` (or ``None``)."""
     return read_manifest(model_path).get("pn2v_boot")
+
+
+def rescore(model_path: str | Path, input_uri: str | Path | list[str | Path], where: CompareOn = "image",
+            axes: str | None = None, level: int = 0, margin_se: float = 1.0, prior_candidate: bool = False) -> BootChoice:
+    """The comparison of a finished :func:`train_pn2v_boot` run again, on ``where``; writes nothing.
+
+    Parameters
+    ----------
+    model_path : str or pathlib.Path
+        The pipeline's model file; its stages (``<model>.boot/n2v.qs``, ``pn2v.qs``) are scored.
+    input_uri, axes, level
+        The data it was trained on.
+    where, margin_se, prior_candidate
+        As in :func:`compare` and :func:`choose`.
+
+    Returns
+    -------
+    BootChoice
+
+    Raises
+    ------
+    InputError
+        The stage folder is missing.
+    """
+    work = boot_dir(model_path)
+    if not (work / "n2v.qs").exists() or not (work / "pn2v.qs").exists():
+        raise InputError(f"{str(work)!r} lacks n2v.qs or pn2v.qs: rescore needs the stages of a finished pn2v-boot run")
+    n2v, manifest = load_model(work / "n2v.qs")
+    pn2v, _ = load_model(work / "pn2v.qs")
+    image = open_stacked(input_uri, level=level, axes=axes)
+    tcfg = TrainConfig.model_validate(manifest["train"])
+    variance, source = _variance(input_uri, image, axes, pn2v.noise_model, tcfg.seed)
+    return compare(n2v.cpu(), pn2v.cpu(), image, tcfg, variance, source, margin_se, prior_candidate, where)
