@@ -30,8 +30,9 @@ benchmarks.split --level high; wait; python -m benchmarks.split --merge``.
 
 Learning curves (issue #16): ``python benchmarks/split.py --curve [--steps N] [--musplit-steps M]
 [--unet-steps U] [--every K] [--pairs nuclei_actin,actin_mito,w2s_mito_actin] [--levels high,moderate]
-[--methods denoisplit,musplit,unet_noisy,sequential] [--keep best|last]
-[--out split_curve.json]``. Per pair and noise level it trains, step by step with each method's
+[--methods denoisplit,musplit,unet_noisy,sequential] [--keep best|last] [--criteria]
+[--out split_curve.json]``. ``--criteria`` scores candidate keep criteria on the whole
+held-apart field at every evaluation (:func:`val_criteria`, VAEs only). Per pair and noise level it trains, step by step with each method's
 own loss: the noisy-target U-Net, the sequential baseline (N2V per channel, then the same U-Net
 on the denoised channels; at test time N2V of the sum first), μSplit and denoiSplit (same ladder
 VAE with lateral context, ``CURVE_VAE``). Every K steps it records, on the test field, the
@@ -388,6 +389,56 @@ class UNetLearner:
         self.net.load_state_dict(state)
 
 
+def val_criteria(learner, val: np.ndarray, passes: int = 8, frac: float = 0.02, seed: int = 5) -> dict:
+    """Candidate keep criteria on the whole held-apart field ``val`` ``(2, H, W)`` (noisy channels).
+
+    Against noisy targets, two things can reward an unsplit or under-denoised output: a target's
+    noise is in the input (an output that passes some of it through matches it), and a
+    foreground mask taken from the noisy sum selects pixels whose target noise is positive (an
+    output that over-predicts bright places matches that). The variants separate the two: blind
+    predictions (the pixel's input replaced by a random neighbour's, N2V-style, ``passes`` masks
+    of ``frac`` of the pixels), and foreground from the mean of the 5×5 neighbours without the
+    pixel itself. Each ``mse_*`` is the per-channel MSE over the scored pixels divided by the
+    target's variance there, averaged over the channels; ``r2_*`` is ``1 − corr²`` alike.
+    """
+    from scipy import ndimage
+
+    tot = val.sum(0).astype(np.float32)
+    k = np.ones((5, 5), np.float32)
+    k[2, 2] = 0
+    local = ndimage.convolve(tot, k / k.sum(), mode="reflect")
+    fg_local, fg_noisy = local > local.mean(), tot > tot.mean()
+    rng = np.random.default_rng(seed)
+    h, w = tot.shape
+    masks, inputs = [], []
+    for _ in range(passes):
+        m = rng.random((h, w)) < frac
+        yy, xx = np.nonzero(m)
+        off = rng.integers(-2, 3, size=(2, yy.size))
+        off[:, (off == 0).all(0)] = 1  # never the pixel itself
+        x = tot.copy()
+        x[yy, xx] = tot[np.clip(yy + off[0], 0, h - 1), np.clip(xx + off[1], 0, w - 1)]
+        masks.append(m)
+        inputs.append(x)
+    blind = np.zeros_like(val)
+    seen = np.zeros((h, w), bool)
+    for m, x in zip(masks, inputs):
+        pred = learner.predict(x)[:2]
+        blind[:, m & ~seen] = pred[:, m & ~seen]
+        seen |= m
+    full = learner.predict(tot)[:2]
+
+    def mse(p, sel):
+        return float(np.mean([((val[i][sel] - p[i][sel]) ** 2).mean() / val[i][sel].var() for i in range(2)]))
+
+    def r2(p, sel):
+        return float(np.mean([1 - corr(p[i][sel], val[i][sel]) ** 2 for i in range(2)]))
+
+    return {"mse_fgnoisy": round(mse(full, fg_noisy), 4), "mse_fglocal": round(mse(full, fg_local), 4),
+            "blind_mse_fglocal": round(mse(blind, seen & fg_local), 4), "blind_mse_all": round(mse(blind, seen), 4),
+            "blind_r2_fglocal": round(r2(blind, seen & fg_local), 4), "r2_fglocal": round(r2(full, fg_local), 4)}
+
+
 class CurveJob:
     """One learner trained for ``steps``; every ``every`` steps it scores the test field
     (posterior means) and the keep-best criterion on held-apart validation fields, and calls
@@ -396,8 +447,9 @@ class CurveJob:
     samples. Jobs are stepped round-robin, so a run cut short has every curve to the same step."""
 
     def __init__(self, learner, train: np.ndarray, val: np.ndarray, test_in: np.ndarray, gt: np.ndarray, steps: int,
-                 every: int, record, final_samples: int = 0, keep: str = "best") -> None:
+                 every: int, record, final_samples: int = 0, keep: str = "best", criteria: bool = False) -> None:
         self.learner, self.train, self.test_in, self.gt, self.keep = learner, train, test_in, gt, keep
+        self.val, self.criteria = val, criteria
         self.steps, self.every, self.record, self.final_samples = steps, every, record, final_samples
         self.rng = np.random.default_rng(0)
         self.val_fields = draw_fields(val, np.random.default_rng(1), 16, learner.field)
@@ -414,6 +466,8 @@ class CurveJob:
             row = {"step": i + 1, "cpu_s": round(self.train_s, 1), "val_select": round(sel["select"], 4),
                    "val_corr_outputs": round(sel["corr_outputs"], 3),
                    **split_metrics(self.learner.predict(self.test_in)[:2], self.gt)}
+            if self.criteria:
+                row["criteria"] = val_criteria(self.learner, self.val)
             self.curve.append(row)
             if sel["select"] < self.best[0]:
                 self.best = (sel["select"], i + 1, self.learner.state())
@@ -495,8 +549,8 @@ def prepare_level(pair: str, level: str, pscale: float, grel: float, work: Path,
             "nm_files": nm_files, "test_den": test_den}
 
 
-def make_jobs(lv: dict, names: list[str], steps: dict, every: int, save, keep: dict[str, str] | None = None
-              ) -> list[tuple[dict, str, CurveJob]]:
+def make_jobs(lv: dict, names: list[str], steps: dict, every: int, save, keep: dict[str, str] | None = None,
+              criteria: bool = False) -> list[tuple[dict, str, CurveJob]]:
     """A :class:`CurveJob` per method name on a prepared level; ``keep`` maps a method name to
     ``"best"`` (the held-apart criterion, the default) or ``"last"``."""
     res, tr, te = lv["res"], lv["tr"], lv["te"]
@@ -518,7 +572,7 @@ def make_jobs(lv: dict, names: list[str], steps: dict, every: int, save, keep: d
     for name in names:
         make, targets, test_in, n, samples = makers[name]
         jobs.append((lv, name, CurveJob(make(), targets, lv["va"], test_in, lv["gt_te"], n, every, recorder(name), samples,
-                                        (keep or {}).get(name, "best"))))
+                                        (keep or {}).get(name, "best"), criteria and name in ("denoisplit", "musplit"))))
     return jobs
 
 
@@ -649,7 +703,7 @@ def curve_main(argv: list[str]) -> int:
         out["methods"] = methods
         prepared = [prepare_level(pair, name, ps, gr, work, out, save, "sequential" in methods)
                     for pair in pairs for name, ps, gr in levels]
-        jobs = [j for lv in prepared for j in make_jobs(lv, methods, steps, every, save, keep)]
+        jobs = [j for lv in prepared for j in make_jobs(lv, methods, steps, every, save, keep, "--criteria" in argv)]
         run_round_robin(jobs, save)
     finally:
         shutil.rmtree(work, ignore_errors=True)
