@@ -70,6 +70,7 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
     logging.basicConfig(level=logging.WARNING)
     from quietscope.methods.modelfile import read_manifest
     from quietscope.workflows.pn2v_boot import boot_dir, rescore, train_pn2v_boot
+    from quietscope.workflows.pn2v_boot import candidates as offered_candidates
     from quietscope.workflows.train import train_model
 
     d, name, seed, steps = Path(task["dir"]), task["name"], task["seed"], task["steps"]
@@ -111,7 +112,7 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
     gt_pref = max(candidates, key=lambda k: candidates[k]["psnr_affine"])
     # The same stages compared on patches spread over the whole image instead of the edge slab
     # (issue 20: on BPAE seed 1 the slab did not stand for the image); the candidates the run offered.
-    offered = ["n2v", "pn2v"] + (["pn2v-prior"] if choice.prior_risk is not None else [])
+    offered = offered_candidates(choice.prior_risk is not None)
     gt_offered = max(offered, key=lambda k: candidates[k]["psnr_affine"])
     on_image = rescore(boot, str(src), "image", prior_candidate=choice.prior_risk is not None)
     rec.update({"gt_prefers_offered": gt_offered, "agrees_offered": gt_offered == choice.kept,

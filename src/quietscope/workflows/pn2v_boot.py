@@ -49,7 +49,7 @@ from quietscope.training.sampler import PatchSampler, split_train_val
 from quietscope.workflows.noise_model import bootstrap, data_variance_line
 from quietscope.workflows.train import train_model
 
-__all__ = ["BootChoice", "CompareOn", "DEFAULT_N2V_FRACTION", "LABELS", "boot_dir", "choose", "rescore", "train_pn2v_boot"]
+__all__ = ["BootChoice", "CompareOn", "DEFAULT_N2V_FRACTION", "LABELS", "boot_dir", "candidates", "choose", "rescore", "train_pn2v_boot"]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,11 @@ class BootChoice:
                else f"{self.label} beat N2V's" + (" and the prior mean's" if beat_both else ""))
         return (f"{why} estimated squared error by more than {self.margin_se:g} paired s.e.: {', '.join(parts)}; "
                 f"{self.n_pixels} held-apart masked pixels, noise variance from the {self.variance_source}")
+
+
+def candidates(prior_candidate: bool = False) -> list[Kept]:
+    """The estimates the comparison scores, in :func:`choose`'s order (N2V first)."""
+    return ["n2v", "pn2v"] + (["pn2v-prior"] if prior_candidate else [])
 
 
 def _paired(base: np.ndarray, other: np.ndarray) -> tuple[float, float]:
@@ -236,15 +241,15 @@ def compare(n2v: Any, pn2v: PN2V, image: Image, tcfg: TrainConfig, variance: Any
     sampler = PatchSampler(image, tuple(tcfg.patch), region, augment=False)
     batch = torch.from_numpy(sampler.sample(VAL_PATCHES, np.random.default_rng(tcfg.seed + 99)))
     valid = getattr(pn2v.noise_model, "clip_limits", None)
+    models = {"n2v": (n2v, None), "pn2v": (pn2v, "mmse"), "pn2v-prior": (pn2v, "prior")}
     risks = []
-    scored = ((n2v, None), (pn2v, "mmse")) + (((pn2v, "prior"),) if prior_candidate else ())
-    for m, estimate in scored:
+    for m, estimate in (models[k] for k in candidates(prior_candidate)):
         gen = torch.Generator().manual_seed(tcfg.seed + 4242)  # the same masks for all
         risks.append(torch.cat([blind_spot_risk(m, batch[i:i + 16], variance, gen, VAL_DRAWS, valid, estimate,
                                                 reference=n2v)
                                 for i in range(0, batch.shape[0], 16)]).numpy())
     choice = choose(risks[0], risks[1], margin_se, f"{source} at N2V's blind-spot prediction of each pixel",
-                    prior_risk=risks[2] if prior_candidate else None)
+                    prior_risk=risks[2] if len(risks) > 2 else None)
     if choice.n2v_risk < 0:
         # E[(N2V - x)^2] = N2V's error + the noise variance, so a negative estimate means the
         # variance overstates the noise here; its 2 v df/dx term then over-penalises PN2V's
@@ -381,8 +386,8 @@ def train_pn2v_boot(
     pixels = "held-apart masked pixels" if compare_on == "slab" else "masked pixels spread over the whole image"
     record = {**asdict(choice), "n2v_steps": total, "branch_step": branch, "pn2v_steps": pn2v_steps,
               "steps_trained": total + pn2v_steps, "stages": str(work), "compare_on": compare_on,
-              "compares": "SURE of each final estimate (N2V, PN2V posterior mean" + (", PN2V prior mean" if prior_candidate else "")
-                          + f") at the same {pixels}, data variance line at N2V's blind-spot prediction (one per pixel, "
+              "compares": f"SURE of each final estimate ({', '.join(LABELS[k] for k in candidates(prior_candidate))}) "
+                          f"at the same {pixels}, data variance line at N2V's blind-spot prediction (one per pixel, "
                           "shared by the candidates)"}
     (work / "choice.json").write_text(json.dumps(record, indent=2))
     _write_winner(model_path, work, choice.kept, record)
