@@ -26,16 +26,7 @@ from datetime import date
 from pathlib import Path
 
 from benchmarks.harness import RESULTS, make_volume, random_model
-
-
-def vm_hwm_mb(pid: int) -> float:
-    """The process's peak resident set (``VmHWM``) in MB, 0 when it has gone."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0.0
-    m = re.search(r"VmHWM:\s+(\d+) kB", text)
-    return int(m.group(1)) / 1024 if m else 0.0
+from quietscope.runner.heap import peak_rss_bytes
 
 
 def main() -> None:
@@ -65,13 +56,13 @@ def main() -> None:
             child = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
             peak, done = 0.0, 0
             while child.poll() is None and time.perf_counter() - t0 < args.seconds:
-                peak = max(peak, vm_hwm_mb(child.pid))
+                peak = max(peak, peak_rss_bytes(child.pid) / 2**20)
                 ledger = out / ".quietscope" / "done"
                 done = len(list(ledger.glob("*"))) if ledger.is_dir() else 0
                 if done >= args.blocks:
                     break
                 time.sleep(0.5)
-            peak = max(peak, vm_hwm_mb(child.pid))
+            peak = max(peak, peak_rss_bytes(child.pid) / 2**20)
             child.kill()
             child.wait()
         text = log_path.read_text()

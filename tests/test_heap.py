@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from quietscope.runner.heap import DEFAULT_MMAP_THRESHOLD, ENV_VAR, bound_heap, heap_env, mmap_threshold
+from quietscope.runner.heap import DEFAULT_MMAP_THRESHOLD, ENV_VAR, bound_heap, heap_env, mmap_threshold, peak_rss_bytes
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt exists on Linux only")
 
@@ -89,3 +89,17 @@ def test_peak_rss_of_a_child_is_its_own_not_its_large_parents():
     del hog
     assert inherited >= 300  # the kernel's carried-over figure: what the benchmarks used to report
     assert own < 200, own
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_peak_rss_of_another_process_by_pid_and_zero_once_it_has_gone():
+    # How benchmarks/lightsheet_rss.py polls its predict child.
+    child = subprocess.Popen([sys.executable, "-c", "import numpy as np, sys; a = np.ones(200 * 2**20 // 8); "
+                              "print('ok', flush=True); sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout.readline().strip() == "ok"
+    peak = peak_rss_bytes(child.pid) >> 20
+    child.communicate("")
+    assert 200 <= peak < 400, peak
+    assert peak_rss_bytes(os.getpid()) == peak_rss_bytes()
+    assert peak_rss_bytes(child.pid) == 0  # reaped: no /proc entry

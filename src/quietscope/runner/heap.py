@@ -67,8 +67,11 @@ def heap_env(threshold: int | None = None) -> dict[str, str]:
     return {"MALLOC_MMAP_THRESHOLD_": str(threshold)}
 
 
-def peak_rss_bytes() -> int:
+def peak_rss_bytes(pid: int | None = None) -> int:
     """Peak resident memory of this process's own address space so far, in bytes.
+
+    ``pid`` asks the same of another process (a benchmark polling its child): 0 once it has
+    gone, or where there is no ``/proc``.
 
     On Linux this is ``VmHWM`` of ``/proc/self/status``. Not ``getrusage``'s ``ru_maxrss``: the
     kernel carries that across ``fork`` and ``exec``, so a process started by a large parent
@@ -77,12 +80,14 @@ def peak_rss_bytes() -> int:
     (docs/benchmarks.md §9f). Elsewhere (macOS) ``ru_maxrss``, which is bytes there.
     """
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{'self' if pid is None else int(pid)}/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    if pid is not None:
+        return 0
     import resource  # POSIX only
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
