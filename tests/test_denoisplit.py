@@ -14,7 +14,7 @@ from quietscope.errors import ConfigError, InputError
 from quietscope.io.reading import open_image
 from quietscope.io.stacking import open_stacked
 from quietscope.methods import build_method
-from quietscope.methods.denoisplit import kl_loss
+from quietscope.methods.denoisplit import kl_loss, neighbour_mean
 from quietscope.noise_models import fit_gmm
 from quietscope.workflows.calibrate import calibrate_arrays
 
@@ -110,6 +110,35 @@ def test_validation_metrics_see_splitting():
     v = m.validation_metrics(batch)
     assert set(v) == {"select", "corr_outputs"}
     assert math.isfinite(v["select"]) and -1 <= v["corr_outputs"] <= 1
+
+
+def test_validation_select_scores_whole_fields_as_predicted_on_neighbour_foreground():
+    # The criterion is the prediction of each whole field (not its centre patch), scored where
+    # the pixel's neighbours, not the pixel, are bright; chunking the fields changes nothing.
+    m = _tiny(context_levels=1).eval()
+    m.prepare_training((16, 16))
+    fields = torch.from_numpy(np.stack([_structures((32, 32), s) for s in range(3)])).float()
+    fields += torch.randn(fields.shape, generator=torch.Generator().manual_seed(0)) * 5
+    m.set_inference(n_samples=0)
+    with torch.no_grad():
+        pred = m.predict(fields.sum(1, keepdim=True))[:, :2]
+    local = neighbour_mean(fields.sum(1, keepdim=True))[:, 0]
+    fg = local > local.mean()
+    want = np.mean([float(((fields[:, i][fg] - pred[:, i][fg]) ** 2).mean() / fields[:, i][fg].var()) for i in range(2)])
+    got = m.validation_metrics(fields)
+    assert got["select"] == pytest.approx(want, rel=1e-5)
+    m.VAL_CHUNK = 1
+    assert m.validation_metrics(fields)["select"] == pytest.approx(want, rel=1e-5)
+
+
+def test_neighbour_mean_leaves_the_pixel_itself_out():
+    x = torch.zeros(1, 1, 9, 9)
+    x[0, 0, 4, 4] = 24.0
+    out = neighbour_mean(x)
+    assert float(out[0, 0, 4, 4]) == 0.0  # its own value does not count
+    assert float(out[0, 0, 4, 5]) == pytest.approx(1.0)  # a neighbour's mean over 24 neighbours
+    assert float(out[0, 0, 4, 7]) == 0.0  # beyond the 5x5 window
+    torch.testing.assert_close(neighbour_mean(torch.full((2, 1, 6, 7, 8), 3.0)), torch.full((2, 1, 6, 7, 8), 3.0))
 
 
 def test_training_loss_is_finite_and_differentiable_for_both_methods():

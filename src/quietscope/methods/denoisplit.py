@@ -39,6 +39,7 @@ import math
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from quietscope.errors import ConfigError
@@ -122,6 +123,20 @@ class DenoiSplitConfig(MethodConfig):
         if self.free_bits is not None:
             return self.free_bits
         return 1.0 if self.method == "denoisplit" else 0.0
+
+
+def neighbour_mean(x: torch.Tensor, radius: int = 2) -> torch.Tensor:
+    """Mean of each pixel's ``(2·radius + 1)^d − 1`` neighbours, the pixel itself left out
+    (reflected at the borders); ``x`` is ``(B, 1, *spatial)``.
+
+    A foreground mask from it does not depend on the pixel's own noise, so the pixels it selects
+    carry unbiased noise in their targets.
+    """
+    nd = x.ndim - 2
+    k = torch.ones((1, 1) + (2 * radius + 1,) * nd, dtype=x.dtype, device=x.device)
+    k[(0, 0) + (radius,) * nd] = 0
+    conv = F.conv2d if nd == 2 else F.conv3d
+    return conv(F.pad(x, [radius] * (2 * nd), mode="reflect"), k / k.sum())
 
 
 def kl_loss(stats: list[LevelStats], formulation: Literal["sum", "mean"], free_bits: float, image_pixels: int) -> torch.Tensor:
@@ -347,25 +362,31 @@ class DenoiSplit(Method):
             self.steps_seen += 1
         return self.reconstruction_loss(out, targets) + self.config.kl_weight * kl
 
+    #: Validation fields predicted per forward pass (bounds the memory of a validation).
+    VAL_CHUNK: ClassVar[int] = 8
+
     def validation_metrics(self, batch: torch.Tensor) -> dict[str, float]:
-        """Splitting on the validation patches, from the posterior means.
+        """Splitting on the validation fields, from the posterior means of the whole fields.
 
         ``select`` (lower is better; the keep-best criterion) is the per-channel mean squared
-        error against the noisy targets on foreground pixels (sum above its mean), each channel
-        divided by its variance there: background dominates the loss and barely moves, while an
-        unsplit output (each channel ~ half the input) is wrong exactly on the structures.
+        error against the noisy targets on foreground pixels, each channel divided by its
+        variance there: background dominates the loss and barely moves, while an unsplit output
+        (each channel ~ half the input) is wrong exactly on the structures. Each field is
+        predicted whole, as ``predict`` does (contexts by reflection), not only its centre patch:
+        scored on the 32² centres of 16 fields the criterion moved more from check to check
+        than the split did and kept unsplit steps; on a whole held-apart 512² field it kept a
+        separated one (docs/benchmarks.md §5). Foreground is where the mean of a pixel's
+        neighbours (:func:`neighbour_mean`), not the pixel itself, is above the fields' mean:
+        a mask taken from the noisy sum would select pixels whose target noise is positive.
         ``corr_outputs`` is the correlation of the two predicted channels (1 = not split).
         """
         with torch.no_grad():
-            inner = self._inner_shape(tuple(batch.shape[2:]))
-            x, ctx = self._net_inputs(self._normalize_input(self.superimpose(batch)), inner)
-            pred = self._signal(self.net(x, "mean", None, ctx)[0])
-            tgt = centre_crop(batch, inner) if ctx else batch
-            total = tgt.sum(1)
-            fg = total > total.mean()
+            pred = torch.cat([self._posterior_mean(b) for b in batch.split(self.VAL_CHUNK)])
+            local = neighbour_mean(batch.sum(1, keepdim=True))[:, 0]
+            fg = local > local.mean()
             errs = []
-            for i in range(tgt.shape[1]):
-                t, p = tgt[:, i][fg], pred[:, i][fg]
+            for i in range(batch.shape[1]):
+                t, p = batch[:, i][fg], pred[:, i][fg]
                 errs.append(float(((t - p) ** 2).mean() / t.var().clamp(min=1e-12)))
             a, b = pred[:, 0].flatten(), pred[:, 1].flatten()
             a, b = a - a.mean(), b - b.mean()
@@ -375,6 +396,12 @@ class DenoiSplit(Method):
     # ---- prediction -------------------------------------------------------------------
     def _signal(self, out: torch.Tensor) -> torch.Tensor:
         return self.denormalize(out[:, : self.config.in_channels])
+
+    def _posterior_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """The split signals of a whole tile ``x`` (superimposed, or the separate channels) by
+        the posterior-mean path, raw units ``(B, C, *S)``."""
+        inp, ctx = self._net_inputs(self._normalize_input(self._as_superimposed(x)), None)
+        return self._signal(self.net(inp, "mean", None, ctx)[0])
 
     def predict_samples(self, x: torch.Tensor, n_samples: int, seed: int | None) -> torch.Tensor:
         """``n_samples`` posterior samples of the split signals, ``(N, B, C, *S)`` raw units.
@@ -416,9 +443,7 @@ class DenoiSplit(Method):
         path at a fraction of the cost (``n_samples`` times fewer decoder passes).
         """
         if self.n_samples == 0 or x.dtype == torch.float64:
-            inp, ctx = self._net_inputs(self._normalize_input(self._as_superimposed(x)), None)
-            out, _ = self.net(inp, "mean", None, ctx)
-            mean = self._signal(out)
+            mean = self._posterior_mean(x)
             std = torch.zeros_like(mean)
         else:
             samples = self.predict_samples(x, self.n_samples, self.seed)
