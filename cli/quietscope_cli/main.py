@@ -133,7 +133,8 @@ def info(input_uri: str, axes: str | None, level: int, as_json: bool) -> None:
 @click.option("--val-every", default=100, show_default=True, type=int, help="Validation loss every N steps.")
 @click.option("--early-stop", default=None, type=int, help="Stop after N validations without improvement.")
 @click.option("--keep", type=click.Choice(["best", "last"]), default="best", show_default=True,
-              help="Weights the model file keeps: those of the best validation loss, or of the last step.")
+              help="Weights the model file keeps: those of the best validation score, or of the last step "
+                   "(denoisplit/musplit recommend last).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--amp", is_flag=True, help="Mixed precision: the network under bf16 autocast (fp16 + grad scaler on GPUs without bf16).")
 @click.option("--noise-model", default=None, type=click.Path(dir_okay=False), help="pn2v/denoisplit: noise model file (JSON) from 'quietscope noise-model'.")
