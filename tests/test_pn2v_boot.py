@@ -281,7 +281,7 @@ def test_pipeline_keeps_the_scripted_winner_and_says_so(n2v_model, tmp_path, mon
     assert manifest["pn2v_boot"]["kept"] == winner
     rec = manifest["pn2v_boot"]
     assert (rec["n2v_steps"], rec["branch_step"], rec["pn2v_steps"], rec["steps_trained"]) == (10, 9, 1, 11)
-    assert rec["compare_on"] == "slab" and "held-apart masked pixels" in rec["compares"]
+    assert rec["compared_on"] == "slab" and "held-apart masked pixels" in rec["compares"]
     stages = boot_dir(out)
     assert {p.name for p in stages.iterdir()} >= {"n2v.qs", "n2v_branch.qs", "pn2v.qs", "noise_model.json", "choice.json"}
     if winner == "n2v":  # the kept N2V is the one 'train --method n2v' gives for all the steps, not the branch
@@ -325,6 +325,7 @@ def test_pipeline_real_comparison_runs_and_refuses_overwrite(n2v_model, tmp_path
     assert (again.kept, again.difference, again.n_pixels) == (choice.kept, choice.difference, choice.n_pixels)
     whole = pn2v_boot.rescore(out, path, "image")
     assert whole.n_pixels == choice.n_pixels and np.isfinite(whole.difference) and whole.difference != choice.difference
+    assert (again.compared_on, whole.compared_on) == ("slab", "image") and "spread over the whole image" in whole.reason
     with pytest.raises(InputError, match="rescore needs the stages"):
         pn2v_boot.rescore(tmp_path / "none.qs", path)
 

@@ -29,7 +29,7 @@ import json
 import logging
 import math
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,6 +91,13 @@ class BootChoice:
     prior_difference_se: float | None = None
     posterior_vs_prior: float | None = None
     posterior_vs_prior_se: float | None = None
+    #: Where the pixels were drawn (:data:`CompareOn`).
+    compared_on: str = "slab"
+
+    @property
+    def pixels(self) -> str:
+        """The scored pixels in words."""
+        return "held-apart masked pixels" if self.compared_on == "slab" else "masked pixels spread over the whole image"
 
     def _qualifies(self, diff: float | None, se: float | None) -> bool:
         return diff is not None and se is not None and diff + self.margin_se * se < 0
@@ -116,7 +123,7 @@ class BootChoice:
         why = ("no PN2V estimate beat N2V's" if self.kept == "n2v"
                else f"{self.label} beat N2V's" + (" and the prior mean's" if beat_both else ""))
         return (f"{why} estimated squared error by more than {self.margin_se:g} paired s.e.: {', '.join(parts)}; "
-                f"{self.n_pixels} held-apart masked pixels, noise variance from the {self.variance_source}")
+                f"{self.n_pixels} {self.pixels}, noise variance from the {self.variance_source}")
 
 
 def candidates(prior_candidate: bool = False) -> list[Kept]:
@@ -248,8 +255,8 @@ def compare(n2v: Any, pn2v: PN2V, image: Image, tcfg: TrainConfig, variance: Any
         risks.append(torch.cat([blind_spot_risk(m, batch[i:i + 16], variance, gen, VAL_DRAWS, valid, estimate,
                                                 reference=n2v)
                                 for i in range(0, batch.shape[0], 16)]).numpy())
-    choice = choose(risks[0], risks[1], margin_se, f"{source} at N2V's blind-spot prediction of each pixel",
-                    prior_risk=risks[2] if len(risks) > 2 else None)
+    choice = replace(choose(risks[0], risks[1], margin_se, f"{source} at N2V's blind-spot prediction of each pixel",
+                            prior_risk=risks[2] if len(risks) > 2 else None), compared_on=where)
     if choice.n2v_risk < 0:
         # E[(N2V - x)^2] = N2V's error + the noise variance, so a negative estimate means the
         # variance overstates the noise here; its 2 v df/dx term then over-penalises PN2V's
@@ -383,11 +390,10 @@ def train_pn2v_boot(
     variance, source = _variance(input_uri, image, axes, nm, tcfg.seed)
     choice = compare(n2v_res.method.cpu(), pn2v_res.method.cpu(), image, tcfg, variance, source, margin_se, prior_candidate,
                      compare_on)
-    pixels = "held-apart masked pixels" if compare_on == "slab" else "masked pixels spread over the whole image"
     record = {**asdict(choice), "n2v_steps": total, "branch_step": branch, "pn2v_steps": pn2v_steps,
-              "steps_trained": total + pn2v_steps, "stages": str(work), "compare_on": compare_on,
+              "steps_trained": total + pn2v_steps, "stages": str(work),
               "compares": f"SURE of each final estimate ({', '.join(LABELS[k] for k in candidates(prior_candidate))}) "
-                          f"at the same {pixels}, data variance line at N2V's blind-spot prediction (one per pixel, "
+                          f"at the same {choice.pixels}, data variance line at N2V's blind-spot prediction (one per pixel, "
                           "shared by the candidates)"}
     (work / "choice.json").write_text(json.dumps(record, indent=2))
     _write_winner(model_path, work, choice.kept, record)
