@@ -281,7 +281,6 @@ def test_pipeline_keeps_the_scripted_winner_and_says_so(n2v_model, tmp_path, mon
     assert manifest["pn2v_boot"]["kept"] == winner
     rec = manifest["pn2v_boot"]
     assert (rec["n2v_steps"], rec["branch_step"], rec["pn2v_steps"], rec["steps_trained"]) == (10, 9, 1, 11)
-    assert rec["compared_on"] == "slab" and "held-apart masked pixels" in rec["compares"]
     stages = boot_dir(out)
     assert {p.name for p in stages.iterdir()} >= {"n2v.qs", "n2v_branch.qs", "pn2v.qs", "noise_model.json", "choice.json"}
     if winner == "n2v":  # the kept N2V is the one 'train --method n2v' gives for all the steps, not the branch
@@ -319,13 +318,14 @@ def test_pipeline_real_comparison_runs_and_refuses_overwrite(n2v_model, tmp_path
     assert np.isfinite(choice.difference) and "at N2V's blind-spot prediction" in choice.variance_source
     with pytest.raises(Exception, match="--overwrite"):
         train_pn2v_boot(path, out, {}, {**TRAIN, "steps": 8}, progress=False)
-    # Re-scored on the slab, the finished run's stages give the pipeline's very comparison;
-    # on the whole image, other pixels (as many) and other scores.
-    again = pn2v_boot.rescore(out, path, "slab")
+    # By default the comparison draws from the whole image; re-scored there, the finished run's
+    # stages give the pipeline's very comparison; on the held-apart slab, other pixels (as many).
+    assert choice.compared_on == "image" and "spread over the whole image" in read_manifest(out)["pn2v_boot"]["compares"]
+    again = pn2v_boot.rescore(out, path, "image")
     assert (again.kept, again.difference, again.n_pixels) == (choice.kept, choice.difference, choice.n_pixels)
-    whole = pn2v_boot.rescore(out, path, "image")
-    assert whole.n_pixels == choice.n_pixels and np.isfinite(whole.difference) and whole.difference != choice.difference
-    assert (again.compared_on, whole.compared_on) == ("slab", "image") and "spread over the whole image" in whole.reason
+    slab = pn2v_boot.rescore(out, path, "slab")
+    assert slab.n_pixels == choice.n_pixels and np.isfinite(slab.difference) and slab.difference != choice.difference
+    assert slab.compared_on == "slab" and "held-apart masked pixels" in slab.reason
     with pytest.raises(InputError, match="rescore needs the stages"):
         pn2v_boot.rescore(tmp_path / "none.qs", path)
 
@@ -405,3 +405,24 @@ def test_cli_pn2v_boot_refuses_resume_and_train_accepts_init(n2v_model, tmp_path
                                  "--init", str(model), "--samples", "4", "--steps", "1", "--patch", "32", "--batch", "2"])
     assert r.exit_code == 0, r.output
     assert read_manifest(out)["init"]["model"] == str(model)
+
+
+def test_cli_pn2v_boot_passes_compare_on_and_leaves_the_default_to_the_library(n2v_model, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from quietscope_cli.main import cli
+
+    _, path, _ = n2v_model
+    seen = []
+
+    def fake(*args, **kwargs):
+        seen.append(kwargs)
+        return choose(np.full(100, 5.0), np.full(100, 6.0), 1.0, "scripted")
+
+    monkeypatch.setattr(pn2v_boot, "train_pn2v_boot", fake)
+    for extra in ([], ["--compare-on", "slab"]):
+        r = CliRunner().invoke(cli, ["train", str(path), "-o", str(tmp_path / "b.qs"), "--method", "pn2v-boot", *extra])
+        assert r.exit_code == 0, r.output
+    assert "compare_on" not in seen[0] and seen[1]["compare_on"] == "slab"
+    r = CliRunner().invoke(cli, ["train", str(path), "-o", str(tmp_path / "b.qs"), "--method", "pn2v-boot", "--compare-on", "edge"])
+    assert r.exit_code != 0 and "--compare-on" in r.output

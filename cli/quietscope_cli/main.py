@@ -108,12 +108,15 @@ def info(input_uri: str, axes: str | None, level: int, as_json: bool) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write (.qs).")
 @click.option("--method", default="n2v", show_default=True,
               help="Method name (see 'quietscope methods'), or pn2v-boot: N2V for --steps, and PN2V branched off it "
-                   "late with a bootstrapped GMM, keeping PN2V only if a held-apart self-supervised check says it "
+                   "late with a bootstrapped GMM, keeping PN2V only if a self-supervised check (SURE) says it "
                    "beats N2V.")
 @click.option("--init", "init", default=None, type=click.Path(dir_okay=False, exists=True),
               help="pn2v: warm-start from this N2V model (its network; PN2V's prior mean starts equal to its prediction).")
 @click.option("--n2v-fraction", default=None, type=float,
               help="pn2v-boot: where PN2V branches off N2V, as a share of --steps (PN2V trains the rest from there; N2V all of them; default 0.9).")
+@click.option("--compare-on", type=click.Choice(["slab", "image"]), default=None,
+              help="pn2v-boot: where the keep-the-better check draws its pixels: the held-apart slab, or patches "
+                   "spread over the whole image (default: image).")
 @click.option("--patch", default="64", show_default=True, help="Patch size: one number or one per spatial axis (16,64,64).")
 @click.option("--batch", default=16, show_default=True, type=int)
 @click.option("--steps", default=2000, show_default=True, type=int)
@@ -152,7 +155,7 @@ def info(input_uri: str, axes: str | None, level: int, as_json: bool) -> None:
 @axes_option
 @level_option
 @handle_errors
-def train(input_uri: str, output: str, method: str, init: str | None, n2v_fraction: float, patch: str, batch: int, steps: int, lr: float, seed: int,
+def train(input_uri: str, output: str, method: str, init: str | None, n2v_fraction: float, compare_on: str | None, patch: str, batch: int, steps: int, lr: float, seed: int,
           depth: int, filters: int, n2v2: bool, batch_norm: bool, z_pool: str, masked_percent: float, struct_mask: str | None,
           val_fraction: float, foreground: float, checkpoint_every: int, val_every: int, early_stop: int | None, keep: str,
           device: str, amp: bool, noise_model: str | None, n_samples: int | None, psf_sigma: str | None, psf: str | None,
@@ -206,8 +209,9 @@ def train(input_uri: str, output: str, method: str, init: str | None, n2v_fracti
 
         if resume or init or channels:
             raise click.UsageError("--method pn2v-boot takes neither --resume, --init nor --channels (it trains its own N2V)")
+        given_boot = {"n2v_fraction": n2v_fraction, "compare_on": compare_on}
         choice = train_pn2v_boot(input_uri, output, method_options, train_options, axes=axes, level=level,
-                                 overwrite=overwrite, **({"n2v_fraction": n2v_fraction} if n2v_fraction is not None else {}))
+                                 overwrite=overwrite, **{k: v for k, v in given_boot.items() if v is not None})
         click.echo(f"model: {output} (kept {choice.label}: {choice.reason})")
         return
     res = train_model([input_uri, *channels] if channels else input_uri, output, method_options, train_options, axes=axes, level=level,
