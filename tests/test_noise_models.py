@@ -280,14 +280,15 @@ def test_gmm_observation_range_covers_noise_and_fitted_observations(gmm, pairs):
 
 def test_real_data_bootstrap_fit_accepts_its_own_data():
     # Convallaria (PN2V): real Poisson-Gaussian camera noise; a blur stands in for N2V.
-    from pathlib import Path
-
     import tifffile
     from scipy.ndimage import gaussian_filter
 
-    path = Path(__file__).resolve().parents[2] / "shared/data/convallaria/convallaria_frame0000.tif"
-    if not path.exists():
-        pytest.skip("real data not found: /work/shared/data/convallaria is absent")
+    from quietscope.io.sample_data import find_data_dir
+
+    root = find_data_dir()
+    path = None if root is None else root / "convallaria" / "convallaria_frame0000.tif"
+    if path is None or not path.exists():
+        pytest.skip(f"real data not found: {path or 'shared/data'} is absent (or set QUIETSCOPE_DATA)")
     data = tifffile.imread(path)[:128, :128].astype(np.float32)
     s, x = pairs_from_prediction(gaussian_filter(data, 2), data)
     model = fit_gmm(s, x, n_iterations=200, batch_size=2000)
