@@ -279,9 +279,15 @@ def _options(method_options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
 def _steps(total: int, n2v_fraction: float) -> tuple[int, int]:
     if not 0 < n2v_fraction < 1:
         raise ConfigError(f"--n2v-fraction {n2v_fraction} must lie strictly between 0 and 1 (default {DEFAULT_N2V_FRACTION})")
+    def shares(n: int) -> bool:
+        return 1 <= int(round(n * n2v_fraction)) <= n - 1
+
+    if not shares(total):
+        # The least budget that leaves both stages a step at this fraction (2 at 0.5, 5 at 0.9).
+        least = next(n for n in range(2, 10**6) if shares(n))
+        raise ConfigError(f"--steps {total} is too few to share between N2V and PN2V at --n2v-fraction {n2v_fraction}; "
+                          f"use at least {least}")
     n2v_steps = int(round(total * n2v_fraction))
-    if n2v_steps < 1 or total - n2v_steps < 1:
-        raise ConfigError(f"--steps {total} is too few to share between N2V and PN2V; use at least 2")
     return n2v_steps, total - n2v_steps
 
 
