@@ -371,3 +371,16 @@ def test_cli_train_applies_the_recommended_options_and_logs_the_split(tmp_path):
     assert m.config.context_levels == 2 and int(m.context_patch) == 32
     man = read_manifest(out)
     assert man["train"]["keep"] == "last" and man["kept_step"] == 2
+
+
+def test_apply_recommended_fills_only_what_the_user_left_at_its_default():
+    from quietscope.workflows.train import apply_recommended
+
+    parsed = {"patch": "64", "steps": 2000, "keep": "best", "lr": 4e-4}
+    chosen, params, notes = apply_recommended("denoisplit", parsed, given={"steps"}, given_params={"latent_channels"})
+    assert chosen == {"patch": "32", "steps": 2000, "keep": "last", "lr": 1e-3}  # --steps was given: kept
+    assert "latent_channels" not in params and params["context_levels"] == 2
+    assert "denoisplit: --keep last (recommended default)" in notes and not any("--steps" in n for n in notes)
+    assert "denoisplit: --param context_levels=2 (recommended default)" in notes
+    assert apply_recommended("n2v", parsed, set(), set()) == (parsed, {}, [])  # no recommendation
+    assert apply_recommended("pn2v-boot", parsed, set(), set()) == (parsed, {}, [])  # a pipeline, not a method

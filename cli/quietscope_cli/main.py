@@ -164,20 +164,26 @@ def train(input_uri: str, output: str, method: str, init: str | None, n2v_fracti
     """Train a self-supervised model on INPUT (patches are sampled; the volume is never loaded)."""
     from click.core import ParameterSource
 
-    from quietscope.workflows.train import recommended_options, train_model
+    from quietscope.workflows.train import apply_recommended, train_model
 
+    user_params: dict[str, Any] = {}
+    for p in params:
+        if "=" not in p:
+            raise click.BadParameter(f"{p!r}: expected KEY=VALUE", param_hint="--param")
+        k, v = p.split("=", 1)
+        try:
+            user_params[k] = json.loads(v)
+        except json.JSONDecodeError:
+            user_params[k] = v
     # Options left at their generic default take the method's recommendation (if it has one).
     ctx = click.get_current_context()
-    given = {"patch": patch, "batch": batch, "steps": steps, "lr": lr, "depth": depth, "filters": filters, "foreground": foreground,
-             "keep": keep}
-    recommended = recommended_options(method)
-    rec_params = recommended.pop("params", {})
-    for key, value in recommended.items():
-        if key in given and ctx.get_parameter_source(key) is ParameterSource.DEFAULT:
-            given[key] = value
-            click.echo(f"{method}: --{key} {value} (recommended default)", err=True)
-    patch, batch, steps, lr, depth, filters, foreground, keep = (
-        given[k] for k in ("patch", "batch", "steps", "lr", "depth", "filters", "foreground", "keep"))
+    parsed = {"patch": patch, "batch": batch, "steps": steps, "lr": lr, "depth": depth, "filters": filters, "foreground": foreground,
+              "keep": keep}
+    given = {k for k in parsed if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+    chosen, rec_params, notes = apply_recommended(method, parsed, given, set(user_params))
+    for note in notes:
+        click.echo(note, err=True)
+    patch, batch, steps, lr, depth, filters, foreground, keep = (chosen[k] for k in parsed)
     method_options: dict[str, Any] = {"method": method, "net": {"depth": depth, "filters": filters, "n2v2": n2v2, "batch_norm": batch_norm,
                                                             "z_pool": {"yes": True, "no": False}.get(z_pool, "auto")},
                                       "masked_pixel_percentage": masked_percent}
@@ -185,18 +191,7 @@ def train(input_uri: str, output: str, method: str, init: str | None, n2v_fracti
                         "gain": gain, "offset": offset, "noise_sigma": noise_sigma, "struct_mask": struct_mask or None,
                         "psf_sigma": _floats(psf_sigma, "--psf-sigma")}
     method_options.update({k: v for k, v in files_and_extras.items() if v is not None})
-    for k, v in rec_params.items():
-        if not any(p.split("=", 1)[0] == k for p in params):
-            method_options[k] = v
-            click.echo(f"{method}: --param {k}={json.dumps(v)} (recommended default)", err=True)
-    for p in params:
-        if "=" not in p:
-            raise click.BadParameter(f"{p!r}: expected KEY=VALUE", param_hint="--param")
-        k, v = p.split("=", 1)
-        try:
-            method_options[k] = json.loads(v)
-        except json.JSONDecodeError:
-            method_options[k] = v
+    method_options.update({**rec_params, **user_params})
     train_options = {
         "patch": parse_ints(patch, "--patch"), "batch": batch, "steps": steps, "lr": lr, "seed": seed,
         "val_fraction": val_fraction, "foreground": foreground, "checkpoint_every": checkpoint_every,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from quietscope.training.curves import plot_learning_curve
 from quietscope.training.loop import TrainConfig, TrainResult, train
 from quietscope.training.sampler import PatchSampler, split_train_val
 
-__all__ = ["checkpoint_path", "load_init", "recommended_options", "resolve_method_files", "resolve_z_pool", "train_model",
+__all__ = ["apply_recommended", "checkpoint_path", "load_init", "recommended_options", "resolve_method_files", "resolve_z_pool", "train_model",
            "warm_start"]
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,40 @@ def recommended_options(method: str) -> dict[str, Any]:
     if method not in available_methods():  # e.g. pn2v-boot, a pipeline of two methods
         return {}
     return dict(get_method_class(method).recommended_options)
+
+
+def apply_recommended(method: str, options: dict[str, Any], given: set[str], given_params: set[str]
+                      ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """The method's recommendations in place of the options the user did not give.
+
+    Parameters
+    ----------
+    method : str
+        Method name.
+    options : dict
+        Training options by CLI name (``patch``, ``steps``, ``keep``, ...), as parsed.
+    given : set of str
+        Names in ``options`` the user gave (the others are at their generic default).
+    given_params : set of str
+        ``--param`` keys the user gave.
+
+    Returns
+    -------
+    (dict, dict, list of str)
+        The options with the recommendations applied, the recommended method parameters the
+        user did not give (``--param`` values go on top of them), and one line per
+        recommendation applied, for the log.
+    """
+    recommended = recommended_options(method)
+    rec_params = recommended.pop("params", {})
+    out, notes = dict(options), []
+    for key, value in recommended.items():
+        if key in out and key not in given:
+            out[key] = value
+            notes.append(f"{method}: --{key} {value} (recommended default)")
+    params = {k: v for k, v in rec_params.items() if k not in given_params}
+    notes += [f"{method}: --param {k}={json.dumps(v)} (recommended default)" for k, v in params.items()]
+    return out, params, notes
 
 
 def _validated(model: type, values: dict[str, Any], what: str) -> Any:
