@@ -229,7 +229,7 @@ CompareOn = Literal["slab", "image"]
 
 
 def compare(n2v: Any, pn2v: PN2V, image: Image, tcfg: TrainConfig, variance: Any, source: str,
-            margin_se: float, prior_candidate: bool = False, where: CompareOn = "slab") -> BootChoice:
+            margin_se: float, prior_candidate: bool = False, where: CompareOn = "image") -> BootChoice:
     """Score the candidates on ``where`` (same patches, same masks, the noise variance of each
     pixel taken at N2V's blind-spot prediction for all) and apply :func:`choose`: N2V and
     PN2V's posterior mean, and PN2V's prior mean with ``prior_candidate``.
@@ -279,6 +279,7 @@ def _options(method_options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
 def _steps(total: int, n2v_fraction: float) -> tuple[int, int]:
     if not 0 < n2v_fraction < 1:
         raise ConfigError(f"--n2v-fraction {n2v_fraction} must lie strictly between 0 and 1 (default {DEFAULT_N2V_FRACTION})")
+
     def shares(n: int) -> bool:
         return 1 <= int(round(n * n2v_fraction)) <= n - 1
 
