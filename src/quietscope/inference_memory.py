@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from quietscope.nets.unet import UNet, inference_slabs
-from quietscope.tiling import SLAB_HALO, SLAB_MIN_PLANES, MemoryProfile, per_axis
+from quietscope.tiling import SLAB_MIN_PLANES, MemoryProfile, per_axis
 
 #: Allocator slack over the counted tensors (heap fragmentation, oneDNN scratch, the input's
 #: copies): the measured peak RSS of a 3D U-Net (32 filters, CPU) is 1.1-1.3x the counted bytes
@@ -100,12 +100,15 @@ def probe_memory(method: Any, steps: int = 4) -> float:
 
 
 def probe_slabbed_memory(method: Any, steps: int = 2) -> tuple[float, float] | None:
-    """Bytes per voxel of the slabbed U-Net pass: ``(whole, slab)``, counted without slack.
+    """Bytes of the streamed U-Net pass (:mod:`quietscope.nets.streamed`), counted without slack:
+    ``(whole, slab)``.
 
-    ``whole`` is what stays whole per voxel of the tile, ``slab`` is per voxel of one slab and
-    its context planes (:class:`~quietscope.tiling.MemoryProfile`). Two probes with slabs of the
-    thinnest extent (the largest share of context planes), 2 and 4 slabs deep, separate the two
-    terms: their difference is whole feature maps only.
+    ``whole`` is per voxel of the tile (its input and output, held whole); ``slab`` per voxel of
+    one slab of :data:`~quietscope.tiling.SLAB_MIN_PLANES` planes
+    (:class:`~quietscope.tiling.MemoryProfile`): the rolling buffers of every level and a slab's
+    working set, a fixed number of planes whatever the tile's depth. Two probes on a small plane,
+    12 and 24 slabs deep (deep enough for the buffers to reach their steady span), separate the
+    terms: their difference is whole planes only.
 
     Returns
     -------
@@ -114,9 +117,8 @@ def probe_slabbed_memory(method: Any, steps: int = 2) -> tuple[float, float] | N
 
     Notes
     -----
-    Measured against the counted peak of real tiles (32-filter depth-2 U-Nets): 0.97-1.07x of the
-    prediction on 64x96², 128³ and 48x160² (3D, z pooled or not) and 512² to 2048x256 (2D);
-    :data:`SLACK` covers the rest.
+    The count scales with the plane's area (same-padded convolutions), so a small plane predicts
+    a large one; measured against the counted peak of real tiles in tests/test_streamed.py.
     """
     nets = [m for m in method.modules() if isinstance(m, UNet)]
     if not nets:
@@ -124,12 +126,12 @@ def probe_slabbed_memory(method: Any, steps: int = 2) -> tuple[float, float] | N
     f = per_axis(method.downsampling_factor, method.config.spatial_ndim)
     rest = tuple(steps * k for k in f[1:])
     plane = math.prod(rest)
-    z1, z2 = 4 * SLAB_MIN_PLANES, 8 * SLAB_MIN_PLANES
+    z1, z2 = (math.ceil(z / f[0]) * f[0] for z in (12 * SLAB_MIN_PLANES, 24 * SLAB_MIN_PLANES))
     with inference_slabs(method, SLAB_MIN_PLANES):
         p1 = _peak_bytes(method, (z1,) + rest)
         p2 = _peak_bytes(method, (z2,) + rest)
     whole = max(0.0, (p2 - p1) / ((z2 - z1) * plane))
-    slab = max(0.0, (p1 - whole * z1 * plane) / ((SLAB_MIN_PLANES + 2 * SLAB_HALO) * plane))
+    slab = max(0.0, (p1 - whole * z1 * plane) / (SLAB_MIN_PLANES * plane))
     return whole, slab
 
 

@@ -240,22 +240,23 @@ def parse_bytes(text: str | int | float) -> int:
     return int(value)
 
 
-#: Slab rule of the memory-lean U-Net pass (:mod:`quietscope.nets.slabbed`): about this many
-#: slabs along the first spatial axis, ...
-SLABS = 16
-#: ... none thinner than this many planes (a slab's first convolution recomputes one plane on
-#: each side) ...
+#: Slab rule of the streamed U-Net pass (:mod:`quietscope.nets.streamed`): slabs of this many
+#: planes along the first spatial axis ...
 SLAB_MIN_PLANES = 8
-#: ... nor holding fewer voxels than this: oneDNN runs thin, small convolutions several times
-#: slower per voxel (measured: 8-row slabs of a 256² 2D tile 8x slower than the whole pass,
-#: 4-plane slabs of a 64x96² 3D tile 3.6x slower; 8 planes of 128² as fast as whole).
+#: ... or more, so a slab holds at least this many voxels: oneDNN runs thin, small convolutions
+#: several times slower per voxel (measured: 8-row slabs of a 256² 2D tile 8x slower than the
+#: whole pass, 4-plane slabs of a 64x96² 3D tile 3.6x slower; 8 planes of 128² as fast as whole).
 SLAB_MIN_VOXELS = 2**17
 #: Planes of context a slab reads beyond its own on each side (two 3-wide convolutions).
 SLAB_HALO = 2
 
 
 def slab_extent(shape: Shape) -> int | None:
-    """Planes per slab of the memory-lean pass over a tile of spatial ``shape``; None: whole pass.
+    """Planes per slab of the streamed pass over a tile of spatial ``shape``; None: whole pass.
+
+    A streamed pass holds a fixed number of planes per level whatever the tile's depth, so the
+    slab does not grow with the tile: thicker slabs only cost memory (about 1.4 kB per pixel of
+    a plane and slab plane, 32-filter 3D U-Net).
 
     Parameters
     ----------
@@ -274,7 +275,7 @@ def slab_extent(shape: Shape) -> int | None:
     (8, 15, None)
     """
     n, plane = shape[0], math.prod(shape[1:])
-    step = max(SLAB_MIN_PLANES, math.ceil(n / SLABS), math.ceil(SLAB_MIN_VOXELS / plane))
+    step = max(SLAB_MIN_PLANES, math.ceil(SLAB_MIN_VOXELS / plane))
     return step if 2 * step <= n else None
 
 
@@ -283,9 +284,12 @@ class MemoryProfile:
     """Peak bytes of one block task: the net on one sub-tile plus the block's own buffers.
 
     The net's activations on a sub-tile window are ``net_bytes_per_voxel`` per window voxel; for a
-    net run in slabs (:func:`slab_extent` not None) they are ``net_bytes_per_voxel`` per voxel
-    (what stays whole) plus ``slab_bytes_per_voxel`` per voxel of one slab with its context
-    planes, and ``whole_bytes_per_voxel`` per voxel where the window is run whole. Plus
+    net streamed in slabs (:func:`slab_extent` not None) they are ``net_bytes_per_voxel`` per voxel
+    (what stays whole: the tile's input and output) plus ``slab_bytes_per_voxel`` per voxel of one
+    slab (the rolling buffers of every level and a slab's working set: a fixed number of planes
+    whatever the window's depth, measured at :data:`SLAB_MIN_PLANES` and taken to grow in
+    proportion with thicker slabs, which over-states it: part of it is the receptive field's
+    planes); and ``whole_bytes_per_voxel`` per voxel where the window is run whole. Plus
     ``fixed_bytes`` (weights, workspaces), plus ``io_bytes_per_voxel`` times the block's
     read-window voxels (input, its float32 copy, the assembled prediction, the cast output).
     """
@@ -303,7 +307,7 @@ class MemoryProfile:
         step = slab_extent(window)
         if step is None:
             return self.fixed_bytes + self.whole_bytes_per_voxel * voxels
-        slab = (step + 2 * SLAB_HALO) * voxels // window[0]
+        slab = step * voxels // window[0]
         return self.fixed_bytes + self.net_bytes_per_voxel * voxels + self.slab_bytes_per_voxel * slab
 
     def task_bytes(self, block_window: Shape, tile_window: Shape) -> float:

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from quietscope.nets.slabbed import slabbed_forward
+from quietscope.nets.streamed import streamed_forward
 from quietscope.tiling import slab_extent
 
 
@@ -79,7 +79,7 @@ class UNet(nn.Module):
     their pixel size, so pooling z would blur across planes and widen the z halo).
 
     In inference (eval mode, no autograd) a large tile is computed in slabs along its first
-    spatial axis (:func:`~quietscope.nets.slabbed.slabbed_forward`, a third to a quarter of the
+    spatial axis (:func:`~quietscope.nets.streamed.streamed_forward`, a third to a quarter of the
     activation memory of a whole pass, same result up to float rounding); ``inference_slabs``
     says how: ``"auto"`` (:func:`~quietscope.tiling.slab_extent`), ``0`` (always whole) or the
     planes per slab.
@@ -138,7 +138,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         step = self._slab_step(x)
         if step is not None:
-            return slabbed_forward(self, x, step)
+            return streamed_forward(self, x, step)
         skips = []
         for block, pool in zip(self.down, self.pools):
             x = block(x)

@@ -1,8 +1,6 @@
-"""The memory-lean U-Net pass: slab by slab, same result as a whole pass, a fraction of its memory."""
+"""The streamed U-Net pass: slab by slab, same result as a whole pass, memory that does not grow with depth."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ from quietscope.chunked import PredictOptions
 from quietscope.inference import method_halo, predict_tile, predict_whole
 from quietscope.inference_memory import _peak_bytes, memory_profile, probe_memory, probe_slabbed_memory
 from quietscope.methods.modelfile import load_model
-from quietscope.nets import slabbed
+from quietscope.nets import streamed
 from quietscope.nets.unet import UNet, inference_slabs
 from quietscope.tiling import slab_extent
 from quietscope.workflows.predict import predict
@@ -39,8 +37,10 @@ def _bn_stats(net: torch.nn.Module) -> None:
     (3, 1, False, None, False, (18, 8, 8), 1),       # one-plane slabs: both borders in every slab
     (2, 3, True, None, True, (72, 40), 8),
     (2, 2, False, None, False, (36, 20), 100),       # one slab larger than the tile
+    (3, 3, False, None, False, (64, 8, 8), 8),       # three levels: each runs ahead of the one above
+    (3, 2, True, None, True, (40, 8, 8), 2),         # thinner slabs than the receptive field
 ])
-def test_slabbed_pass_equals_whole_pass(ndim, depth, n2v2, pool, bn, shape, step):
+def test_streamed_pass_equals_whole_pass(ndim, depth, n2v2, pool, bn, shape, step):
     torch.manual_seed(0)
     net = UNet(ndim, 2, 3, depth=depth, filters=4, batch_norm=bn, n2v2=n2v2, pool=pool).eval()
     _bn_stats(net)
@@ -48,15 +48,15 @@ def test_slabbed_pass_equals_whole_pass(ndim, depth, n2v2, pool, bn, shape, step
     with torch.no_grad():
         with inference_slabs(net, 0):
             ref = net(x)
-        got = slabbed.slabbed_forward(net, x, step)
+        got = streamed.streamed_forward(net, x, step)
     assert got.shape == ref.shape
     assert float((got - ref).abs().max()) <= 1e-6 * max(1.0, float(ref.abs().max()))
 
 
 def test_unet_slabs_only_in_inference(monkeypatch):
     calls = []
-    monkeypatch.setattr("quietscope.nets.unet.slabbed_forward",
-                        lambda net, x, step: calls.append(step) or slabbed.slabbed_forward(net, x, step))
+    monkeypatch.setattr("quietscope.nets.unet.streamed_forward",
+                        lambda net, x, step: calls.append(step) or streamed.streamed_forward(net, x, step))
     net = UNet(3, 1, 1, depth=1, filters=4)
     x = torch.randn(1, 1, 64, 64, 64)  # 262 144 voxels: slab_extent gives 2 slabs of 32 planes
     assert slab_extent((64, 64, 64)) == 32
@@ -72,18 +72,21 @@ def test_unet_slabs_only_in_inference(monkeypatch):
     assert calls == [32]
 
 
-def test_slabbed_pass_needs_a_fraction_of_the_memory(tmp_path):
-    """Counted peak of a 32-filter 3D U-Net: a third of the whole pass, as the profile predicts."""
+def test_streamed_pass_memory_does_not_grow_with_depth(tmp_path):
+    """Counted peak of a 32-filter 3D U-Net streamed along z: planes deeper cost only their input
+    and output, a deep tile a fraction of the whole pass, as the profile predicts."""
     method = load_model(random_model(tmp_path / "m.qs", 3, depth=2, filters=32, batch_norm=False))[0]
-    shape = (64, 48, 48)
-    step = 8
+    plane, step = (48, 48), 8
     with inference_slabs(method, step):
-        slab_peak = _peak_bytes(method, shape) / math.prod(shape)
+        peaks = {z: _peak_bytes(method, (z,) + plane) for z in (96, 192)}
+    per_plane = 48 * 48
+    # 96 more planes add their input and output (8 bytes per voxel), nothing held per level
+    assert (peaks[192] - peaks[96]) / (96 * per_plane) == pytest.approx(8.0, abs=1.0)
     whole = probe_memory(method)
-    assert whole > 700 and slab_peak < 0.5 * whole
+    assert whole > 700 and peaks[192] / (192 * per_plane) < 0.15 * whole
     a, b = probe_slabbed_memory(method)
-    model = a + b * (step + 2 * tiling.SLAB_HALO) / shape[0]
-    assert model == pytest.approx(slab_peak, rel=0.1)
+    for z, peak in peaks.items():
+        assert a * z * per_plane + b * step * per_plane == pytest.approx(peak, rel=0.05)
     prof = memory_profile(method, 1)
     assert prof.whole_bytes_per_voxel == pytest.approx(1.25 * whole)
     # The profile charges the whole pass where the window is too thin to slab.
@@ -95,13 +98,13 @@ def test_slabbed_pass_needs_a_fraction_of_the_memory(tmp_path):
     ((45, 37, 29), (8, 16, 16), True),
     ((23, 30, 26), (4, 16, 16), False),
 ])
-def test_slabbed_chunked_equals_whole(tmp_path, monkeypatch, shape, chunks, z_pool):
+def test_streamed_chunked_equals_whole(tmp_path, monkeypatch, shape, chunks, z_pool):
     """With slabs engaged on small windows, chunked prediction still equals whole-image prediction."""
     monkeypatch.setattr(tiling, "SLAB_MIN_VOXELS", 256)
     monkeypatch.setattr(tiling, "SLAB_MIN_PLANES", 4)
     steps = []
-    real = slabbed.slabbed_forward
-    monkeypatch.setattr("quietscope.nets.unet.slabbed_forward",
+    real = streamed.streamed_forward
+    monkeypatch.setattr("quietscope.nets.unet.streamed_forward",
                         lambda net, x, step: steps.append(step) or real(net, x, step))
     rng = np.random.default_rng(4)
     data = (100 + 20 * rng.standard_normal(shape)).astype(np.float32)
