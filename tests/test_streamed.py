@@ -11,7 +11,7 @@ import quietscope.tiling as tiling
 from helpers import random_model, write_zarr_array
 from quietscope.chunked import PredictOptions
 from quietscope.inference import method_halo, predict_tile, predict_whole
-from quietscope.inference_memory import _peak_bytes, memory_profile, probe_memory, probe_slabbed_memory
+from quietscope.inference_memory import _peak_bytes, memory_profile, probe_memory, probe_streamed_memory
 from quietscope.methods.modelfile import load_model
 from quietscope.nets import streamed
 from quietscope.nets.unet import UNet, inference_slabs
@@ -84,7 +84,7 @@ def test_streamed_pass_memory_does_not_grow_with_depth(tmp_path):
     assert (peaks[192] - peaks[96]) / (96 * per_plane) == pytest.approx(8.0, abs=1.0)
     whole = probe_memory(method)
     assert whole > 700 and peaks[192] / (192 * per_plane) < 0.15 * whole
-    a, b = probe_slabbed_memory(method)
+    a, b = probe_streamed_memory(method)
     for z, peak in peaks.items():
         assert a * z * per_plane + b * step * per_plane == pytest.approx(peak, rel=0.05)
     prof = memory_profile(method, 1)
@@ -94,11 +94,14 @@ def test_streamed_pass_memory_does_not_grow_with_depth(tmp_path):
     assert prof.net_bytes((12, 400, 400)) - prof.fixed_bytes == pytest.approx(1.25 * whole * 12 * 400 * 400)
 
 
-@pytest.mark.parametrize("shape, chunks, z_pool", [
-    ((45, 37, 29), (8, 16, 16), True),
-    ((23, 30, 26), (4, 16, 16), False),
+@pytest.mark.parametrize("shape, chunks, z_pool, block", [
+    ((45, 37, 29), (8, 16, 16), True, None),
+    ((23, 30, 26), (4, 16, 16), False, None),
+    # 2D, streamed along y: a 2D plan runs two tasks at once, and its buffers are small enough
+    # that the planner would take one block: --block makes several
+    ((150, 70), (16, 32), True, (48, 32)),
 ])
-def test_streamed_chunked_equals_whole(tmp_path, monkeypatch, shape, chunks, z_pool):
+def test_streamed_chunked_equals_whole(tmp_path, monkeypatch, shape, chunks, z_pool, block):
     """With slabs engaged on small windows, chunked prediction still equals whole-image prediction."""
     monkeypatch.setattr(tiling, "SLAB_MIN_VOXELS", 256)
     monkeypatch.setattr(tiling, "SLAB_MIN_PLANES", 4)
@@ -109,9 +112,10 @@ def test_streamed_chunked_equals_whole(tmp_path, monkeypatch, shape, chunks, z_p
     rng = np.random.default_rng(4)
     data = (100 + 20 * rng.standard_normal(shape)).astype(np.float32)
     src = write_zarr_array(tmp_path / "in.zarr", data, chunks)
-    model = random_model(tmp_path / "m.qs", 3, depth=1, filters=4, z_pool=z_pool)
+    model = random_model(tmp_path / "m.qs", len(shape), depth=1, filters=4, z_pool=z_pool)
     out = tmp_path / "out.ome.zarr"
-    res = predict(model, src, out, PredictOptions(chunks=chunks, memory=_budget_for(model, 1, 3), progress=False))
+    res = predict(model, src, out, PredictOptions(chunks=chunks, memory=_budget_for(model, 1, 3) * (2 if len(shape) == 2 else 1),
+                                                  block=block, progress=False))
     assert res.n_blocks > 1 and res.extra["subtile"], "the plan must exercise blocks and sub-tiles"
     assert steps, "the chunked run must use slabbed passes"
     n_chunked = len(steps)

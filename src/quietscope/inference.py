@@ -367,7 +367,7 @@ def probe_bytes_per_voxel(method: Any, device: torch.device, shape: tuple[int, .
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    # Whole passes: a slabbed pass needs less, but a thin pass (too few planes to slab) needs
+    # Whole passes: a streamed pass needs less, but a thin pass (too few planes to slab) needs
     # this much, and the GPU plan bounds every pass with one figure.
     with torch.no_grad(), inference_slabs(method, 0):
         method.predict(x)

@@ -99,7 +99,7 @@ def probe_memory(method: Any, steps: int = 4) -> float:
         return _peak_bytes(method, shape) / math.prod(shape)
 
 
-def probe_slabbed_memory(method: Any, steps: int = 2) -> tuple[float, float] | None:
+def probe_streamed_memory(method: Any, steps: int = 2) -> tuple[float, float] | None:
     """Bytes of the streamed U-Net pass (:mod:`quietscope.nets.streamed`), counted without slack:
     ``(whole, slab)``.
 
@@ -156,8 +156,8 @@ def memory_profile(method: Any, n_out: int) -> MemoryProfile:
     io = 4.0 * (3 * cin + 2 * n_out)
     whole = SLACK * probe_memory(method)
     fixed = 4 * weights + 64e6
-    slabbed = probe_slabbed_memory(method)
-    if slabbed is None:
+    streamed = probe_streamed_memory(method)
+    if streamed is None:
         return MemoryProfile(net_bytes_per_voxel=whole, io_bytes_per_voxel=io, fixed_bytes=fixed)
-    return MemoryProfile(net_bytes_per_voxel=SLACK * slabbed[0], io_bytes_per_voxel=io, fixed_bytes=fixed,
-                         slab_bytes_per_voxel=SLACK * slabbed[1], whole_bytes_per_voxel=whole)
+    return MemoryProfile(net_bytes_per_voxel=SLACK * streamed[0], io_bytes_per_voxel=io, fixed_bytes=fixed,
+                         slab_bytes_per_voxel=SLACK * streamed[1], whole_bytes_per_voxel=whole)

@@ -1,6 +1,6 @@
 """Streaming inference of a :class:`~quietscope.nets.unet.UNet` along its first spatial axis.
 
-The level-by-level slabbed pass (:mod:`quietscope.nets.slabbed`) keeps one whole feature map per
+The level-by-level slabbed pass this module replaced kept one whole feature map per
 level (the skips above all: ~210 bytes per voxel of a 32-filter 3D U-Net with slack), so the
 window a memory budget holds, and with it the halo paid per voxel written, is bounded by the
 window's *volume*. Here every convolution is a node that computes its output in slabs of planes

@@ -2,7 +2,7 @@
 
 The planner bounds the bytes a task allocates (:class:`quietscope.tiling.MemoryProfile`), but
 glibc's allocator raises its mmap threshold each time a large block is freed, up to 32 MB. After
-that, the many 1–32 MB tensors of a slabbed pass come from the heap, and a freed hole there is not
+that, the many 1–32 MB tensors of a streamed pass come from the heap, and a freed hole there is not
 returned to the system. Measured on a 32-filter 3D U-Net over 64×256² blocks, the peak RSS then
 varied from 1.78 to 2.11 GB between identical runs, with 1.32 GB predicted per task. With the
 threshold fixed at 4 MB it was 1.42–1.46 GB, at about 7 % more time (docs/benchmarks.md §9c).
