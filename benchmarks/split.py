@@ -30,9 +30,12 @@ benchmarks.split --level high; wait; python -m benchmarks.split --merge``.
 
 Learning curves (issue #16): ``python benchmarks/split.py --curve [--steps N] [--musplit-steps M]
 [--unet-steps U] [--every K] [--pairs nuclei_actin,actin_mito,w2s_mito_actin] [--levels high,moderate]
-[--methods denoisplit,musplit,unet_noisy,sequential] [--keep best|last] [--criteria]
+[--methods denoisplit,musplit,unet_noisy,sequential] [--keep best|last] [--criteria] [--ema D[,D2]]
 [--out split_curve.json]``. ``--criteria`` scores candidate keep criteria on the whole
-held-apart field at every evaluation (:func:`val_criteria`, VAEs only). Per pair and noise level it trains, step by step with each method's
+held-apart field at every evaluation (:func:`val_criteria`, VAEs only). ``--ema D`` keeps an
+exponential moving average of each VAE's weights (decay ``D``, :mod:`quietscope.training.averaging`)
+and scores it at every evaluation and at the end like the weights themselves (entries
+``METHOD+emaD``, plotted beside; with ``--keep last`` its kept weights are the average at the end). Per pair and noise level it trains, step by step with each method's
 own loss: the noisy-target U-Net, the sequential baseline (N2V per channel, then the same U-Net
 on the denoised channels; at test time N2V of the sum first), μSplit and denoiSplit (same ladder
 VAE with lateral context, ``CURVE_VAE``). Every K steps it records, on the test field, the
@@ -282,10 +285,11 @@ class VAELearner:
     """denoisplit / musplit trained step by step with the method's own loss (as the CLI does:
     Adam, linear warm-up + cosine schedule of ``training.loop.lr_at``)."""
 
-    def __init__(self, options: dict, train: np.ndarray, steps: int) -> None:
+    def __init__(self, options: dict, train: np.ndarray, steps: int, ema: tuple[float, ...] = ()) -> None:
         import torch
 
         from quietscope.methods import build_method
+        from quietscope.training.averaging import WeightAverage
 
         torch.manual_seed(0)
         self.method = build_method({"spatial_ndim": 2, "in_channels": train.shape[0], **options})
@@ -295,6 +299,9 @@ class VAELearner:
         self.opt = torch.optim.Adam(self.method.parameters(), lr=CURVE_LR)
         self.gen = torch.Generator().manual_seed(0)
         self.steps = steps
+        # EMAs of the weights (training.averaging, as `TrainConfig.ema`): updated after every
+        # step, read only when scored, so the raw curve is the run without them.
+        self.averages = {d: WeightAverage(self.method, d) for d in ema}
 
     def step(self, batch: np.ndarray, i: int) -> float:
         import torch
@@ -308,7 +315,13 @@ class VAELearner:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        for avg in self.averages.values():
+            avg.update(self.method)
         return float(loss)
+
+    def averaged(self, decay: float):
+        """Context in which the learner predicts and scores with the EMA of ``decay``."""
+        return self.averages[decay].applied(self.method)
 
     def predict(self, x: np.ndarray, n_samples: int = 0) -> np.ndarray:
         """``(H, W)`` superimposed input -> ``(2C, H, W)`` (MMSE channels, then stds)."""
@@ -454,33 +467,51 @@ class CurveJob:
         self.rng = np.random.default_rng(0)
         self.val_fields = draw_fields(val, np.random.default_rng(1), 16, learner.field)
         self.curve: list[dict] = []
+        #: The same metrics for each EMA of the weights the learner keeps (``--ema``), by decay.
+        self.avg_curves: dict[float, list[dict]] = {d: [] for d in getattr(learner, "averages", {})}
         self.best: tuple = (np.inf, 0, None)
         self.train_s = 0.0
+
+    def _row(self, i: int) -> dict:
+        sel = self.learner.select(self.val_fields)
+        return {"step": i + 1, "cpu_s": round(self.train_s, 1), "val_select": round(sel["select"], 4),
+                "val_corr_outputs": round(sel["corr_outputs"], 3),
+                **split_metrics(self.learner.predict(self.test_in)[:2], self.gt)}
 
     def step(self, i: int) -> None:
         t = time.process_time()
         self.learner.step(draw_fields(self.train, self.rng, CURVE_BATCH, self.learner.field, self.learner.patch, CURVE_FOREGROUND), i)
         self.train_s += time.process_time() - t
         if (i + 1) % self.every == 0 or i + 1 == self.steps:
-            sel = self.learner.select(self.val_fields)
-            row = {"step": i + 1, "cpu_s": round(self.train_s, 1), "val_select": round(sel["select"], 4),
-                   "val_corr_outputs": round(sel["corr_outputs"], 3),
-                   **split_metrics(self.learner.predict(self.test_in)[:2], self.gt)}
+            row = self._row(i)
             if self.criteria:
                 row["criteria"] = val_criteria(self.learner, self.val)
             self.curve.append(row)
-            if sel["select"] < self.best[0]:
-                self.best = (sel["select"], i + 1, self.learner.state())
-            self.record(self.curve)
+            if row["val_select"] < self.best[0]:
+                self.best = (row["val_select"], i + 1, self.learner.state())
+            for decay, curve in self.avg_curves.items():
+                with self.learner.averaged(decay):
+                    curve.append(self._row(i))
+                log.info("step %d, EMA %g: %s", i + 1, decay, curve[-1])
+            self.record(self.curve, self.avg_curves)
             log.info("step %d (%.0f s cpu): %s", i + 1, self.train_s, row)
 
     def finish(self) -> dict:
+        """The run's result; its EMAs' results (``keep`` last: the averaged weights at the end,
+        scored like the kept ones) under ``"averaged"``, keyed ``emaDECAY``."""
+        averaged = {}
+        for decay, curve in self.avg_curves.items():
+            with self.learner.averaged(decay):
+                out = self.learner.predict(self.test_in, self.final_samples)
+            averaged[f"ema{decay:g}"] = {"curve": curve, "last": curve[-1], "ema": decay,
+                                         "kept": {"step": self.steps, **split_metrics(out[:2], self.gt)},
+                                         "train_cpu_s": round(self.train_s, 1), "cpu_minutes": round(self.train_s / 60, 1)}
         if self.keep == "best":
             self.learner.load(self.best[2])
         out = self.learner.predict(self.test_in, self.final_samples)
         kept = {"step": self.best[1] if self.keep == "best" else self.steps, **split_metrics(out[:2], self.gt)}
         return {"curve": self.curve, "last": self.curve[-1], "kept": kept, "train_cpu_s": round(self.train_s, 1),
-                "cpu_minutes": round(self.train_s / 60, 1)}
+                "cpu_minutes": round(self.train_s / 60, 1), "averaged": averaged}
 
 
 def plot_curves(results: dict, path: Path, title: str) -> None:
@@ -550,23 +581,27 @@ def prepare_level(pair: str, level: str, pscale: float, grel: float, work: Path,
 
 
 def make_jobs(lv: dict, names: list[str], steps: dict, every: int, save, keep: dict[str, str] | None = None,
-              criteria: bool = False) -> list[tuple[dict, str, CurveJob]]:
+              criteria: bool = False, ema: tuple[float, ...] = ()) -> list[tuple[dict, str, CurveJob]]:
     """A :class:`CurveJob` per method name on a prepared level; ``keep`` maps a method name to
-    ``"best"`` (the held-apart criterion, the default) or ``"last"``."""
+    ``"best"`` (the held-apart criterion, the default) or ``"last"``; ``ema``: decays of the
+    weight averages the VAEs keep beside their weights, scored at every evaluation."""
     res, tr, te = lv["res"], lv["tr"], lv["te"]
 
     def recorder(name):
-        def rec(curve):
+        def rec(curve, avg_curves=None):
             res["methods"].setdefault(name, {})["curve"] = curve
+            for decay, c in (avg_curves or {}).items():  # each EMA as a curve of its own (plotted beside)
+                res["methods"].setdefault(f"{name}+ema{decay:g}", {"ema": decay})["curve"] = c
             save()
         return rec
 
     makers = {
         "unet_noisy": (lambda: UNetLearner(tr, steps["unet"]), tr, te.sum(0), steps["unet"], 0),
         "sequential": (lambda: UNetLearner(lv["den"], steps["unet"]), lv["den"], lv["test_den"], steps["unet"], 0),
-        "musplit": (lambda: VAELearner({"method": "musplit", **CURVE_VAE}, tr, steps["musplit"]), tr, te.sum(0), steps["musplit"], 8),
+        "musplit": (lambda: VAELearner({"method": "musplit", **CURVE_VAE}, tr, steps["musplit"], ema), tr, te.sum(0),
+                    steps["musplit"], 8),
         "denoisplit": (lambda: VAELearner({"method": "denoisplit", "noise_models": lv["nm_files"], **CURVE_VAE, **DENOISPLIT_RECIPE},
-                                          tr, steps["denoisplit"]), tr, te.sum(0), steps["denoisplit"], 8),
+                                          tr, steps["denoisplit"], ema), tr, te.sum(0), steps["denoisplit"], 8),
     }
     jobs = []
     for name in names:
@@ -587,6 +622,8 @@ def run_round_robin(jobs: list[tuple[dict, str, CurveJob]], save) -> None:
                 plot_level(lv)
             if i + 1 == job.steps:
                 lv["res"]["methods"][name] = job.finish()
+                for label, r in lv["res"]["methods"][name].pop("averaged").items():
+                    lv["res"]["methods"][f"{name}+{label}"] = r
                 log.info("%s %s: kept %s", lv["key"], name, lv["res"]["methods"][name]["kept"])
                 if name == "denoisplit":
                     lv["res"]["calibration"] = calibrate_curve(job.learner, lv["ca"], lv["gt_ca"], lv["te"], lv["gt_te"],
@@ -691,6 +728,11 @@ def curve_main(argv: list[str]) -> int:
     keep = {m: "last" for m in ("denoisplit", "musplit")} if arg("--keep", "best") == "last" else {}
     if keep:
         out["kept"] = "VAEs (denoisplit, musplit): their last weights; U-Nets: " + out["kept"]
+    # --ema D[,D2]: the VAEs also keep exponential moving averages of their weights (decay D),
+    # scored at every evaluation and at the end like the weights themselves ("METHOD+emaD").
+    ema = tuple(float(d) for d in arg("--ema", "").split(",") if d)
+    if ema:
+        out["ema"] = list(ema)
 
     def save():
         path.write_text(json.dumps(out, indent=2))
@@ -703,7 +745,7 @@ def curve_main(argv: list[str]) -> int:
         out["methods"] = methods
         prepared = [prepare_level(pair, name, ps, gr, work, out, save, "sequential" in methods)
                     for pair in pairs for name, ps, gr in levels]
-        jobs = [j for lv in prepared for j in make_jobs(lv, methods, steps, every, save, keep, "--criteria" in argv)]
+        jobs = [j for lv in prepared for j in make_jobs(lv, methods, steps, every, save, keep, "--criteria" in argv, ema)]
         run_round_robin(jobs, save)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""A plain torch training loop: sampled patches, Adam, cosine schedule, checkpoints, resume.
+"""A plain torch training loop: sampled patches, Adam, cosine schedule, checkpoints, resume,
+and optionally an exponential moving average of the weights (``ema``, :mod:`training.averaging`).
 
 Resuming is exact: the checkpoint holds the weights, the optimizer state and the torch
 generators' states, and patch pool ``i`` (re-drawn at checkpoint boundaries) is a pure function
@@ -8,6 +9,7 @@ as one that never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,6 +27,7 @@ from quietscope.device import amp_precision, resolve_device, set_module_precisio
 from quietscope.errors import ConfigError, ModelError
 from quietscope.io.reading import Image
 from quietscope.methods.base import Method
+from quietscope.training.averaging import WeightAverage
 from quietscope.training.prefetch import PoolPrefetcher
 from quietscope.training.sampler import PatchSampler, estimate_statistics, split_train_val
 
@@ -51,6 +54,11 @@ class TrainConfig(BaseModel):
     early_stop: int | None = Field(None, ge=1, description="stop after this many validations without improvement")
     keep: Literal["best", "last"] = Field(
         "best", description="weights the model keeps: those of the best validation loss, or of the last step"
+    )
+    ema: float | None = Field(
+        None, gt=0, lt=1,
+        description="decay of an exponential moving average of the weights, updated every step (0.999: ~1000 steps); "
+                    "validation scores the average and the model keeps it (keep=last: the average at the end)",
     )
     device: str = "auto"
     amp: bool = Field(False, description="mixed precision: the network under bf16 autocast (fp16 + grad scaler on GPUs without bf16)")
@@ -101,11 +109,18 @@ class _Run:
     history: list[dict[str, float]] = field(default_factory=list)
     best: tuple[float, int, Any] = (math.inf, -1, None)
     bad_vals: int = 0
+    #: The moving average of the weights (``TrainConfig.ema``), or None.
+    average: WeightAverage | None = None
 
     def save(self, method: Method, step: int) -> None:
         if self.ckpt is not None:
             _save_checkpoint(self.ckpt, method, self.opt, self.gen, step, self.history, self.best, self.bad_vals,
-                             self.fingerprint, self.scaler)
+                             self.fingerprint, self.scaler, self.average)
+
+    def scored(self, method: Method) -> Any:
+        """Context in which ``method`` holds the weights validation scores and the model keeps:
+        the moving average when there is one, else its own."""
+        return self.average.applied(method) if self.average is not None else contextlib.nullcontext()
 
 
 def _prepare_data(image: Image, method: Method, config: TrainConfig, device: torch.device) -> tuple[Any, Any, int, dict]:
@@ -144,15 +159,20 @@ def _new_run(method: Method, config: TrainConfig, device: torch.device, checkpoi
     opt = torch.optim.Adam(method.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
-    # amp left out when off: checkpoints of earlier versions still resume.
-    train_fields = config.model_dump(mode="json", exclude=None if config.amp else {"amp"})
+    # amp and ema left out when off: checkpoints of earlier versions still resume.
+    train_fields = config.model_dump(mode="json", exclude={k for k in ("amp", "ema") if not getattr(config, k)})
     fingerprint = json.dumps({"method": method.config.model_dump(mode="json"), "train": train_fields}, sort_keys=True)
     precision = amp_precision(device) if config.amp else "fp32"
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     if config.amp:
         log.info("mixed precision: the network under %s autocast%s; losses and noise models in float32", precision,
                  " with a gradient scaler" if scaler else "")
-    return _Run(opt, gen, scaler, fingerprint, Path(checkpoint) if checkpoint else None), precision
+    run = _Run(opt, gen, scaler, fingerprint, Path(checkpoint) if checkpoint else None)
+    if config.ema is not None:
+        run.average = WeightAverage(method, config.ema)
+        log.info("weights averaged (EMA, decay %g: ~%d steps); validation scores the average and the model keeps it",
+                 config.ema, round(1 / (1 - config.ema)))
+    return run, precision
 
 
 def _resume(run: _Run, method: Method) -> None:
@@ -172,6 +192,8 @@ def _resume(run: _Run, method: Method) -> None:
     run.bad_vals = int(state["bad_vals"])
     if run.scaler is not None and "scaler" in state:
         run.scaler.load_state_dict(state["scaler"])
+    if run.average is not None:
+        run.average.load_state_dict(state["average"])
     log.info("resumed from %s at step %d", run.ckpt, run.start_step)
 
 
@@ -191,23 +213,27 @@ def _train_step(method: Method, run: _Run, pool: torch.Tensor, config: TrainConf
     else:
         loss.backward()
         run.opt.step()
+    if run.average is not None:
+        run.average.update(method)
     return float(loss.item())
 
 
 def _validate(method: Method, run: _Run, rec: dict[str, float], val_batch: torch.Tensor, val_draws: int,
               config: TrainConfig, device: torch.device) -> None:
-    """Score the held-apart batch into ``rec`` and keep the best weights by the method's criterion."""
-    rec["val_loss"] = validation_loss(method, val_batch, config.seed, device, val_draws)
-    extra = _validation_metrics(method, val_batch, device)
-    rec.update(extra)
-    if extra:
-        log.info("step %d: val_loss %.5g, %s", rec["step"], rec["val_loss"], ", ".join(f"{k} {v:.4g}" for k, v in extra.items()))
-    criterion = rec.get("select", rec["val_loss"])
-    if criterion < run.best[0]:
-        run.best = (criterion, int(rec["step"]), {k: v.detach().cpu().clone() for k, v in method.state_dict().items()})
-        run.bad_vals = 0
-    else:
-        run.bad_vals += 1
+    """Score the held-apart batch into ``rec`` and keep the best weights by the method's criterion
+    (with ``ema``, the averaged weights are scored and kept)."""
+    with run.scored(method):
+        rec["val_loss"] = validation_loss(method, val_batch, config.seed, device, val_draws)
+        extra = _validation_metrics(method, val_batch, device)
+        rec.update(extra)
+        if extra:
+            log.info("step %d: val_loss %.5g, %s", rec["step"], rec["val_loss"], ", ".join(f"{k} {v:.4g}" for k, v in extra.items()))
+        criterion = rec.get("select", rec["val_loss"])
+        if criterion < run.best[0]:
+            run.best = (criterion, int(rec["step"]), {k: v.detach().cpu().clone() for k, v in method.state_dict().items()})
+            run.bad_vals = 0
+        else:
+            run.bad_vals += 1
 
 
 def _keep_weights(method: Method, run: _Run, config: TrainConfig) -> int:
@@ -218,6 +244,9 @@ def _keep_weights(method: Method, run: _Run, config: TrainConfig) -> int:
     # after 3000 (docs/benchmarks.md, section 3); the held-apart validation slab sees it.
     best, history = run.best, run.history
     if best[2] is None or config.keep != "best":
+        if run.average is not None:  # "last" is the average at the end
+            method.load_state_dict(run.average.state_dict_for(method))
+            log.info("keeping the moving average of the weights (EMA, decay %g) at step %d", run.average.decay, len(history))
         return len(history)
     method.load_state_dict(best[2])
     if best[1] < len(history):
@@ -378,7 +407,7 @@ def _validation_metrics(method: Method, batch: torch.Tensor, device: torch.devic
         return {k: float(v) for k, v in method.validation_metrics(batch.to(device)).items()}
 
 
-def _save_checkpoint(ckpt, method, opt, gen, step, history, best, bad_vals, fingerprint, scaler=None) -> None:
+def _save_checkpoint(ckpt, method, opt, gen, step, history, best, bad_vals, fingerprint, scaler=None, average=None) -> None:
     state = {
         "fingerprint": fingerprint,
         "method": method.state_dict(),
@@ -395,6 +424,8 @@ def _save_checkpoint(ckpt, method, opt, gen, step, history, best, bad_vals, fing
         state["best_state"] = best[2]
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
+    if average is not None:
+        state["average"] = average.state_dict()
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     torch.save(state, tmp)
     tmp.replace(ckpt)
