@@ -174,7 +174,7 @@ class DenoiSplit(Method):
     #: foreground patches, Adam 1e-3, MicroSplit's 0.9/0.1 likelihood mix, μSplit-KL warm start.
     #: The last weights, not the "best": every held-apart criterion measured against noisy
     #: targets (plain, blind, affine-invariant) preferred unsplit checkpoints on W2S, where the
-    #: last ones were split (docs/benchmarks.md §5); the cosine schedule ends at a zero rate.
+    #: last ones were split (docs/benchmarks.md §5); the cosine schedule ends at 5 % of the base rate.
     recommended_options: ClassVar[dict[str, Any]] = {
         "patch": "32", "batch": 8, "steps": 4000, "lr": 1e-3, "depth": 3, "filters": 16, "foreground": 0.8, "keep": "last",
         "params": {"context_levels": 2, "latent_channels": 8, "gaussian_weight": 0.1, "kl_warmup": 300},
