@@ -13,8 +13,9 @@ Issue 20: bootstrapped PN2V must never lose to the N2V it came from. Per dataset
   scored too (its N2V, PN2V's posterior mean, PN2V's prior mean: the rule's three candidates),
   so that the ground-truth ranking can be set against the choice; the kept model file is
   predicted with its own default estimate. Its N2V stage must score exactly as the N2V row.
-  The stages are compared again on the other pixels (``workflows.pn2v_boot.rescore``): the edge
-  slab, since the pipeline draws from the whole image by default: the "other pixels" columns.
+  The stages are compared again the other way (``workflows.pn2v_boot.rescore``): the masked
+  estimates on the whole image, since the pipeline scores the written output by default (the
+  edge slab when the run compared the masked estimates on the whole image): the "other" columns.
 
 Data (``shared/data``):
 
@@ -116,7 +117,8 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
     # the pipeline compared on the slab, with this column under "image_*" keys.
     offered = offered_candidates(choice.prior_risk is not None)
     gt_offered = max(offered, key=lambda k: candidates[k]["psnr_affine"])
-    alt = "slab" if choice.compared_on == "image" else "image"
+    # The written-output comparison (the default since §12h) is set against the masked one on the whole image.
+    alt = {"written": "image", "image": "slab"}.get(choice.compared_on, "image")
     on_alt = rescore(boot, str(src), alt, prior_candidate=choice.prior_risk is not None)
     rec.update({"compared_on": choice.compared_on, "gt_prefers_offered": gt_offered, "agrees_offered": gt_offered == choice.kept,
                 "alt_compared_on": alt, "alt_kept": on_alt.kept, "alt_agrees": gt_offered == on_alt.kept,

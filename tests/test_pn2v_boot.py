@@ -16,7 +16,7 @@ from quietscope.errors import ConfigError, InputError
 from quietscope.io.sample_data import synthetic_clean
 from quietscope.methods import build_method
 from quietscope.methods.modelfile import load_model, read_manifest, save_model
-from quietscope.methods.pn2v import PN2V, blind_spot_risk, prior_mean, spread_offsets
+from quietscope.methods.pn2v import PN2V, blind_spot_risk, prior_mean, spread_offsets, written_risk
 from quietscope.noise_models import GMMNoiseModel
 from quietscope.workflows import pn2v_boot
 from quietscope.workflows.pn2v_boot import boot_dir, choose, train_pn2v_boot
@@ -213,6 +213,41 @@ def test_blind_spot_risk_estimates_the_true_error():
                                                torch.Generator().manual_seed(0), draws=4), risk_n)
 
 
+class _LinearFilter(torch.nn.Module):
+    """A stand-in model whose written output uses its own pixel: ``w x + (1 - w) box3(x)``."""
+
+    def __init__(self, w: float) -> None:
+        super().__init__()
+        self.w = w
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        box = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+        return self.w * x + (1 - self.w) * box
+
+
+def test_written_risk_estimates_the_error_of_the_written_output():
+    # Gaussian noise on a smooth image; two filters that use the pixel itself (d f_i / d x_i =
+    # w + (1 - w) / 9): SURE with the Monte-Carlo divergence matches each one's true error, and
+    # their difference, which a score that ignored the divergence would get the wrong way round.
+    torch.manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(0, 3, 64), torch.linspace(0, 3, 64), indexing="ij")
+    truth = (200.0 + 30.0 * torch.sin(yy) * torch.cos(xx)).expand(16, 1, 64, 64)
+    x = truth + SIGMA * torch.randn_like(truth)
+    centre = (slice(4, 60), slice(4, 60))
+    var = lambda s, ch: torch.full_like(s, SIGMA**2)  # noqa: E731
+    risks, truths = [], []
+    for w in (0.1, 0.6):
+        m = _LinearFilter(w)
+        r = written_risk(m, x, var, torch.Generator().manual_seed(3), centre, probes=4)
+        risks.append(r)
+        truths.append(float(((m.predict(x) - truth) ** 2)[(..., *centre)].mean()))
+        assert float(r.mean()) == pytest.approx(truths[-1], rel=0.1)
+        naive = float(((m.predict(x) - x) ** 2)[(..., *centre)].mean()) - SIGMA**2
+        assert naive < 0.5 * truths[-1]  # without the divergence the pixel's own share looks free
+    diff, true_diff = float((risks[1] - risks[0]).mean()), truths[1] - truths[0]
+    assert true_diff > 3 and diff == pytest.approx(true_diff, rel=0.15)
+
+
 def test_shared_variance_reference_leaves_blind_candidates_only_their_loss_difference():
     # Two blind candidates that differ only by a constant brightness offset, on a rising
     # variance line: with each candidate's own v the brighter one gains g * offset per pixel
@@ -315,16 +350,19 @@ def test_pipeline_real_comparison_runs_and_refuses_overwrite(n2v_model, tmp_path
                              {**TRAIN, "steps": 8}, progress=False)
     assert choice.kept in ("pn2v", "n2v") and choice.n_pixels > 1000
     assert choice.prior_risk is None  # the prior mean is offered only on request (prior_candidate)
-    assert np.isfinite(choice.difference) and "at N2V's blind-spot prediction" in choice.variance_source
+    assert np.isfinite(choice.difference) and "at N2V's prediction" in choice.variance_source
     with pytest.raises(Exception, match="--overwrite"):
         train_pn2v_boot(path, out, {}, {**TRAIN, "steps": 8}, progress=False)
-    # By default the comparison draws from the whole image; re-scored there, the finished run's
-    # stages give the pipeline's very comparison; on the held-apart slab, other pixels (as many).
-    assert choice.compared_on == "image" and "spread over the whole image" in read_manifest(out)["pn2v_boot"]["compares"]
-    again = pn2v_boot.rescore(out, path, "image")
+    # By default the comparison scores what predict writes; re-scored, the finished run's stages
+    # give the pipeline's very comparison; the masked estimates (whole image, or the held-apart
+    # slab) are other numbers.
+    assert choice.compared_on == "written" and "pixels of the written output" in read_manifest(out)["pn2v_boot"]["compares"]
+    again = pn2v_boot.rescore(out, path)
     assert (again.kept, again.difference, again.n_pixels) == (choice.kept, choice.difference, choice.n_pixels)
+    image = pn2v_boot.rescore(out, path, "image")
+    assert image.compared_on == "image" and "at N2V's blind-spot prediction" in image.variance_source
     slab = pn2v_boot.rescore(out, path, "slab")
-    assert slab.n_pixels == choice.n_pixels and np.isfinite(slab.difference) and slab.difference != choice.difference
+    assert slab.n_pixels == image.n_pixels and np.isfinite(slab.difference) and slab.difference != image.difference
     assert slab.compared_on == "slab" and "held-apart masked pixels" in slab.reason
     with pytest.raises(InputError, match="rescore needs the stages"):
         pn2v_boot.rescore(tmp_path / "none.qs", path)

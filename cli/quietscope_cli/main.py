@@ -114,9 +114,10 @@ def info(input_uri: str, axes: str | None, level: int, as_json: bool) -> None:
               help="pn2v: warm-start from this N2V model (its network; PN2V's prior mean starts equal to its prediction).")
 @click.option("--n2v-fraction", default=None, type=float,
               help="pn2v-boot: where PN2V branches off N2V, as a share of --steps (PN2V trains the rest from there; N2V all of them; default 0.9).")
-@click.option("--compare-on", type=click.Choice(["slab", "image"]), default=None,
-              help="pn2v-boot: where the keep-the-better check draws its pixels: the held-apart slab, or patches "
-                   "spread over the whole image (default: image).")
+@click.option("--compare-on", type=click.Choice(["written", "image", "slab"]), default=None,
+              help="pn2v-boot: what the keep-the-better check scores: what predict writes, on windows over the whole "
+                   "image (default: written); or the estimates from a masked input, on patches over the whole image "
+                   "(image) or on the held-apart slab (slab).")
 @click.option("--patch", default="64", show_default=True, help="Patch size: one number or one per spatial axis (16,64,64).")
 @click.option("--batch", default=16, show_default=True, type=int)
 @click.option("--steps", default=2000, show_default=True, type=int)

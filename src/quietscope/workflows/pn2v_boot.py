@@ -4,20 +4,21 @@ One command: N2V for all ``steps``, paused at ``n2v_fraction`` of them where PN2
 and then finished -> a GMM noise model bootstrapped from the finished N2V's prediction of the
 data (Prakash et al. 2020) -> PN2V warm-started from the paused N2V
 (:meth:`quietscope.methods.pn2v.PN2V.warm_start`, the remaining steps) -> a ground-truth-free
-comparison on patches spread over the whole image (or the held-apart validation slab,
-``compare_on="slab"``), and the model file holds the winner. A kept N2V
-is therefore the model ``train --method n2v --steps`` gives.
+comparison of what each candidate's ``predict`` writes, on windows spread over the whole image,
+and the model file holds the winner. A kept N2V is therefore the model ``train --method n2v
+--steps`` gives.
 
-What the comparison compares: at the same masked pixels of the same patches, Stein's unbiased estimate of the squared error of each
-candidate's *final* estimate of the pixel, in raw units (:func:`quietscope.methods.pn2v.blind_spot_risk`):
-N2V's blind-spot prediction and PN2V's posterior mean, which folds the pixel's own observation
-back in (and, with ``prior_candidate``, PN2V's prior mean, blind like N2V). The noise variance SURE needs is the data's
+What the comparison compares: at the same pixels of the same windows, Stein's unbiased estimate
+of the squared error of each candidate's written output, in raw units, the divergence of the
+whole network estimated by Monte Carlo (:func:`quietscope.methods.pn2v.written_risk`): N2V's
+prediction and PN2V's posterior mean (and, with ``prior_candidate``, PN2V's prior mean). With
+``compare_on="image"`` or ``"slab"`` it scores instead each estimate from a masked input
+(:func:`quietscope.methods.pn2v.blind_spot_risk`), which is not what ``predict`` writes (see
+:func:`compare`). The noise variance SURE needs is the data's
 own Poisson–Gaussian line (from local residuals, as ``inspect-noise`` measures it), not the
 bootstrapped noise model, so a noise model that is too narrow cannot vouch for itself. It is
-evaluated at one signal per pixel for all candidates, N2V's blind-spot prediction of that
-pixel (the same masks for all), so the variance term cancels between the blind candidates and
-their paired difference is their blind-spot-loss difference: a candidate does not score better
-for being brighter on a rising variance line. A PN2V
+evaluated at one signal per pixel for all candidates, N2V's prediction of that pixel, so a
+candidate does not score better for being brighter on a rising variance line. A PN2V
 estimate is kept only if its mean estimated error is lower than N2V's by more than ``margin``
 paired standard errors (:func:`choose`); a kept prior mean is saved as the PN2V model's default
 estimate (``predict`` writes it unless ``--estimate`` says otherwise).
@@ -38,11 +39,13 @@ import torch
 
 from quietscope.chunked import PredictOptions
 from quietscope.errors import ConfigError, InputError, OutputError
+from quietscope.inference import method_halo
 from quietscope.io.reading import Image
 from quietscope.io.stacking import open_stacked
 from quietscope.methods.modelfile import load_model, read_manifest, save_model
 from quietscope.methods.n2v import N2VConfig
-from quietscope.methods.pn2v import PN2V, blind_spot_risk
+from quietscope.methods.pn2v import PN2V, blind_spot_risk, written_risk
+from quietscope.tiling import per_axis
 from quietscope.training.config import expand_patch
 from quietscope.training.loop import TrainConfig, TrainResult
 from quietscope.training.sampler import PatchSampler, split_train_val
@@ -97,7 +100,8 @@ class BootChoice:
     @property
     def pixels(self) -> str:
         """The scored pixels in words."""
-        return "held-apart masked pixels" if self.compared_on == "slab" else "masked pixels spread over the whole image"
+        return {"slab": "held-apart masked pixels", "image": "masked pixels spread over the whole image",
+                "written": "pixels of the written output spread over the whole image"}.get(self.compared_on, self.compared_on)
 
     def _qualifies(self, diff: float | None, se: float | None) -> bool:
         return diff is not None and se is not None and diff + self.margin_se * se < 0
@@ -223,22 +227,55 @@ def _variance(uri: Any, image: Image, axes: str | None, nm: Any, seed: int) -> t
     return line, f"data Poisson-Gaussian line var = {gain:.5g} * s + {intercept:.5g}"
 
 
-#: Where :func:`compare` draws its patches: the held-apart validation slab (one edge band), or
-#: the whole image (the slab and the training region, patches spread over all of it).
-CompareOn = Literal["slab", "image"]
+#: What :func:`compare` scores: what ``predict`` writes, on windows over the whole image
+#: ("written"); or the estimates from a masked input, on patches over the whole image ("image")
+#: or on the held-apart validation slab, one edge band ("slab").
+CompareOn = Literal["written", "image", "slab"]
+
+
+def _written_windows(n2v: Any, image: Image, tcfg: TrainConfig) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Windows spread over the whole image, each a patch with the net's halo around it, and the
+    patch's place in the window: predicted alone, a window's centre equals what ``predict``
+    writes for the whole image.
+    """
+    halo = method_halo(n2v)
+    f = per_axis(n2v.downsampling_factor, len(halo))
+    patch = tuple(tcfg.patch)
+    win = tuple(max(k, min(p + 2 * h, s) // k * k) for p, h, s, k in zip(patch, halo, image.spatial_shape, f))
+    # Where the image is smaller than a patch with its halo, the centre keeps at least half the window.
+    edge = tuple(min(h, w // 4) for h, w in zip(halo, win))
+    centre = tuple(slice(e, w - e) for e, w in zip(edge, win))
+    sampler = PatchSampler(image, win, None, augment=False)
+    return torch.from_numpy(sampler.sample(VAL_PATCHES, np.random.default_rng(tcfg.seed + 99))), centre
 
 
 def compare(n2v: Any, pn2v: PN2V, image: Image, tcfg: TrainConfig, variance: Any, source: str,
-            margin_se: float, prior_candidate: bool = False, where: CompareOn = "image") -> BootChoice:
-    """Score the candidates on ``where`` (same patches, same masks, the noise variance of each
-    pixel taken at N2V's blind-spot prediction for all) and apply :func:`choose`: N2V and
-    PN2V's posterior mean, and PN2V's prior mean with ``prior_candidate``.
+            margin_se: float, prior_candidate: bool = False, where: CompareOn = "written") -> BootChoice:
+    """Score the candidates on ``where`` and apply :func:`choose`: N2V and PN2V's posterior mean,
+    and PN2V's prior mean with ``prior_candidate``. Every pixel's noise variance is taken at
+    N2V's prediction of it, one value for all candidates.
 
-    ``where="slab"`` scores pixels neither network trained on, but one edge band need not stand
-    for the image (BPAE seed 1, docs/benchmarks.md §12f); ``"image"`` draws the patches from the
-    whole image, training pixels included: a blind-spot estimate never sees its own pixel, but
-    the weights were fitted to those pixels' noisy values.
+    ``where="written"`` (the default) scores what ``predict`` writes, on windows spread over the
+    whole image (:func:`quietscope.methods.pn2v.written_risk`). ``"image"`` and ``"slab"`` score
+    each candidate's estimate from a *masked* input (:func:`quietscope.methods.pn2v.blind_spot_risk`),
+    on patches over the whole image or on the held-apart slab. The masked estimates are not what
+    ``predict`` writes: N2V uses its pixel a little when it sees it, and PN2V's fold-in comes on
+    top of a prior that already saw it. On BPAE that made the masked comparison keep a PN2V that
+    wrote a worse image (docs/benchmarks.md §12h).
     """
+    if where == "written":
+        windows, centre = _written_windows(n2v, image, tcfg)
+        valid = getattr(pn2v.noise_model, "clip_limits", None)
+        models = {"n2v": (n2v, None), "pn2v": (pn2v, "mmse"), "pn2v-prior": (pn2v, "prior")}
+        risks = []
+        for m, estimate in (models[k] for k in candidates(prior_candidate)):
+            gen = torch.Generator().manual_seed(tcfg.seed + 4242)  # the same probes for all
+            risks.append(torch.cat([written_risk(m, windows[i:i + 8], variance, gen, centre, valid=valid,
+                                                 estimate=estimate, reference=n2v)
+                                    for i in range(0, windows.shape[0], 8)]).numpy())
+        choice = replace(choose(risks[0], risks[1], margin_se, f"{source} at N2V's prediction of each pixel",
+                                prior_risk=risks[2] if len(risks) > 2 else None), compared_on=where)
+        return choice
     if where == "image":
         region = None
     else:
@@ -312,7 +349,7 @@ def train_pn2v_boot(
     n2v_fraction: float = DEFAULT_N2V_FRACTION,
     margin_se: float = 1.0,
     prior_candidate: bool = False,
-    compare_on: CompareOn = "image",
+    compare_on: CompareOn = "written",
 ) -> BootChoice:
     """N2V, and PN2V branched off it with a bootstrapped GMM, each ``steps`` long; keep the better one.
 
@@ -339,10 +376,12 @@ def train_pn2v_boot(
         the steps, PN2V's prior mean (100 of its 1000 steps as PN2V) was below N2V on 10 of 12
         measured channel-seeds (−0.23 to +0.10 dB, mean −0.09), and the rule kept it once at
         −0.23 dB where the posterior mean was +0.25 (docs/benchmarks.md §12f).
-    compare_on : {"image", "slab"}
-        Where the comparison draws its pixels (:func:`compare`'s ``where``). The whole image by
-        default: on BPAE it kept the better candidate on 2 of 3 seeds where the edge slab kept
-        it on 1, and on W2S both kept N2V on every channel (docs/benchmarks.md §12g).
+    compare_on : {"written", "image", "slab"}
+        What the comparison scores (:func:`compare`'s ``where``). By default what ``predict``
+        writes, on windows over the whole image: on the BPAE and W2S stages of §12g it kept the
+        better model or N2V on all 6 channel-seeds, where scoring the masked estimates kept a
+        PN2V that wrote a worse image once (docs/benchmarks.md §12h). ``"image"`` and
+        ``"slab"`` score the estimates from a masked input (§12f, §12g).
 
     Returns
     -------
@@ -402,7 +441,8 @@ def train_pn2v_boot(
     record = {**asdict(choice), "n2v_steps": total, "branch_step": branch, "pn2v_steps": pn2v_steps,
               "steps_trained": total + pn2v_steps, "stages": str(work),
               "compares": f"SURE of each final estimate ({', '.join(LABELS[k] for k in candidates(prior_candidate))}) "
-                          f"at the same {choice.pixels}, data variance line at N2V's blind-spot prediction (one per pixel, "
+                          f"at the same {choice.pixels}, data variance line at N2V's "
+                          f"{'prediction' if compare_on == 'written' else 'blind-spot prediction'} (one per pixel, "
                           "shared by the candidates)"}
     (work / "choice.json").write_text(json.dumps(record, indent=2))
     _write_winner(model_path, work, choice.kept, record)
@@ -420,7 +460,7 @@ def boot_record(model_path: str | Path) -> dict[str, Any] | None:
     return read_manifest(model_path).get("pn2v_boot")
 
 
-def rescore(model_path: str | Path, input_uri: str | Path | list[str | Path], where: CompareOn = "image",
+def rescore(model_path: str | Path, input_uri: str | Path | list[str | Path], where: CompareOn = "written",
             axes: str | None = None, level: int = 0, margin_se: float = 1.0, prior_candidate: bool = False) -> BootChoice:
     """The comparison of a finished :func:`train_pn2v_boot` run again, on ``where``; writes nothing.
 
