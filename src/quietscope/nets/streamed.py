@@ -48,8 +48,16 @@ class _Node:
 
     n: int
 
+    def __init__(self) -> None:
+        self.marks: dict[int, int] = {}
+
     def register(self, who: object) -> None:
-        raise NotImplementedError
+        self.marks[id(who)] = 0
+
+    def _low_water(self, who: object, lo: int) -> int:
+        """Record that ``who`` is done below ``lo``; return the lowest plane any consumer still needs."""
+        self.marks[id(who)] = max(self.marks[id(who)], lo)
+        return min(self.marks.values())
 
     def get(self, lo: int, hi: int) -> torch.Tensor:
         raise NotImplementedError
@@ -62,10 +70,8 @@ class _Input(_Node):
     """The network's input, held whole by the caller."""
 
     def __init__(self, x: torch.Tensor) -> None:
+        super().__init__()
         self.x, self.n = x, x.shape[2]
-
-    def register(self, who: object) -> None:
-        pass
 
     def get(self, lo: int, hi: int) -> torch.Tensor:
         return self.x[:, :, lo:hi]
@@ -79,17 +85,14 @@ class _Conv(_Node):
     rolling buffer of slabs."""
 
     def __init__(self, conv: nn.Module, post: list[nn.Module], source: _Node, step: int) -> None:
+        super().__init__()
         self.conv, self.post, self.source, self.step = conv, post, source, max(1, int(step))
         self.n = source.n
         self.fn = F.conv2d if isinstance(conv, nn.Conv2d) else F.conv3d
         self.padding = (0,) + tuple(conv.padding[1:])
         self.chunks: list[tuple[int, int, torch.Tensor]] = []
         self.front = 0
-        self.marks: dict[int, int] = {}
         source.register(self)
-
-    def register(self, who: object) -> None:
-        self.marks[id(who)] = 0
 
     def _compute(self, a: int, b: int) -> torch.Tensor:
         lo, hi = max(a - 1, 0), min(b + 1, self.n)
@@ -117,8 +120,7 @@ class _Conv(_Node):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
     def release(self, who: object, lo: int) -> None:
-        self.marks[id(who)] = max(self.marks[id(who)], lo)
-        keep = min(self.marks.values())
+        keep = self._low_water(who, lo)
         while self.chunks and self.chunks[0][1] <= keep:
             self.chunks.pop(0)
 
@@ -127,16 +129,13 @@ class _Pool(_Node):
     """Max-pooling (or N2V2's blur-pool) of a source's planes, computed when asked, not kept."""
 
     def __init__(self, pool: nn.Module, source: _Node) -> None:
+        super().__init__()
         self.pool, self.source = pool, source
         self.blur = hasattr(pool, "kernel") and hasattr(pool, "_far")  # N2V2's BlurPool
         kz = pool.pool[0] if self.blur else pool.kernel_size
         self.pz = int(kz[0] if isinstance(kz, tuple) else kz)
         self.n = source.n // self.pz
-        self.marks: dict[int, int] = {}
         source.register(self)
-
-    def register(self, who: object) -> None:
-        self.marks[id(who)] = 0
 
     def _needs(self, lo: int) -> int:
         """The first source plane output plane ``lo`` reads."""
@@ -170,23 +169,19 @@ class _Pool(_Node):
         return conv_fn(m, bp.kernel, stride=bp.pool, groups=bp.channels)
 
     def release(self, who: object, lo: int) -> None:
-        self.marks[id(who)] = max(self.marks[id(who)], lo)
-        self.source.release(self, self._needs(min(self.marks.values())))
+        self.source.release(self, self._needs(self._low_water(who, lo)))
 
 
 class _UpCat(_Node):
     """``cat([upsample(coarse), skip])`` planes, computed when asked, not kept."""
 
     def __init__(self, upsample: nn.Module, factor: int, coarse: _Node, skip: _Node | None) -> None:
+        super().__init__()
         self.upsample, self.f, self.coarse, self.skip = upsample, factor, coarse, skip
         self.n = coarse.n * factor
-        self.marks: dict[int, int] = {}
         coarse.register(self)
         if skip is not None:
             skip.register(self)
-
-    def register(self, who: object) -> None:
-        self.marks[id(who)] = 0
 
     def get(self, lo: int, hi: int) -> torch.Tensor:
         c0 = lo // self.f
@@ -194,8 +189,7 @@ class _UpCat(_Node):
         return up if self.skip is None else torch.cat([up, self.skip.get(lo, hi)], dim=1)
 
     def release(self, who: object, lo: int) -> None:
-        self.marks[id(who)] = max(self.marks[id(who)], lo)
-        keep = min(self.marks.values())
+        keep = self._low_water(who, lo)
         self.coarse.release(self, keep // self.f)
         if self.skip is not None:
             self.skip.release(self, keep)
