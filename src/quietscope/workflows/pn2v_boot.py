@@ -231,6 +231,9 @@ def _variance(uri: Any, image: Image, axes: str | None, nm: Any, seed: int) -> t
 #: ("written"); or the estimates from a masked input, on patches over the whole image ("image")
 #: or on the held-apart validation slab, one edge band ("slab").
 CompareOn = Literal["written", "image", "slab"]
+#: Where each pixel's noise variance is taken, per :data:`CompareOn`: N2V's prediction of it as
+#: written, or from the same masked input as the scored estimates.
+VARIANCE_AT = {"written": "prediction", "image": "blind-spot prediction", "slab": "blind-spot prediction"}
 
 
 def _written_windows(n2v: Any, image: Image, tcfg: TrainConfig) -> tuple[torch.Tensor, tuple[slice, ...]]:
@@ -263,39 +266,35 @@ def compare(n2v: Any, pn2v: PN2V, image: Image, tcfg: TrainConfig, variance: Any
     top of a prior that already saw it. On BPAE that made the masked comparison keep a PN2V that
     wrote a worse image (docs/benchmarks.md §12h).
     """
+    valid = getattr(pn2v.noise_model, "clip_limits", None)
     if where == "written":
         windows, centre = _written_windows(n2v, image, tcfg)
-        valid = getattr(pn2v.noise_model, "clip_limits", None)
-        models = {"n2v": (n2v, None), "pn2v": (pn2v, "mmse"), "pn2v-prior": (pn2v, "prior")}
-        risks = []
-        for m, estimate in (models[k] for k in candidates(prior_candidate)):
-            gen = torch.Generator().manual_seed(tcfg.seed + 4242)  # the same probes for all
-            risks.append(torch.cat([written_risk(m, windows[i:i + 8], variance, gen, centre, valid=valid,
-                                                 estimate=estimate, reference=n2v)
-                                    for i in range(0, windows.shape[0], 8)]).numpy())
-        choice = replace(choose(risks[0], risks[1], margin_se, f"{source} at N2V's prediction of each pixel",
-                                prior_risk=risks[2] if len(risks) > 2 else None), compared_on=where)
-        return choice
-    if where == "image":
-        region = None
+
+        def risk(m: Any, estimate: str | None, gen: torch.Generator) -> torch.Tensor:
+            return torch.cat([written_risk(m, windows[i:i + 8], variance, gen, centre, valid=valid,
+                                           estimate=estimate, reference=n2v)
+                              for i in range(0, windows.shape[0], 8)])
     else:
-        _, region = split_train_val(image.spatial_shape, tuple(tcfg.patch), tcfg.val_fraction)
-        if region is None:
-            raise ConfigError("pn2v-boot compares the models on the held-apart slab; use --val-fraction > 0")
-    sampler = PatchSampler(image, tuple(tcfg.patch), region, augment=False)
-    batch = torch.from_numpy(sampler.sample(VAL_PATCHES, np.random.default_rng(tcfg.seed + 99)))
-    valid = getattr(pn2v.noise_model, "clip_limits", None)
+        region = None
+        if where == "slab":
+            _, region = split_train_val(image.spatial_shape, tuple(tcfg.patch), tcfg.val_fraction)
+            if region is None:
+                raise ConfigError("pn2v-boot compares the models on the held-apart slab; use --val-fraction > 0")
+        sampler = PatchSampler(image, tuple(tcfg.patch), region, augment=False)
+        batch = torch.from_numpy(sampler.sample(VAL_PATCHES, np.random.default_rng(tcfg.seed + 99)))
+
+        def risk(m: Any, estimate: str | None, gen: torch.Generator) -> torch.Tensor:
+            return torch.cat([blind_spot_risk(m, batch[i:i + 16], variance, gen, VAL_DRAWS, valid, estimate,
+                                              reference=n2v)
+                              for i in range(0, batch.shape[0], 16)])
     models = {"n2v": (n2v, None), "pn2v": (pn2v, "mmse"), "pn2v-prior": (pn2v, "prior")}
-    risks = []
-    for m, estimate in (models[k] for k in candidates(prior_candidate)):
-        gen = torch.Generator().manual_seed(tcfg.seed + 4242)  # the same masks for all
-        risks.append(torch.cat([blind_spot_risk(m, batch[i:i + 16], variance, gen, VAL_DRAWS, valid, estimate,
-                                                reference=n2v)
-                                for i in range(0, batch.shape[0], 16)]).numpy())
-    choice = replace(choose(risks[0], risks[1], margin_se, f"{source} at N2V's blind-spot prediction of each pixel",
+    # The same masks (or Monte-Carlo probes) for all candidates: a paired comparison.
+    risks = [risk(m, estimate, torch.Generator().manual_seed(tcfg.seed + 4242)).numpy()
+             for m, estimate in (models[k] for k in candidates(prior_candidate))]
+    choice = replace(choose(risks[0], risks[1], margin_se, f"{source} at N2V's {VARIANCE_AT[where]} of each pixel",
                             prior_risk=risks[2] if len(risks) > 2 else None), compared_on=where)
-    if choice.n2v_risk < 0:
-        # E[(N2V - x)^2] = N2V's error + the noise variance, so a negative estimate means the
+    if where != "written" and choice.n2v_risk < 0:
+        # (Said of the masked comparison, where N2V's estimate is blind.) E[(N2V - x)^2] = N2V's error + the noise variance, so a negative estimate means the
         # variance overstates the noise here; its 2 v df/dx term then over-penalises PN2V's
         # fold-in: the comparison leans towards N2V (the safe side), it does not favour PN2V.
         log.warning("pn2v-boot: the %s overstates the noise on the held-apart pixels (N2V's estimated error %.4g < 0); "
@@ -441,8 +440,7 @@ def train_pn2v_boot(
     record = {**asdict(choice), "n2v_steps": total, "branch_step": branch, "pn2v_steps": pn2v_steps,
               "steps_trained": total + pn2v_steps, "stages": str(work),
               "compares": f"SURE of each final estimate ({', '.join(LABELS[k] for k in candidates(prior_candidate))}) "
-                          f"at the same {choice.pixels}, data variance line at N2V's "
-                          f"{'prediction' if compare_on == 'written' else 'blind-spot prediction'} (one per pixel, "
+                          f"at the same {choice.pixels}, data variance line at N2V's {VARIANCE_AT[compare_on]} (one per pixel, "
                           "shared by the candidates)"}
     (work / "choice.json").write_text(json.dumps(record, indent=2))
     _write_winner(model_path, work, choice.kept, record)
