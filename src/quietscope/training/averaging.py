@@ -65,6 +65,6 @@ class WeightAverage:
         return {"decay": self.decay, "average": self.model.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if abs(float(state["decay"]) - self.decay) > 0:
+        if float(state["decay"]) != self.decay:
             raise ValueError(f"the checkpoint's average has decay {state['decay']}, this run {self.decay}")
         self.model.load_state_dict(state["average"])
