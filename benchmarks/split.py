@@ -31,6 +31,7 @@ benchmarks.split --level high; wait; python -m benchmarks.split --merge``.
 Learning curves (issue #16): ``python benchmarks/split.py --curve [--steps N] [--musplit-steps M]
 [--unet-steps U] [--every K] [--pairs nuclei_actin,actin_mito,w2s_mito_actin] [--levels high,moderate]
 [--methods denoisplit,musplit,unet_noisy,sequential] [--keep best|last] [--criteria] [--ema D[,D2]]
+[--noise-models bootstrap|calibrated]
 [--out split_curve.json]``. ``--criteria`` scores candidate keep criteria on the whole
 held-apart field at every evaluation (:func:`val_criteria`, VAEs only). ``--ema D`` keeps an
 exponential moving average of each VAE's weights (decay ``D``, :mod:`quietscope.training.averaging`)
@@ -77,6 +78,10 @@ IMAGES = ROOT / "docs" / "images"
 LEVELS = [("moderate", 0.05, 0.1), ("high", 0.01, 0.25)]
 SPLIT_STEPS = 250
 N2V_STEPS = 150
+#: Where the curve's denoiSplit noise models come from: "bootstrap" (N2V predictions, no clean
+#: data; the documented recipe) or "calibrated" (the clean training channels as the signal: what
+#: a user with calibration data has, and the reference for judging the bootstrap).
+NOISE_MODELS = "bootstrap"
 log = logging.getLogger("split-bench")
 
 
@@ -86,6 +91,27 @@ def bootstrap_noise_model(pred: np.ndarray, noisy: np.ndarray, path: Path) -> st
     s, x = pairs_from_prediction(pred, noisy)
     fit_gmm(s, x, n_gaussian=3, n_coeff=2, n_iterations=1000, seed=0).save(path)
     return str(path)
+
+
+def calibrated_noise_model(clean: np.ndarray, noisy: np.ndarray, path: Path) -> str:
+    """The GMM fitted to (clean, noisy) pairs of the training channel: the noise model a
+    calibration would give, against which the bootstrapped one is judged."""
+    from quietscope.noise_models import fit_gmm
+
+    fit_gmm(clean.ravel(), noisy.ravel(), n_gaussian=3, n_coeff=2, n_iterations=1000, seed=0).save(path)
+    return str(path)
+
+
+def noise_model_std(files: dict[str, str], clean: np.ndarray, pscale: float, gauss_sd: float) -> dict:
+    """Each noise model's std at the clean signal's 10/50/90/99th percentiles, with the true std
+    of the simulated noise there (Poisson at ``pscale`` photons per unit + Gaussian ``gauss_sd``)."""
+    from quietscope.noise_models import load_noise_model
+
+    s = np.percentile(clean, [10, 50, 90, 99])
+    out = {"signal": [round(float(v), 1) for v in s], "true": [round(float(v), 2) for v in np.sqrt(s / pscale + gauss_sd**2)]}
+    for name, f in files.items():
+        out[name] = [round(float(v), 2) for v in load_noise_model(f).mean_std(s)[1]]
+    return out
 
 
 def run_level(name: str, pscale: float, grel: float, clean: np.ndarray, work: Path) -> dict:
@@ -567,7 +593,13 @@ def prepare_level(pair: str, level: str, pscale: float, grel: float, work: Path,
         train(f, w / f"n2v_ch{i}.qs", n2v, N2V_STEPS)
         d = run_predict(str(w / f"n2v_ch{i}.qs"), f, w / f"n2v_ch{i}.ome.zarr")[0]
         den.append(d)
-        nm_files.append(bootstrap_noise_model(d, tr[i], w / f"nm_ch{i}.json"))
+        c_tr = clean[(i,) + regions["train"]]
+        boot = bootstrap_noise_model(d, tr[i], w / f"nm_boot_ch{i}.json")
+        calib = calibrated_noise_model(c_tr, tr[i], w / f"nm_calib_ch{i}.json")
+        nm_files.append(calib if NOISE_MODELS == "calibrated" else boot)
+        res.setdefault("noise_model_std", {})[f"ch{i}"] = noise_model_std(
+            {"bootstrap": boot, "calibrated": calib}, c_tr, pscale, grel * float(clean[i].std()))
+    res["noise_models"] = NOISE_MODELS
     test_den = None
     if sequential:
         f = write_tif(w / "train_sum.tif", tr.sum(0))
@@ -702,7 +734,10 @@ def curve_main(argv: list[str]) -> int:
     def arg(name, default):
         return type(default)(argv[argv.index(name) + 1]) if name in argv else default
 
-    global N2V_STEPS
+    global N2V_STEPS, NOISE_MODELS
+    NOISE_MODELS = arg("--noise-models", NOISE_MODELS)
+    if NOISE_MODELS not in ("bootstrap", "calibrated"):
+        raise SystemExit(f"--noise-models {NOISE_MODELS}: use bootstrap or calibrated")
     torch.set_num_threads(int(os.environ.get("QS_THREADS", "1")))
     N2V_STEPS = arg("--n2v-steps", N2V_STEPS)
     n = arg("--steps", 3000)
