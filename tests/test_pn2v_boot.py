@@ -315,14 +315,14 @@ def test_pipeline_keeps_the_scripted_winner_and_says_so(n2v_model, tmp_path, mon
         assert method.estimate == manifest["method"]["estimate"] == "mmse"
     assert manifest["pn2v_boot"]["kept"] == winner
     rec = manifest["pn2v_boot"]
-    assert (rec["n2v_steps"], rec["branch_step"], rec["pn2v_steps"], rec["steps_trained"]) == (10, 9, 1, 11)
+    assert (rec["n2v_steps"], rec["branch_step"], rec["pn2v_steps"], rec["steps_trained"]) == (10, 7, 3, 13)
     stages = boot_dir(out)
     assert {p.name for p in stages.iterdir()} >= {"n2v.qs", "n2v_branch.qs", "pn2v.qs", "noise_model.json", "choice.json"}
     if winner == "n2v":  # the kept N2V is the one 'train --method n2v' gives for all the steps, not the branch
         straight = train_model(path, tmp_path / "straight.qs", {"method": "n2v", "net": TINY, "masked_pixel_percentage": 2.0},
                                {**TRAIN, "steps": 10}, progress=False).method
         assert_same_weights(straight, method)
-        assert read_manifest(stages / "n2v_branch.qs")["paused_at"] == 9
+        assert read_manifest(stages / "n2v_branch.qs")["paused_at"] == 7
     assert json.loads((stages / "choice.json").read_text())["kept"] == winner
     assert f"keeping {winner.upper()}" in caplog.text
     if winner == "pn2v":

@@ -113,7 +113,7 @@ def info(input_uri: str, axes: str | None, level: int, as_json: bool) -> None:
 @click.option("--init", "init", default=None, type=click.Path(dir_okay=False, exists=True),
               help="pn2v: warm-start from this N2V model (its network; PN2V's prior mean starts equal to its prediction).")
 @click.option("--n2v-fraction", default=None, type=float,
-              help="pn2v-boot: where PN2V branches off N2V, as a share of --steps (PN2V trains the rest from there; N2V all of them; default 0.9).")
+              help="pn2v-boot: where PN2V branches off N2V, as a share of --steps (PN2V trains the rest from there; N2V all of them; default 0.7).")
 @click.option("--compare-on", type=click.Choice(["written", "image", "slab"]), default=None,
               help="pn2v-boot: what the keep-the-better check scores: what predict writes, on windows over the whole "
                    "image (default: written); or the estimates from a masked input, on patches over the whole image "

@@ -56,11 +56,11 @@ __all__ = ["BootChoice", "CompareOn", "DEFAULT_N2V_FRACTION", "LABELS", "boot_di
 
 log = logging.getLogger(__name__)
 
-#: Where PN2V branches off N2V, as a share of the steps; PN2V trains the rest. Late, because PN2V's
-#: gain was the centre pixel's fold-in, not a better prior mean (docs/benchmarks.md §12d), and the
-#: run trains ``steps * (2 - fraction)`` in all. Whether 10 % of the steps is enough for PN2V is
-#: not yet measured (§12e).
-DEFAULT_N2V_FRACTION = 0.9
+#: Where PN2V branches off N2V, as a share of the steps; PN2V trains the rest, and the run trains
+#: ``steps * (2 - fraction)`` in all. Measured on BPAE, 3 seeds (docs/benchmarks.md §12i): with
+#: 30 % of the steps PN2V's posterior mean was +0.64 to +1.00 dB above N2V and the check kept it
+#: every time; with 10 % it was +0.25 to +0.72, too close to N2V for the check to tell on 2 seeds.
+DEFAULT_N2V_FRACTION = 0.7
 #: Held-apart patches and mask draws of the final comparison (tens of thousands of pixels).
 VAL_PATCHES, VAL_DRAWS = 64, 16
 _FORMAT_KEYS = ("format", "format_version", "quietscope_version", "torch_version", "method")
@@ -320,7 +320,7 @@ def _steps(total: int, n2v_fraction: float) -> tuple[int, int]:
         return 1 <= int(round(n * n2v_fraction)) <= n - 1
 
     if not shares(total):
-        # The least budget that leaves both stages a step at this fraction (2 at 0.5, 5 at 0.9).
+        # The least budget that leaves both stages a step at this fraction (2 at 0.5 and at 0.7, 5 at 0.9).
         least = next(n for n in range(2, 10**6) if shares(n))
         raise ConfigError(f"--steps {total} is too few to share between N2V and PN2V at --n2v-fraction {n2v_fraction}; "
                           f"use at least {least}")
@@ -372,7 +372,7 @@ def train_pn2v_boot(
         See :func:`choose`.
     prior_candidate : bool
         Also offer PN2V's prior mean (a third candidate). Off by default: since N2V trains all
-        the steps, PN2V's prior mean (100 of its 1000 steps as PN2V) was below N2V on 10 of 12
+        the steps, PN2V's prior mean (measured with 100 of its 1000 steps as PN2V) was below N2V on 10 of 12
         measured channel-seeds (−0.23 to +0.10 dB, mean −0.09), and the rule kept it once at
         −0.23 dB where the posterior mean was +0.25 (docs/benchmarks.md §12f).
     compare_on : {"written", "image", "slab"}
