@@ -30,7 +30,7 @@ benchmarks.split --level high; wait; python -m benchmarks.split --merge``.
 
 Learning curves (issue #16): ``python benchmarks/split.py --curve [--steps N] [--musplit-steps M]
 [--unet-steps U] [--every K] [--pairs nuclei_actin,actin_mito,w2s_mito_actin] [--levels high,moderate]
-[--methods denoisplit,musplit,unet_noisy,sequential] [--keep best|last] [--criteria] [--ema D[,D2]]
+[--methods denoisplit,musplit,unet_noisy,unet_clean,sequential] [--keep best|last] [--criteria] [--ema D[,D2]]
 [--noise-models bootstrap|calibrated]
 [--out split_curve.json]``. ``--criteria`` scores candidate keep criteria on the whole
 held-apart field at every evaluation (:func:`val_criteria`, VAEs only). ``--ema D`` keeps an
@@ -478,6 +478,37 @@ def val_criteria(learner, val: np.ndarray, passes: int = 8, frac: float = 0.02, 
             "blind_r2_fglocal": round(r2(blind, seen & fg_local), 4), "r2_fglocal": round(r2(full, fg_local), 4)}
 
 
+
+class CleanTargetUNet(UNetLearner):
+    """The same U-Net given the *clean* structures as targets, the noisy sum as input: a
+    supervised upper reference for what any learner of this size can split at a noise level
+    (``--methods unet_clean``). ``pairs`` stacks the noisy channels, then the clean ones."""
+
+    def __init__(self, pairs: np.ndarray, steps: int) -> None:
+        n = pairs.shape[0] // 2
+        super().__init__(pairs[n:], steps)
+        tot = pairs[:n].sum(0)
+        self.sm, self.ss = float(tot.mean()), float(tot.std())
+        self.n = n
+
+    def step(self, batch: np.ndarray, i: int) -> float:
+        import torch
+
+        from quietscope.training.loop import lr_at
+
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(i, self.steps, CURVE_LR)
+        self.net.train()
+        noisy, clean = batch[:, :self.n], batch[:, self.n:]
+        inp = torch.from_numpy(((noisy.sum(1, keepdims=True) - self.sm) / self.ss).astype(np.float32))
+        tgt = torch.from_numpy(((clean - self.m[None]) / self.s[None]).astype(np.float32))
+        loss = ((self.net(inp) - tgt) ** 2).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return float(loss)
+
+
 class CurveJob:
     """One learner trained for ``steps``; every ``every`` steps it scores the test field
     (posterior means) and the keep-best criterion on held-apart validation fields, and calls
@@ -608,7 +639,7 @@ def prepare_level(pair: str, level: str, pscale: float, grel: float, work: Path,
     res["preprocessing_cpu_s"] = round(time.process_time() - t0, 1)
     save()
     return {"pair": pair, "level": level, "key": key, "res": res, "tr": tr, "va": va, "te": te, "ca": ca,
-            "gt_te": clean[(slice(None),) + regions["test"]], "gt_ca": clean[(slice(None),) + regions["calib"]], "den": np.stack(den),
+            "gt_tr": clean[(slice(None),) + regions["train"]], "gt_te": clean[(slice(None),) + regions["test"]], "gt_ca": clean[(slice(None),) + regions["calib"]], "den": np.stack(den),
             "nm_files": nm_files, "test_den": test_den}
 
 
@@ -618,6 +649,7 @@ def make_jobs(lv: dict, names: list[str], steps: dict, every: int, save, keep: d
     ``"best"`` (the held-apart criterion, the default) or ``"last"``; ``ema``: decays of the
     weight averages the VAEs keep beside their weights, scored at every evaluation."""
     res, tr, te = lv["res"], lv["tr"], lv["te"]
+    pairs = np.concatenate([tr, lv["gt_tr"]]) if "unet_clean" in names else None
 
     def recorder(name):
         def rec(curve, avg_curves=None):
@@ -629,6 +661,7 @@ def make_jobs(lv: dict, names: list[str], steps: dict, every: int, save, keep: d
 
     makers = {
         "unet_noisy": (lambda: UNetLearner(tr, steps["unet"]), tr, te.sum(0), steps["unet"], 0),
+        "unet_clean": (lambda: CleanTargetUNet(pairs, steps["unet"]), pairs, te.sum(0), steps["unet"], 0),
         "sequential": (lambda: UNetLearner(lv["den"], steps["unet"]), lv["den"], lv["test_den"], steps["unet"], 0),
         "musplit": (lambda: VAELearner({"method": "musplit", **CURVE_VAE}, tr, steps["musplit"], ema), tr, te.sum(0),
                     steps["musplit"], 8),
