@@ -297,8 +297,9 @@ def _recommend(structure: NoiseStructure, photons: float, low_photon_count: floa
         if trusted:
             reasons.append(
                 "alternative: pn2v, sometimes a little more accurate: 'quietscope train DATA --method pn2v-boot' "
-                "trains N2V, bootstraps a noise model from it and a PN2V warm-started from it within the same --steps, "
-                "and keeps PN2V only if a held-apart self-supervised check says it beats N2V. By hand: "
+                "trains N2V, bootstraps a noise model from it and a PN2V warm-started from it, each --steps long "
+                "(1.3 x --steps in all), and keeps PN2V only if a ground-truth-free check of what predict writes "
+                "says it beats N2V. By hand: "
                 "'quietscope noise-model bootstrap N2V_MODEL DATA -o nm.json' (or 'noise-model fit --calibration STACK'), "
                 "then '--method pn2v --noise-model nm.json --init N2V_MODEL' (camera: " + " ".join(gain_opts) + ")."
             )
