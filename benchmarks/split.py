@@ -31,7 +31,7 @@ benchmarks.split --level high; wait; python -m benchmarks.split --merge``.
 Learning curves (issue #16): ``python benchmarks/split.py --curve [--steps N] [--musplit-steps M]
 [--unet-steps U] [--every K] [--pairs nuclei_actin,actin_mito,w2s_mito_actin] [--levels high,moderate]
 [--methods denoisplit,musplit,unet_noisy,unet_clean,sequential] [--keep best|last] [--criteria] [--ema D[,D2]]
-[--noise-models bootstrap|calibrated]
+[--noise-models bootstrap|calibrated] [--filters F] [--latent C]
 [--out split_curve.json]``. ``--criteria`` scores candidate keep criteria on the whole
 held-apart field at every evaluation (:func:`val_criteria`, VAEs only). ``--ema D`` keeps an
 exponential moving average of each VAE's weights (decay ``D``, :mod:`quietscope.training.averaging`)
@@ -767,8 +767,11 @@ def curve_main(argv: list[str]) -> int:
     def arg(name, default):
         return type(default)(argv[argv.index(name) + 1]) if name in argv else default
 
-    global N2V_STEPS, NOISE_MODELS
+    global N2V_STEPS, NOISE_MODELS, CURVE_VAE
     NOISE_MODELS = arg("--noise-models", NOISE_MODELS)
+    # --filters F / --latent C: a wider ladder VAE than the recipe's (16 filters, 8 latent channels).
+    CURVE_VAE = {**CURVE_VAE, "net": {**CURVE_VAE["net"], "filters": arg("--filters", CURVE_VAE["net"]["filters"])},
+                 "latent_channels": arg("--latent", CURVE_VAE["latent_channels"])}
     if NOISE_MODELS not in ("bootstrap", "calibrated"):
         raise SystemExit(f"--noise-models {NOISE_MODELS}: use bootstrap or calibrated")
     torch.set_num_threads(int(os.environ.get("QS_THREADS", "1")))
