@@ -390,6 +390,10 @@ class UNetLearner:
         self.steps = steps
 
     def step(self, batch: np.ndarray, i: int) -> float:
+        return self._fit(batch.sum(1, keepdims=True), batch, i)
+
+    def _fit(self, inp_raw: np.ndarray, tgt_raw: np.ndarray, i: int) -> float:
+        """One MSE step from the (raw) input sum onto the (raw) targets, both normalised here."""
         import torch
 
         from quietscope.training.loop import lr_at
@@ -397,13 +401,13 @@ class UNetLearner:
         for g in self.opt.param_groups:
             g["lr"] = lr_at(i, self.steps, CURVE_LR)
         self.net.train()
-        inp = torch.from_numpy(((batch.sum(1, keepdims=True) - self.sm) / self.ss).astype(np.float32))
-        tgt = torch.from_numpy(((batch - self.m[None]) / self.s[None]).astype(np.float32))
+        inp = torch.from_numpy(((inp_raw - self.sm) / self.ss).astype(np.float32))
+        tgt = torch.from_numpy(((tgt_raw - self.m[None]) / self.s[None]).astype(np.float32))
         loss = ((self.net(inp) - tgt) ** 2).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     def predict(self, x: np.ndarray, n_samples: int = 0) -> np.ndarray:
         import torch
@@ -492,21 +496,7 @@ class CleanTargetUNet(UNetLearner):
         self.n = n
 
     def step(self, batch: np.ndarray, i: int) -> float:
-        import torch
-
-        from quietscope.training.loop import lr_at
-
-        for g in self.opt.param_groups:
-            g["lr"] = lr_at(i, self.steps, CURVE_LR)
-        self.net.train()
-        noisy, clean = batch[:, :self.n], batch[:, self.n:]
-        inp = torch.from_numpy(((noisy.sum(1, keepdims=True) - self.sm) / self.ss).astype(np.float32))
-        tgt = torch.from_numpy(((clean - self.m[None]) / self.s[None]).astype(np.float32))
-        loss = ((self.net(inp) - tgt) ** 2).mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return float(loss)
+        return self._fit(batch[:, :self.n].sum(1, keepdims=True), batch[:, self.n:], i)
 
 
 class CurveJob:
