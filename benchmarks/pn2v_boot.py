@@ -73,7 +73,6 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
     from quietscope.methods.modelfile import read_manifest
     from quietscope.workflows.pn2v_boot import boot_dir, rescore, train_pn2v_boot
     from quietscope.workflows.pn2v_boot import candidates as offered_candidates
-    from quietscope.workflows.train import train_model
 
     d, name, seed, steps = Path(task["dir"]), task["name"], task["seed"], task["steps"]
     clean, src = np.load(d / "clean.npy"), d / "noisy.ome.zarr"
@@ -81,12 +80,7 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
     base = {"dataset": name, "seed": seed, "steps": steps}
     rows: list[dict[str, Any]] = []
     partial = d / f"rows_s{seed}_steps{steps}.json"
-    t0 = time.perf_counter()
-    n2v = d / f"n2v_s{seed}_steps{steps}.qs"
-    if not n2v.exists():  # a rerun after a crash keeps the models it finished (same options)
-        train_model(str(src), n2v, {**method, "method": "n2v"}, tr, overwrite=True, progress=False)
-    t_n2v = time.perf_counter() - t0
-    rows.append({**base, "row": "n2v", "train_s": t_n2v, **score(predict_array(n2v, src, d / f"p_n2v_s{seed}.ome.zarr"), clean, name)})
+    rows.append({**base, "row": "n2v", **n2v_scored(d, name, seed, steps, f"p_n2v_s{seed}.ome.zarr", clean)})
     write_json(partial, rows)
 
     t0 = time.perf_counter()
@@ -140,6 +134,21 @@ def run_task(task: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def n2v_scored(d: Path, name: str, seed: int, n2v_steps: int, pred: str, clean: np.ndarray) -> dict[str, Any]:
+    """N2V of ``n2v_steps`` on the task's data (trained unless a model of that name exists: a rerun
+    after a crash keeps the models it finished, same options) and its scores against ``clean``;
+    ``train_s`` is the training time."""
+    from quietscope.workflows.train import train_model
+
+    src = d / "noisy.ome.zarr"
+    method, tr = train_options(n2v_steps, seed)
+    n2v = d / f"n2v_s{seed}_steps{n2v_steps}.qs"
+    t0 = time.perf_counter()
+    if not n2v.exists():
+        train_model(str(src), n2v, {**method, "method": "n2v"}, tr, overwrite=True, progress=False)
+    return {"train_s": time.perf_counter() - t0, **score(predict_array(n2v, src, d / pred), clean, name)}
+
+
 def run_n2v_total(task: dict[str, Any]) -> list[dict[str, Any]]:
     """N2V trained for the pipeline's *total* steps, ``steps * (2 - n2v_fraction)`` (``--n2v-total``):
     the issue's "equal total budget" read strictly, against the kept model of the main run."""
@@ -148,19 +157,12 @@ def run_n2v_total(task: dict[str, Any]) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     from quietscope.workflows.pn2v_boot import _steps
-    from quietscope.workflows.train import train_model
 
     d, name, seed, steps = Path(task["dir"]), task["name"], task["seed"], task["steps"]
     total = steps + _steps(steps, task["n2v_fraction"])[1]
-    clean, src = np.load(d / "clean.npy"), d / "noisy.ome.zarr"
-    method, tr = train_options(total, seed)
-    n2v = d / f"n2v_s{seed}_steps{total}.qs"
-    t0 = time.perf_counter()
-    if not n2v.exists():
-        train_model(str(src), n2v, {**method, "method": "n2v"}, tr, overwrite=True, progress=False)
     row = {"dataset": name, "seed": seed, "steps": steps, "row": f"n2v ({total} steps: the pipeline's total)",
-           "n2v_steps": total, "train_s": time.perf_counter() - t0,
-           **score(predict_array(n2v, src, d / f"p_n2v_total_s{seed}.ome.zarr"), clean, name)}
+           "n2v_steps": total, **n2v_scored(d, name, seed, total, f"p_n2v_total_s{seed}.ome.zarr",
+                                   np.load(d / "clean.npy"))}
     write_json(d / f"rows_s{seed}_steps{steps}_n2v_total.json", [row])
     return [row]
 
