@@ -482,7 +482,6 @@ def val_criteria(learner, val: np.ndarray, passes: int = 8, frac: float = 0.02, 
             "blind_r2_fglocal": round(r2(blind, seen & fg_local), 4), "r2_fglocal": round(r2(full, fg_local), 4)}
 
 
-
 class CleanTargetUNet(UNetLearner):
     """The same U-Net given the *clean* structures as targets, the noisy sum as input: a
     supervised upper reference for what any learner of this size can split at a noise level
@@ -759,11 +758,11 @@ def curve_main(argv: list[str]) -> int:
 
     global N2V_STEPS, NOISE_MODELS, CURVE_VAE
     NOISE_MODELS = arg("--noise-models", NOISE_MODELS)
+    if NOISE_MODELS not in ("bootstrap", "calibrated"):
+        raise SystemExit(f"--noise-models {NOISE_MODELS}: use bootstrap or calibrated")
     # --filters F / --latent C: a wider ladder VAE than the recipe's (16 filters, 8 latent channels).
     CURVE_VAE = {**CURVE_VAE, "net": {**CURVE_VAE["net"], "filters": arg("--filters", CURVE_VAE["net"]["filters"])},
                  "latent_channels": arg("--latent", CURVE_VAE["latent_channels"])}
-    if NOISE_MODELS not in ("bootstrap", "calibrated"):
-        raise SystemExit(f"--noise-models {NOISE_MODELS}: use bootstrap or calibrated")
     torch.set_num_threads(int(os.environ.get("QS_THREADS", "1")))
     N2V_STEPS = arg("--n2v-steps", N2V_STEPS)
     n = arg("--steps", 3000)
