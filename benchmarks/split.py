@@ -31,7 +31,7 @@ benchmarks.split --level high; wait; python -m benchmarks.split --merge``.
 Learning curves (issue #16): ``python benchmarks/split.py --curve [--steps N] [--musplit-steps M]
 [--unet-steps U] [--every K] [--pairs nuclei_actin,actin_mito,w2s_mito_actin] [--levels high,moderate]
 [--methods denoisplit,musplit,unet_noisy,unet_clean,sequential] [--keep best|last] [--criteria] [--ema D[,D2]]
-[--noise-models bootstrap|calibrated] [--filters F] [--latent C]
+[--noise-models bootstrap|calibrated] [--filters F] [--latent C] [--unet-depth D] [--unet-filters F] [--seed S]
 [--out split_curve.json]``. ``--criteria`` scores candidate keep criteria on the whole
 held-apart field at every evaluation (:func:`val_criteria`, VAEs only). ``--ema D`` keeps an
 exponential moving average of each VAE's weights (decay ``D``, :mod:`quietscope.training.averaging`)
@@ -248,6 +248,11 @@ CURVE_VAE = {"net": {"depth": 3, "filters": 16}, "latent_channels": 8, "context_
 #: VAE patch (its field is 4x wider: 128²), U-Net patch, batch, learning rate; share of
 #: foreground fields (patch brighter than the image's mean sum) in every batch.
 CURVE_PATCH, UNET_PATCH, CURVE_BATCH, CURVE_LR, CURVE_FOREGROUND = 32, 64, 8, 1e-3, 0.8
+#: The curve U-Nets (noisy targets, clean targets, sequential): ``--unet-depth``, ``--unet-filters``.
+UNET_NET = {"depth": 2, "filters": 16}
+#: Seed of the curve learners' initial weights, batches and sampling (``--seed``); the noise
+#: realisation and the validation fields do not depend on it.
+TRAIN_SEED = 0
 
 
 def load_stains(names: tuple[str, ...]) -> np.ndarray:
@@ -317,13 +322,13 @@ class VAELearner:
         from quietscope.methods import build_method
         from quietscope.training.averaging import WeightAverage
 
-        torch.manual_seed(0)
+        torch.manual_seed(TRAIN_SEED)
         self.method = build_method({"spatial_ndim": 2, "in_channels": train.shape[0], **options})
         self.method.set_normalization(train.mean(axis=(1, 2)), train.std(axis=(1, 2)))
         self.field = self.method.prepare_training((CURVE_PATCH, CURVE_PATCH))[0]
         self.patch = CURVE_PATCH
         self.opt = torch.optim.Adam(self.method.parameters(), lr=CURVE_LR)
-        self.gen = torch.Generator().manual_seed(0)
+        self.gen = torch.Generator().manual_seed(TRAIN_SEED)
         self.steps = steps
         # EMAs of the weights (training.averaging, as `TrainConfig.ema`): updated after every
         # step, read only when scored, so the raw curve is the run without them.
@@ -372,19 +377,19 @@ class VAELearner:
 
 
 class UNetLearner:
-    """Plain U-Net (depth 2, 16 filters): normalised sum in, normalised targets out, MSE."""
+    """Plain U-Net (``UNET_NET``, by default depth 2, 16 filters): normalised sum in, normalised targets out, MSE."""
 
     def __init__(self, targets: np.ndarray, steps: int) -> None:
         import torch
 
         from quietscope.nets.unet import UNet
 
-        torch.manual_seed(0)
+        torch.manual_seed(TRAIN_SEED)
         self.m = targets.mean(axis=(1, 2))[:, None, None]
         self.s = targets.std(axis=(1, 2))[:, None, None]
         tot = targets.sum(0)
         self.sm, self.ss = float(tot.mean()), float(tot.std())
-        self.net = UNet(2, 1, targets.shape[0], depth=2, filters=16)
+        self.net = UNet(2, 1, targets.shape[0], **UNET_NET)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=CURVE_LR)
         self.field = self.patch = UNET_PATCH
         self.steps = steps
@@ -510,7 +515,7 @@ class CurveJob:
         self.learner, self.train, self.test_in, self.gt, self.keep = learner, train, test_in, gt, keep
         self.val, self.criteria = val, criteria
         self.steps, self.every, self.record, self.final_samples = steps, every, record, final_samples
-        self.rng = np.random.default_rng(0)
+        self.rng = np.random.default_rng(TRAIN_SEED)
         self.val_fields = draw_fields(val, np.random.default_rng(1), 16, learner.field)
         self.curve: list[dict] = []
         #: The same metrics for each EMA of the weights the learner keeps (``--ema``), by decay.
@@ -756,13 +761,16 @@ def curve_main(argv: list[str]) -> int:
     def arg(name, default):
         return type(default)(argv[argv.index(name) + 1]) if name in argv else default
 
-    global N2V_STEPS, NOISE_MODELS, CURVE_VAE
+    global N2V_STEPS, NOISE_MODELS, CURVE_VAE, UNET_NET, TRAIN_SEED
     NOISE_MODELS = arg("--noise-models", NOISE_MODELS)
     if NOISE_MODELS not in ("bootstrap", "calibrated"):
         raise SystemExit(f"--noise-models {NOISE_MODELS}: use bootstrap or calibrated")
     # --filters F / --latent C: a wider ladder VAE than the recipe's (16 filters, 8 latent channels).
     CURVE_VAE = {**CURVE_VAE, "net": {**CURVE_VAE["net"], "filters": arg("--filters", CURVE_VAE["net"]["filters"])},
                  "latent_channels": arg("--latent", CURVE_VAE["latent_channels"])}
+    # --unet-depth D / --unet-filters F: the U-Nets' size (a supervised ceiling of the VAE's size).
+    UNET_NET = {"depth": arg("--unet-depth", UNET_NET["depth"]), "filters": arg("--unet-filters", UNET_NET["filters"])}
+    TRAIN_SEED = arg("--seed", TRAIN_SEED)
     torch.set_num_threads(int(os.environ.get("QS_THREADS", "1")))
     N2V_STEPS = arg("--n2v-steps", N2V_STEPS)
     n = arg("--steps", 3000)
@@ -777,7 +785,7 @@ def curve_main(argv: list[str]) -> int:
     out = {"machine": machine(), "date": time.strftime("%Y-%m-%d", time.gmtime()),
            "command": "python benchmarks/split.py " + " ".join(argv), "torch_threads": torch.get_num_threads(),
            "steps": steps, "eval_every": every, "patch": CURVE_PATCH, "unet_patch": UNET_PATCH, "batch": CURVE_BATCH,
-           "foreground": CURVE_FOREGROUND, "vae": CURVE_VAE,
+           "foreground": CURVE_FOREGROUND, "vae": CURVE_VAE, "unet": UNET_NET, "seed": TRAIN_SEED,
            "denoisplit_recipe": DENOISPLIT_RECIPE, "n2v_steps": N2V_STEPS,
            "curve_metrics": "posterior-mean prediction of the test field (BPAE: rows 0-256, cols 832-1088; "
                             "W2S: field 089)",
