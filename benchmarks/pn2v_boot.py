@@ -156,10 +156,10 @@ def run_n2v_total(task: dict[str, Any]) -> list[dict[str, Any]]:
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
-    from quietscope.workflows.pn2v_boot import _steps
+    from quietscope.workflows.pn2v_boot import split_steps
 
     d, name, seed, steps = Path(task["dir"]), task["name"], task["seed"], task["steps"]
-    total = steps + _steps(steps, task["n2v_fraction"])[1]
+    total = steps + split_steps(steps, task["n2v_fraction"])[1]
     row = {"dataset": name, "seed": seed, "steps": steps, "row": f"n2v ({total} steps: the pipeline's total)",
            "n2v_steps": total, **n2v_scored(d, name, seed, total, f"p_n2v_total_s{seed}.ome.zarr",
                                    np.load(d / "clean.npy"))}

@@ -467,8 +467,8 @@ def test_cli_pn2v_boot_passes_compare_on_and_leaves_the_default_to_the_library(n
 
 
 def test_a_budget_too_small_to_share_names_the_least_that_shares():
-    assert pn2v_boot._steps(5, 0.9) == (4, 1) and pn2v_boot._steps(2, 0.5) == (1, 1)
+    assert pn2v_boot.split_steps(5, 0.9) == (4, 1) and pn2v_boot.split_steps(2, 0.5) == (1, 1)
     with pytest.raises(ConfigError, match=r"--steps 4 .* at --n2v-fraction 0.9; use at least 5"):
-        pn2v_boot._steps(4, 0.9)
+        pn2v_boot.split_steps(4, 0.9)
     with pytest.raises(ConfigError, match="use at least 51"):
-        pn2v_boot._steps(50, 0.99)
+        pn2v_boot.split_steps(50, 0.99)

@@ -52,7 +52,7 @@ from quietscope.training.sampler import PatchSampler, split_train_val
 from quietscope.workflows.noise_model import bootstrap, data_variance_line
 from quietscope.workflows.train import train_model
 
-__all__ = ["BootChoice", "CompareOn", "DEFAULT_N2V_FRACTION", "LABELS", "boot_dir", "candidates", "choose", "rescore", "train_pn2v_boot"]
+__all__ = ["BootChoice", "CompareOn", "DEFAULT_N2V_FRACTION", "LABELS", "boot_dir", "candidates", "choose", "rescore", "split_steps", "train_pn2v_boot"]
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +312,26 @@ def _options(method_options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
     return {**common, "method": "n2v"}, pn2v
 
 
-def _steps(total: int, n2v_fraction: float) -> tuple[int, int]:
+def split_steps(total: int, n2v_fraction: float) -> tuple[int, int]:
+    """Where PN2V branches off N2V, and how many steps PN2V then trains.
+
+    Parameters
+    ----------
+    total : int
+        Steps of each candidate (``--steps``).
+    n2v_fraction : float
+        Share of ``total`` trained as N2V before PN2V branches off, strictly between 0 and 1.
+
+    Returns
+    -------
+    (int, int)
+        The branch step (N2V's steps) and PN2V's steps; they sum to ``total``.
+
+    Raises
+    ------
+    ConfigError
+        If the fraction is out of range or ``total`` leaves one stage without a step.
+    """
     if not 0 < n2v_fraction < 1:
         raise ConfigError(f"--n2v-fraction {n2v_fraction} must lie strictly between 0 and 1 (default {DEFAULT_N2V_FRACTION})")
 
@@ -404,7 +423,7 @@ def train_pn2v_boot(
     if image.n_channels != 1:
         raise ConfigError(f"pn2v-boot fits one noise model, but the data have {image.n_channels} channels; train each channel on its own")
     total = int(train_options.get("steps", TrainConfig.model_fields["steps"].default))
-    branch, pn2v_steps = _steps(total, n2v_fraction)
+    branch, pn2v_steps = split_steps(total, n2v_fraction)
     n2v_opts, pn2v_opts = _options(method_options)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
