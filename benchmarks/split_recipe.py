@@ -18,7 +18,9 @@ Poisson-Gaussian noise of the chosen level (same seeds as ``split.py``). Each su
 torch thread (``OMP_NUM_THREADS=1``); CPU seconds are the children's user + system time.
 
 Run: ``python -m benchmarks.split_recipe --level moderate [--steps N] [--n2v-steps M]
-[--train-args "--filters 32 --param latent_channels=16"] [--out split_recipe_moderate.json]``.
+[--train-args "--filters 32 --param latent_channels=16"] [--out split_recipe_moderate.json]
+[--figure denoisplit_recipe_moderate.png]`` (``--figure``: a crop of the test field, written
+under ``docs/images/``).
 """
 
 from __future__ import annotations
@@ -66,6 +68,31 @@ def quietscope(*args: str, log: list[dict]) -> None:
     # correlation on the validation patches, the weights kept.
     keys = ("recommended default", "corr_outputs", "keep")
     entry["log"] = [ln[24:] for ln in proc.stderr.splitlines() if any(k in ln for k in keys)][-60:]
+
+
+def figure(inp: np.ndarray, pred: np.ndarray, gt: np.ndarray, path: Path, title: str) -> None:
+    """Crop of the test field, a row per structure: the superimposed input, the output, its
+    posterior std and the clean stain (each panel stretched to its own 0.5-99.5th percentiles)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sl = (slice(128, 384), slice(128, 384))
+    rows = [[("noisy input (sum)", inp, "gray"), (f"denoiSplit {n}", pred[c], "magma"), (f"std {n}", pred[2 + c], "viridis"),
+             (f"clean {n}", gt[c], "magma")] for c, n in enumerate(NAMES)]
+    fig, axes = plt.subplots(2, 4, figsize=(12, 6.4), dpi=100)
+    for ax_row, row in zip(axes, rows):
+        for ax, (name, img, cmap) in zip(ax_row, row):
+            ax.axis("off")
+            lo, hi = np.percentile(img[sl], [0.5, 99.5])
+            ax.imshow(img[sl], cmap=cmap, vmin=lo, vmax=hi)
+            ax.set_title(name, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def main(argv: list[str]) -> int:
@@ -117,6 +144,10 @@ def main(argv: list[str]) -> int:
         manifest = subprocess.run([str(Path(sys.executable).with_name("quietscope")), "info", str(w / "split.qs")],
                                   capture_output=True, text=True).stdout
     metrics = split_metrics(pred[:2], gt_te)
+    if "--figure" in argv:
+        figure(te.sum(0), pred, gt_te, ROOT / "docs" / "images" / arg("--figure", ""),
+               f"W2S field 089, {level} noise: out-out {metrics['corr_outputs']} (stains {metrics['corr_stains']}), "
+               f"RI-PSNR {metrics['ri_psnr'][0]} / {metrics['ri_psnr'][1]} dB")
     result = {"machine": machine(), "pair": PAIR, "level": level, "noise": {"poisson_scale": pscale, "gauss_rel": grel},
               "n2v_steps": n2v_steps, "train_args": extra, "steps": steps or "recommended", "commands": log,
               "cpu_minutes_total": round(sum(e["cpu_s"] for e in log) / 60, 1), "kept": metrics, "model_info": manifest[-3000:]}
