@@ -93,7 +93,7 @@ def recommended_options(method: str) -> dict[str, Any]:
     Returns
     -------
     dict
-        E.g. ``{"patch": "32", "steps": 4000, "params": {"context_levels": 2}}``; empty when the
+        E.g. ``{"patch": "32", "steps": 6000, "params": {"context_levels": 2}}``; empty when the
         method has no recommendation.
     """
     if method not in available_methods():  # e.g. pn2v-boot, a pipeline of two methods
