@@ -243,7 +243,9 @@ def pair_regions(pair: str) -> tuple[np.ndarray, dict]:
         return np.stack([rescale_stain(np.concatenate([read_tiff(w2s / f"{f}_ch{c}.tif") for f in FIELDS], axis=1)
                                        .astype(np.float64)) for c in W2S_CH]).astype(np.float32), W2S_REGIONS
     return load_stains(PAIRS[pair]), {"train": TRAIN, "val": VAL, "test": TEST, "calib": CALIB}
-#: The ladder VAE of the curve runs (denoisplit and musplit alike).
+#: The ladder VAE of the curve runs (denoisplit and musplit alike): the recipe's net until
+#: 2026-12-07, kept so that the recorded commands reproduce; the recommended net now is
+#: ``--filters 32 --latent 16`` (``DenoiSplit.recommended_options``).
 CURVE_VAE = {"net": {"depth": 3, "filters": 16}, "latent_channels": 8, "context_levels": 2}
 #: VAE patch (its field is 4x wider: 128²), U-Net patch, batch, learning rate; share of
 #: foreground fields (patch brighter than the image's mean sum) in every batch.
