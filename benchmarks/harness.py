@@ -54,12 +54,13 @@ from quietscope.workflows.train import train_model
 
 __all__ = [
     "CROP", "FIELD_BUDGET", "METRICS", "PREDICT_DEFAULTS", "RESULTS", "ROOT", "SIM_LEVELS",
-    "SPLIT_CALIB", "SPLIT_DATA", "SPLIT_NET", "SPLIT_TEST", "SPLIT_TRAIN", "SPLIT_TRAIN_OPTS", "Trained",
+    "SPLIT_CALIB", "SPLIT_DATA", "SPLIT_LEVELS", "SPLIT_NET", "SPLIT_PAIRS", "SPLIT_VAL", "SPLIT_W2S_CH", "SPLIT_W2S_REGIONS", "SPLIT_TEST", "SPLIT_TRAIN", "SPLIT_TRAIN_OPTS", "Trained",
     "BPAE_NOISE", "BUDGET", "FIELDS", "binned_fold_in_mse", "bpae_field_noise", "budget_train_options", "centre_origin", "command_line", "data_dir",
     "field_psnr", "filter_output", "find_data_dir", "fmt_mean_sem", "machine", "make_data", "markdown_table", "mean_and_sem",
     "output_channels", "predict", "predict_array", "predict_options", "predict_run", "psnr_db", "psnr_from_mse",
     "random_model", "read_bpae", "read_output", "read_tiff", "rescale_stain", "run_in_processes", "run_processor", "score", "single_thread",
-    "split_clean", "split_predict", "split_scores", "split_train", "timer", "train",
+    "pearson", "split_clean", "split_pair_regions", "split_predict", "split_scores", "split_separation", "split_stains",
+    "split_train", "timer", "train",
     "train_options", "train_with_budget", "write_json", "write_tif",
 ]
 
@@ -385,6 +386,63 @@ def split_scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, list[float]]:
     """Range-invariant PSNR (2 decimals) and SSIM (3 decimals) per channel."""
     per = [score(p, g, only=("ssim", "ri_psnr")) for p, g in zip(pred, gt)]
     return {"ri_psnr": [round(s["ri_psnr"], 2) for s in per], "ssim": [round(s["ssim"], 3) for s in per]}
+
+
+#: Noise levels of the splitting task: (name, photons per intensity unit, Gaussian std relative
+#: to the clean channel's std).
+SPLIT_LEVELS = [("moderate", 0.05, 0.1), ("high", 0.01, 0.25)]
+#: Two-structure pairs of the curve benchmark: BPAE nuclei + actin (distinct morphology) first,
+#: then the issue's actin + mito (similar, fine structures), both from the one BPAE field; then
+#: W2S mitochondria (ch0) + F-actin (ch2) of the ten W2S fields' 400-frame means: the same kind
+#: of pair with 5x the training pixels (seven fields), to test whether the share of the first
+#: stain that the second output keeps on BPAE is a lack of training data.
+SPLIT_PAIRS = {"nuclei_actin": ("nuclei", "actin"), "actin_mito": ("actin", "mito"), "w2s_mito_actin": ("mito", "actin")}
+#: Held-apart field for the keep-best criterion: noisy data only, between training and test.
+SPLIT_VAL = (slice(0, 680), slice(512, 832))
+#: W2S fields, laid side by side along x (fov081 at x 0..512, ...): train on 081-087, keep-best
+#: criterion on 088, test on 089, calibration on the top half of 090. Patches that straddle two
+#: fields are still valid two-structure sums (both channels straddle alike).
+SPLIT_W2S_CH = (0, 2)
+SPLIT_W2S_REGIONS = {"train": (slice(0, 512), slice(0, 7 * 512)), "val": (slice(0, 512), slice(7 * 512, 8 * 512)),
+               "test": (slice(0, 512), slice(8 * 512, 9 * 512)), "calib": (slice(0, 256), slice(9 * 512, 10 * 512))}
+
+
+def split_pair_regions(pair: str) -> tuple[np.ndarray, dict]:
+    """Clean stains of ``pair`` ``(2, H, W)`` and its train / val / test / calib slices."""
+    if pair.startswith("w2s_"):
+        w2s = SPLIT_DATA.parent / "w2s" / "clean"
+        return np.stack([rescale_stain(np.concatenate([read_tiff(w2s / f"{f}_ch{c}.tif") for f in FIELDS], axis=1)
+                                       .astype(np.float64)) for c in SPLIT_W2S_CH]).astype(np.float32), SPLIT_W2S_REGIONS
+    return split_stains(SPLIT_PAIRS[pair]), {"train": SPLIT_TRAIN, "val": SPLIT_VAL, "test": SPLIT_TEST, "calib": SPLIT_CALIB}
+def split_stains(names: tuple[str, ...]) -> np.ndarray:
+    """Stains ``names`` of the BPAE field, each rescaled (1st..99.5th percentile -> 0..1000)."""
+    return np.stack([rescale_stain(read_tiff(SPLIT_DATA / f"bpae_{name}.tif").astype(np.float64)) for name in names]).astype(np.float32)
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two arrays."""
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum() + 1e-30))
+
+
+def split_separation(pred: np.ndarray, gt: np.ndarray) -> dict:
+    """Output-output correlation, each output vs its own / the other clean channel, RI-PSNR.
+
+    ``separated``: the outputs correlate within 0.1 of the clean stains' own correlation and
+    each output correlates with its own stain at least 0.15 more than with the other.
+    """
+    stains = pearson(gt[0], gt[1])
+    out = pearson(pred[0], pred[1])
+    own = [pearson(pred[0], gt[0]), pearson(pred[1], gt[1])]
+    other = [pearson(pred[0], gt[1]), pearson(pred[1], gt[0])]
+    return {
+        "corr_outputs": round(out, 3),
+        "corr_stains": round(stains, 3),
+        "corr_own": [round(v, 3) for v in own],
+        "corr_other": [round(v, 3) for v in other],
+        "ri_psnr": [round(range_invariant_psnr(p, g), 2) for p, g in zip(pred, gt)],
+        "separated": bool(abs(out - stains) <= 0.1 and all(o - t >= 0.15 for o, t in zip(own, other))),
+    }
 
 
 # ---- the pn2v-boot data and protocol (benchmarks/pn2v_boot.py, benchmarks/fold_in_ceiling.py) ----------

@@ -58,24 +58,28 @@ from pathlib import Path
 
 import numpy as np
 
-# The task (fields, data, net, training options) and its train/predict/score helpers are shared
-# with split_probe.py: they live in the harness, under split.py's old names.
-from benchmarks.harness import FIELDS, SPLIT_NET, read_tiff, rescale_stain, write_tif
 from benchmarks.harness import SPLIT_CALIB as CALIB
 from benchmarks.harness import SPLIT_DATA as DATA
+from benchmarks.harness import SPLIT_LEVELS as LEVELS
+
+# The task (fields, data, net, training options) and its train/predict/score helpers are shared
+# with split_probe.py: they live in the harness, under split.py's old names.
+from benchmarks.harness import SPLIT_NET, write_tif
+from benchmarks.harness import SPLIT_PAIRS as PAIRS
 from benchmarks.harness import SPLIT_TEST as TEST
 from benchmarks.harness import SPLIT_TRAIN as TRAIN
+from benchmarks.harness import pearson as corr
 from benchmarks.harness import split_clean as load_clean
+from benchmarks.harness import split_pair_regions as pair_regions
 from benchmarks.harness import split_predict as run_predict
 from benchmarks.harness import split_scores as scores
+from benchmarks.harness import split_separation as split_metrics
 from benchmarks.harness import split_train as train
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "split.json"
 IMAGES = ROOT / "docs" / "images"
 
-#: (name, photons per intensity unit, Gaussian std relative to the clean channel's std)
-LEVELS = [("moderate", 0.05, 0.1), ("high", 0.01, 0.25)]
 SPLIT_STEPS = 250
 N2V_STEPS = 150
 #: Where the curve's denoiSplit noise models come from: "bootstrap" (N2V predictions, no clean
@@ -220,29 +224,6 @@ def figures(inp: np.ndarray, ds: np.ndarray, mu: np.ndarray, gt: np.ndarray) -> 
 
 
 # ---- learning curves (--curve) --------------------------------------------------------------
-#: Two-structure pairs of the curve benchmark: BPAE nuclei + actin (distinct morphology) first,
-#: then the issue's actin + mito (similar, fine structures), both from the one BPAE field; then
-#: W2S mitochondria (ch0) + F-actin (ch2) of the ten W2S fields' 400-frame means: the same kind
-#: of pair with 5x the training pixels (seven fields), to test whether the share of the first
-#: stain that the second output keeps on BPAE is a lack of training data.
-PAIRS = {"nuclei_actin": ("nuclei", "actin"), "actin_mito": ("actin", "mito"), "w2s_mito_actin": ("mito", "actin")}
-#: Held-apart field for the keep-best criterion: noisy data only, between training and test.
-VAL = (slice(0, 680), slice(512, 832))
-#: W2S fields, laid side by side along x (fov081 at x 0..512, ...): train on 081-087, keep-best
-#: criterion on 088, test on 089, calibration on the top half of 090. Patches that straddle two
-#: fields are still valid two-structure sums (both channels straddle alike).
-W2S_CH = (0, 2)
-W2S_REGIONS = {"train": (slice(0, 512), slice(0, 7 * 512)), "val": (slice(0, 512), slice(7 * 512, 8 * 512)),
-               "test": (slice(0, 512), slice(8 * 512, 9 * 512)), "calib": (slice(0, 256), slice(9 * 512, 10 * 512))}
-
-
-def pair_regions(pair: str) -> tuple[np.ndarray, dict]:
-    """Clean stains of ``pair`` ``(2, H, W)`` and its train / val / test / calib slices."""
-    if pair.startswith("w2s_"):
-        w2s = DATA.parent / "w2s" / "clean"
-        return np.stack([rescale_stain(np.concatenate([read_tiff(w2s / f"{f}_ch{c}.tif") for f in FIELDS], axis=1)
-                                       .astype(np.float64)) for c in W2S_CH]).astype(np.float32), W2S_REGIONS
-    return load_stains(PAIRS[pair]), {"train": TRAIN, "val": VAL, "test": TEST, "calib": CALIB}
 #: The ladder VAE of the curve runs (denoisplit and musplit alike): the recipe's net until
 #: 2026-12-07, kept so that the recorded commands reproduce; the recommended net now is
 #: ``--filters 32 --latent 16`` (``DenoiSplit.recommended_options``).
@@ -255,39 +236,6 @@ UNET_NET = {"depth": 2, "filters": 16}
 #: Seed of the curve learners' initial weights, batches and sampling (``--seed``); the noise
 #: realisation and the validation fields do not depend on it.
 TRAIN_SEED = 0
-
-
-def load_stains(names: tuple[str, ...]) -> np.ndarray:
-    """Stains ``names`` of the BPAE field, each rescaled (1st..99.5th percentile -> 0..1000)."""
-    return np.stack([rescale_stain(read_tiff(DATA / f"bpae_{name}.tif").astype(np.float64)) for name in names]).astype(np.float32)
-
-
-def corr(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation of two arrays."""
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum() + 1e-30))
-
-
-def split_metrics(pred: np.ndarray, gt: np.ndarray) -> dict:
-    """Output-output correlation, each output vs its own / the other clean channel, RI-PSNR.
-
-    ``separated``: the outputs correlate within 0.1 of the clean stains' own correlation and
-    each output correlates with its own stain at least 0.15 more than with the other.
-    """
-    from quietscope.metrics import range_invariant_psnr
-
-    stains = corr(gt[0], gt[1])
-    out = corr(pred[0], pred[1])
-    own = [corr(pred[0], gt[0]), corr(pred[1], gt[1])]
-    other = [corr(pred[0], gt[1]), corr(pred[1], gt[0])]
-    return {
-        "corr_outputs": round(out, 3),
-        "corr_stains": round(stains, 3),
-        "corr_own": [round(v, 3) for v in own],
-        "corr_other": [round(v, 3) for v in other],
-        "ri_psnr": [round(range_invariant_psnr(p, g), 2) for p, g in zip(pred, gt)],
-        "separated": bool(abs(out - stains) <= 0.1 and all(o - t >= 0.15 for o, t in zip(own, other))),
-    }
 
 
 def draw_fields(arr: np.ndarray, rng: np.random.Generator, n: int, size: int, inner: int | None = None,

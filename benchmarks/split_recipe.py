@@ -37,8 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import machine
-from benchmarks.split import LEVELS, pair_regions, split_metrics
+from benchmarks.harness import SPLIT_LEVELS as LEVELS
+from benchmarks.harness import machine
+from benchmarks.harness import split_pair_regions as pair_regions
+from benchmarks.harness import split_separation as split_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR = "w2s_mito_actin"
