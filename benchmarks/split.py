@@ -24,6 +24,8 @@ Run: ``python -m benchmarks.split`` (writes benchmarks/results/split.json and do
 the two levels in parallel, one thread each (how the stored results were made, ~17 min):
 ``QS_THREADS=1 python -m benchmarks.split --level moderate & QS_THREADS=1 python -m
 benchmarks.split --level high; wait; python -m benchmarks.split --merge``.
+``--val-reference`` compares the validation ``corr_outputs`` of the recorded W2S curves with the
+stains' correlation on the same fields (:func:`val_reference`).
 ``--musplit-fixed-var`` adds a μSplit row with a fixed-variance Gaussian likelihood.
 ``--steps N [--n2v-steps M]`` trains longer and writes ``split_stepsN[_LEVEL].json`` (pictures in
 ``benchmarks/results/split_stepsN_images/``), leaving the default run's files alone.
@@ -771,6 +773,47 @@ def curve_main(argv: list[str]) -> int:
     return 0
 
 
+#: W2S denoiSplit curve files the ``--val-reference`` check reads (file, level).
+VAL_REFERENCE_RUNS = [("split_curve_w2s_long_moderate.json", "moderate"), ("split_curve_w2s_long_high.json", "high"),
+                      ("split_curve_w2s_wide.json", "moderate"), ("split_curve_w2s_wide_seed1_moderate.json", "moderate"),
+                      ("split_curve_w2s_wide.json", "high"), ("split_curve_w2s_wide_high15k.json", "high")]
+
+
+def val_reference() -> dict:
+    """What the logged ``corr_outputs`` should be compared with, on the curve runs' own
+    validation fields (the 16 W2S field-088 crops of :class:`CurveJob`): the clean stains'
+    correlation there, its estimate from the noisy channels (``signal_correlation``, what the
+    CLI now logs as ``corr_stains``), and, along each recorded W2S denoiSplit curve, the
+    validation ``corr_outputs`` at the separated test-field steps and the step a rule "closest
+    to ``corr_stains`` in the second half of the run" would keep."""
+    import torch
+
+    from quietscope.methods.denoisplit import signal_correlation
+    from quietscope.simulate import poisson_gaussian
+
+    clean, regions = pair_regions("w2s_mito_actin")
+    out: dict = {"levels": {}, "runs": []}
+    for name, pscale, grel in LEVELS:
+        noisy = np.stack([poisson_gaussian(c, pscale, grel, float(c.std()), seed=11 + i) for i, c in enumerate(clean)])
+        fields = draw_fields(np.concatenate([noisy, clean]).astype(np.float32)[(slice(None),) + regions["val"]],
+                             np.random.default_rng(1), 16, CURVE_PATCH * 4)
+        out["levels"][name] = {"clean": round(corr(fields[:, 2], fields[:, 3]), 3),
+                               "estimate": round(signal_correlation(torch.from_numpy(fields[:, 0]), torch.from_numpy(fields[:, 1])), 3),
+                               "noisy_plain": round(corr(fields[:, 0], fields[:, 1]), 3)}
+    for fname, level in VAL_REFERENCE_RUNS:
+        path = ROOT / "benchmarks" / "results" / fname
+        run = json.loads(path.read_text())["runs"].get(f"w2s_mito_actin/{level}", {}) if path.exists() else {}
+        curve = run.get("methods", {}).get("denoisplit", {}).get("curve")
+        if not curve:
+            continue
+        ref = out["levels"][level]["estimate"]
+        pick = min((e for e in curve if e["step"] > curve[-1]["step"] // 2), key=lambda e: abs(e["val_corr_outputs"] - ref))
+        out["runs"].append({"file": fname, "level": level, "corr_stains_estimate": ref,
+                            "separated": [(e["step"], e["val_corr_outputs"]) for e in curve if e["separated"]],
+                            "closest_rule": {k: pick[k] for k in ("step", "val_corr_outputs", "corr_outputs", "ri_psnr", "separated")}})
+    return out
+
+
 def main() -> int:
     import os
 
@@ -792,6 +835,11 @@ def main() -> int:
         return 0
     if "--curve" in sys.argv:
         return curve_main(sys.argv[1:])
+    if "--val-reference" in sys.argv:  # what the logged corr_outputs should be compared with
+        ref = val_reference()
+        (ROOT / "benchmarks" / "results" / "split_val_reference.json").write_text(json.dumps(ref, indent=2))
+        print(json.dumps(ref, indent=1))
+        return 0
     import torch
 
     global SPLIT_STEPS, N2V_STEPS, RESULTS, LEVELS, IMAGES
