@@ -33,7 +33,7 @@ stains' correlation on the same fields (:func:`val_reference`).
 Learning curves (issue #16): ``python benchmarks/split.py --curve [--steps N] [--musplit-steps M]
 [--unet-steps U] [--every K] [--pairs nuclei_actin,actin_mito,w2s_mito_actin] [--levels high,moderate]
 [--methods denoisplit,musplit,unet_noisy,unet_clean,sequential] [--keep best|last] [--criteria] [--ema D[,D2]]
-[--noise-models bootstrap|calibrated] [--filters F] [--latent C] [--unet-depth D] [--unet-filters F] [--seed S]
+[--noise-models bootstrap|calibrated] [--filters F] [--latent C] [--unet-depth D] [--unet-filters F] [--seed S] [--lr R]
 [--out split_curve.json]``. ``--criteria`` scores candidate keep criteria on the whole
 held-apart field at every evaluation (:func:`val_criteria`, VAEs only). ``--ema D`` keeps an
 exponential moving average of each VAE's weights (decay ``D``, :mod:`quietscope.training.averaging`)
@@ -713,7 +713,7 @@ def curve_main(argv: list[str]) -> int:
     def arg(name, default):
         return type(default)(argv[argv.index(name) + 1]) if name in argv else default
 
-    global N2V_STEPS, NOISE_MODELS, CURVE_VAE, UNET_NET, TRAIN_SEED
+    global N2V_STEPS, NOISE_MODELS, CURVE_VAE, UNET_NET, TRAIN_SEED, CURVE_LR
     NOISE_MODELS = arg("--noise-models", NOISE_MODELS)
     if NOISE_MODELS not in ("bootstrap", "calibrated"):
         raise SystemExit(f"--noise-models {NOISE_MODELS}: use bootstrap or calibrated")
@@ -723,6 +723,8 @@ def curve_main(argv: list[str]) -> int:
     # --unet-depth D / --unet-filters F: the U-Nets' size (a supervised ceiling of the VAE's size).
     UNET_NET = {"depth": arg("--unet-depth", UNET_NET["depth"]), "filters": arg("--unet-filters", UNET_NET["filters"])}
     TRAIN_SEED = arg("--seed", TRAIN_SEED)
+    # --lr R: the base learning rate of every curve learner (the cosine schedule ends at 5 % of it).
+    CURVE_LR = arg("--lr", CURVE_LR)
     torch.set_num_threads(int(os.environ.get("QS_THREADS", "1")))
     N2V_STEPS = arg("--n2v-steps", N2V_STEPS)
     n = arg("--steps", 3000)
@@ -737,7 +739,7 @@ def curve_main(argv: list[str]) -> int:
     out = {"machine": machine(), "date": time.strftime("%Y-%m-%d", time.gmtime()),
            "command": "python benchmarks/split.py " + " ".join(argv), "torch_threads": torch.get_num_threads(),
            "steps": steps, "eval_every": every, "patch": CURVE_PATCH, "unet_patch": UNET_PATCH, "batch": CURVE_BATCH,
-           "foreground": CURVE_FOREGROUND, "vae": CURVE_VAE, "unet": UNET_NET, "seed": TRAIN_SEED,
+           "foreground": CURVE_FOREGROUND, "vae": CURVE_VAE, "unet": UNET_NET, "seed": TRAIN_SEED, "lr": CURVE_LR,
            "denoisplit_recipe": DENOISPLIT_RECIPE, "n2v_steps": N2V_STEPS,
            "curve_metrics": "posterior-mean prediction of the test field (BPAE: rows 0-256, cols 832-1088; "
                             "W2S: field 089)",
