@@ -204,8 +204,8 @@ class DenoiSplit(Method):
     #: a CPU-sized ladder VAE on 32² patches with 2 lateral-context levels (128² field), 80 %
     #: foreground patches, Adam 1e-3, MicroSplit's 0.9/0.1 likelihood mix, μSplit-KL warm start.
     #: 32 filters and 16 latent channels (298 k parameters, ~17 CPU minutes for 6000 steps): on W2S
-    #: at moderate noise its last weights were 1.3 / 1.7 dB (RI-PSNR, mean of 2 seeds) above those of
-    #: 16 filters / 8 channels and the only ones found separated (docs/benchmarks.md §5).
+    #: at moderate noise its last weights were 0.7 / 1.3 dB (RI-PSNR, mean of 3 seeds and a CLI run)
+    #: above those of 16 filters / 8 channels, and the only ones found separated (docs/benchmarks.md §5).
     #: The last weights, not the "best": every held-apart criterion measured against noisy
     #: targets (plain, blind, affine-invariant) preferred unsplit checkpoints on W2S, where the
     #: last ones were split (docs/benchmarks.md §5); the cosine schedule ends at 5 % of the base rate.
