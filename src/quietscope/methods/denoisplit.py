@@ -414,8 +414,9 @@ class DenoiSplit(Method):
         a mask taken from the noisy sum would select pixels whose target noise is positive.
         ``corr_outputs`` is the correlation of the two predicted channels (1 = not split);
         ``corr_stains`` estimates, from the noisy targets of the same fields, what the clean
-        structures' correlation is there (:func:`signal_correlation`): a split output comes
-        down to it, and the log shows both so a user can see how far the split has got.
+        structures' correlation is there (:func:`signal_correlation`). The log shows both: while
+        the outputs correlate far above it the network has not begun to split; separated steps
+        on W2S sat 0.04-0.26 below it, so it is no finish line (docs/benchmarks.md §5).
         """
         with torch.no_grad():
             pred = torch.cat([self._posterior_mean(b) for b in batch.split(self.VAL_CHUNK)])
