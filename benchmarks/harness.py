@@ -59,7 +59,7 @@ __all__ = [
     "field_psnr", "filter_output", "find_data_dir", "fmt_mean_sem", "machine", "make_data", "markdown_table", "mean_and_sem",
     "output_channels", "predict", "predict_array", "predict_options", "predict_run", "psnr_db", "psnr_from_mse",
     "random_model", "read_bpae", "read_output", "read_tiff", "rescale_stain", "run_in_processes", "run_processor", "score", "single_thread",
-    "pearson", "split_clean", "split_pair_regions", "split_predict", "split_scores", "split_separation", "split_stains",
+    "pearson", "split_clean", "split_noisy", "split_pair_regions", "split_predict", "split_scores", "split_separation", "split_stains",
     "split_train", "timer", "train",
     "train_options", "train_with_budget", "write_json", "write_tif",
 ]
@@ -404,7 +404,7 @@ SPLIT_VAL = (slice(0, 680), slice(512, 832))
 #: fields are still valid two-structure sums (both channels straddle alike).
 SPLIT_W2S_CH = (0, 2)
 SPLIT_W2S_REGIONS = {"train": (slice(0, 512), slice(0, 7 * 512)), "val": (slice(0, 512), slice(7 * 512, 8 * 512)),
-               "test": (slice(0, 512), slice(8 * 512, 9 * 512)), "calib": (slice(0, 256), slice(9 * 512, 10 * 512))}
+                     "test": (slice(0, 512), slice(8 * 512, 9 * 512)), "calib": (slice(0, 256), slice(9 * 512, 10 * 512))}
 
 
 def split_pair_regions(pair: str) -> tuple[np.ndarray, dict]:
@@ -414,6 +414,17 @@ def split_pair_regions(pair: str) -> tuple[np.ndarray, dict]:
         return np.stack([rescale_stain(np.concatenate([read_tiff(w2s / f"{f}_ch{c}.tif") for f in FIELDS], axis=1)
                                        .astype(np.float64)) for c in SPLIT_W2S_CH]).astype(np.float32), SPLIT_W2S_REGIONS
     return split_stains(SPLIT_PAIRS[pair]), {"train": SPLIT_TRAIN, "val": SPLIT_VAL, "test": SPLIT_TEST, "calib": SPLIT_CALIB}
+
+
+def split_noisy(clean: np.ndarray, pscale: float, grel: float) -> np.ndarray:
+    """The splitting task's noisy channels: Poisson at ``pscale`` photons per unit plus Gaussian
+    ``grel`` x each clean channel's std, seeded per channel (11, 12, ...) so every script that
+    simulates a level gets the same realisation."""
+    from quietscope.simulate import poisson_gaussian
+
+    return np.stack([poisson_gaussian(c, pscale, grel, float(c.std()), seed=11 + i) for i, c in enumerate(clean)])
+
+
 def split_stains(names: tuple[str, ...]) -> np.ndarray:
     """Stains ``names`` of the BPAE field, each rescaled (1st..99.5th percentile -> 0..1000)."""
     return np.stack([rescale_stain(read_tiff(SPLIT_DATA / f"bpae_{name}.tif").astype(np.float64)) for name in names]).astype(np.float32)

@@ -60,13 +60,13 @@ from pathlib import Path
 
 import numpy as np
 
+# The task (fields, data, net, levels, pairs, training options) and its train/predict/score
+# helpers are shared with split_probe.py and split_recipe.py: they live in the harness, under
+# split.py's old names.
 from benchmarks.harness import SPLIT_CALIB as CALIB
 from benchmarks.harness import SPLIT_DATA as DATA
 from benchmarks.harness import SPLIT_LEVELS as LEVELS
-
-# The task (fields, data, net, training options) and its train/predict/score helpers are shared
-# with split_probe.py: they live in the harness, under split.py's old names.
-from benchmarks.harness import SPLIT_NET, write_tif
+from benchmarks.harness import SPLIT_NET, split_noisy, write_tif
 from benchmarks.harness import SPLIT_PAIRS as PAIRS
 from benchmarks.harness import SPLIT_TEST as TEST
 from benchmarks.harness import SPLIT_TRAIN as TRAIN
@@ -121,12 +121,10 @@ def noise_model_std(files: dict[str, str], clean: np.ndarray, pscale: float, gau
 
 
 def run_level(name: str, pscale: float, grel: float, clean: np.ndarray, work: Path) -> dict:
-    from quietscope.simulate import poisson_gaussian
-
     t0 = time.perf_counter()
     w = work / name
     w.mkdir()
-    noisy = np.stack([poisson_gaussian(c, pscale, grel, float(c.std()), seed=11 + i) for i, c in enumerate(clean)])
+    noisy = split_noisy(clean, pscale, grel)
     tr, te, ca = (noisy[(slice(None),) + r] for r in (TRAIN, TEST, CALIB))
     gt_te, gt_ca = clean[(slice(None),) + TEST], clean[(slice(None),) + CALIB]
     ch_files = [write_tif(w / f"train_ch{i}.tif", tr[i]) for i in range(2)]
@@ -553,10 +551,8 @@ def prepare_level(pair: str, level: str, pscale: float, grel: float, work: Path,
     """Noisy data of one pair at one noise level, N2V of each channel and (for the sequential
     baseline) of the sum, and the GMM noise models bootstrapped from the N2V predictions (no
     clean data)."""
-    from quietscope.simulate import poisson_gaussian
-
     clean, regions = pair_regions(pair)
-    noisy = np.stack([poisson_gaussian(c, pscale, grel, float(c.std()), seed=11 + i) for i, c in enumerate(clean)]).astype(np.float32)
+    noisy = split_noisy(clean, pscale, grel).astype(np.float32)
     tr, va, te, ca = (noisy[(slice(None),) + regions[r]] for r in ("train", "val", "test", "calib"))
     key = f"{pair}/{level}"
     res = out["runs"].setdefault(key, {"noise": {"poisson_scale": pscale, "gauss_rel": grel}, "methods": {}})
@@ -791,12 +787,11 @@ def val_reference() -> dict:
     import torch
 
     from quietscope.methods.denoisplit import signal_correlation
-    from quietscope.simulate import poisson_gaussian
 
     clean, regions = pair_regions("w2s_mito_actin")
     out: dict = {"levels": {}, "runs": []}
     for name, pscale, grel in LEVELS:
-        noisy = np.stack([poisson_gaussian(c, pscale, grel, float(c.std()), seed=11 + i) for i, c in enumerate(clean)])
+        noisy = split_noisy(clean, pscale, grel)
         fields = draw_fields(np.concatenate([noisy, clean]).astype(np.float32)[(slice(None),) + regions["val"]],
                              np.random.default_rng(1), 16, CURVE_PATCH * 4)
         out["levels"][name] = {"clean": round(corr(fields[:, 2], fields[:, 3]), 3),

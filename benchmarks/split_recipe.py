@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.harness import SPLIT_LEVELS as LEVELS
-from benchmarks.harness import machine
+from benchmarks.harness import machine, split_noisy
 from benchmarks.harness import split_pair_regions as pair_regions
 from benchmarks.harness import split_separation as split_metrics
 
@@ -100,8 +100,6 @@ def figure(inp: np.ndarray, pred: np.ndarray, gt: np.ndarray, path: Path, title:
 def main(argv: list[str]) -> int:
     import tifffile
 
-    from quietscope.simulate import poisson_gaussian
-
     def arg(name: str, default):
         return type(default)(argv[argv.index(name) + 1]) if name in argv else default
 
@@ -112,8 +110,7 @@ def main(argv: list[str]) -> int:
     extra = shlex.split(arg("--train-args", ""))
     out_path = ROOT / "benchmarks" / "results" / arg("--out", f"split_recipe_{level}.json")
     clean, regions = pair_regions(PAIR)
-    noisy = np.stack([poisson_gaussian(c, pscale, grel, float(c.std()), seed=11 + i)
-                      for i, c in enumerate(clean)]).astype(np.float32)
+    noisy = split_noisy(clean, pscale, grel).astype(np.float32)
     tr, te = noisy[(slice(None),) + regions["train"]], noisy[(slice(None),) + regions["test"]]
     gt_te = clean[(slice(None),) + regions["test"]]
     log: list[dict] = []
