@@ -33,7 +33,7 @@ stains' correlation on the same fields (:func:`val_reference`).
 Learning curves (issue #16): ``python benchmarks/split.py --curve [--steps N] [--musplit-steps M]
 [--unet-steps U] [--every K] [--pairs nuclei_actin,actin_mito,w2s_mito_actin] [--levels high,moderate]
 [--methods denoisplit,musplit,unet_noisy,unet_clean,sequential] [--keep best|last] [--criteria] [--ema D[,D2]]
-[--noise-models bootstrap|calibrated] [--filters F] [--latent C] [--unet-depth D] [--unet-filters F] [--seed S] [--lr R]
+[--noise-models bootstrap|calibrated] [--filters F] [--latent C] [--unet-depth D] [--unet-filters F] [--seed S] [--lr R] [--batch B] [--patch P]
 [--out split_curve.json]``. ``--criteria`` scores candidate keep criteria on the whole
 held-apart field at every evaluation (:func:`val_criteria`, VAEs only). ``--ema D`` keeps an
 exponential moving average of each VAE's weights (decay ``D``, :mod:`quietscope.training.averaging`)
@@ -709,7 +709,7 @@ def curve_main(argv: list[str]) -> int:
     def arg(name, default):
         return type(default)(argv[argv.index(name) + 1]) if name in argv else default
 
-    global N2V_STEPS, NOISE_MODELS, CURVE_VAE, UNET_NET, TRAIN_SEED, CURVE_LR
+    global N2V_STEPS, NOISE_MODELS, CURVE_VAE, UNET_NET, TRAIN_SEED, CURVE_LR, CURVE_BATCH, CURVE_PATCH
     NOISE_MODELS = arg("--noise-models", NOISE_MODELS)
     if NOISE_MODELS not in ("bootstrap", "calibrated"):
         raise SystemExit(f"--noise-models {NOISE_MODELS}: use bootstrap or calibrated")
@@ -721,6 +721,10 @@ def curve_main(argv: list[str]) -> int:
     TRAIN_SEED = arg("--seed", TRAIN_SEED)
     # --lr R: the base learning rate of every curve learner (the cosine schedule ends at 5 % of it).
     CURVE_LR = arg("--lr", CURVE_LR)
+    # --batch B / --patch P: fields per step and the VAEs' patch (the reference trains batch 32 on
+    # 64²-128² patches; the recipe's 8 x 32² is 16-64x less data per step).
+    CURVE_BATCH = arg("--batch", CURVE_BATCH)
+    CURVE_PATCH = arg("--patch", CURVE_PATCH)
     torch.set_num_threads(int(os.environ.get("QS_THREADS", "1")))
     N2V_STEPS = arg("--n2v-steps", N2V_STEPS)
     n = arg("--steps", 3000)
