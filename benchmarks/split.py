@@ -298,7 +298,7 @@ class VAELearner:
         self.opt.step()
         for avg in self.averages.values():
             avg.update(self.method)
-        return float(loss)
+        return float(loss.detach())
 
     def averaged(self, decay: float):
         """Context in which the learner predicts and scores with the EMA of ``decay``."""
