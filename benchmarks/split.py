@@ -233,6 +233,8 @@ CURVE_VAE = {"net": {"depth": 3, "filters": 16}, "latent_channels": 8, "context_
 CURVE_PATCH, UNET_PATCH, CURVE_BATCH, CURVE_LR, CURVE_FOREGROUND = 32, 64, 8, 1e-3, 0.8
 #: The curve U-Nets (noisy targets, clean targets, sequential): ``--unet-depth``, ``--unet-filters``.
 UNET_NET = {"depth": 2, "filters": 16}
+#: Single posterior samples of the kept VAE weights scored one by one at the end of a curve run.
+SINGLE_SAMPLES = 4
 #: Seed of the curve learners' initial weights, batches and sampling (``--seed``); the noise
 #: realisation and the validation fields do not depend on it.
 TRAIN_SEED = 0
@@ -312,6 +314,15 @@ class VAELearner:
         self.method.set_inference(n_samples=n_samples)
         with torch.no_grad():
             return self.method.predict(torch.from_numpy(np.ascontiguousarray(x, np.float32))[None, None])[0].numpy()
+
+    def samples(self, x: np.ndarray, n: int, seed: int) -> np.ndarray:
+        """``(H, W)`` superimposed input -> ``n`` single posterior samples ``(n, C, H, W)``."""
+        import torch
+
+        self.method.eval()
+        with torch.no_grad():
+            t = torch.from_numpy(np.ascontiguousarray(x, np.float32))[None, None]
+            return self.method.predict_samples(t, n, seed)[:, 0].numpy()
 
     def select(self, val: np.ndarray) -> dict:
         import torch
@@ -511,6 +522,11 @@ class CurveJob:
             self.learner.load(self.best[2])
         out = self.learner.predict(self.test_in, self.final_samples)
         kept = {"step": self.best[1] if self.keep == "best" else self.steps, **split_metrics(out[:2], self.gt)}
+        if hasattr(self.learner, "samples"):
+            # Single posterior samples, scored one by one: the mean of samples (MMSE) hedges
+            # where the split is uncertain, which raises its outputs' correlation above the
+            # stains'; a sample of a calibrated posterior should not.
+            kept["single_samples"] = [split_metrics(s, self.gt) for s in self.learner.samples(self.test_in, SINGLE_SAMPLES, 0)]
         return {"curve": self.curve, "last": self.curve[-1], "kept": kept, "train_cpu_s": round(self.train_s, 1),
                 "cpu_minutes": round(self.train_s / 60, 1), "averaged": averaged}
 
