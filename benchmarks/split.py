@@ -737,7 +737,7 @@ def curve_main(argv: list[str]) -> int:
     TRAIN_SEED = arg("--seed", TRAIN_SEED)
     # --lr R: the base learning rate of every curve learner (the cosine schedule ends at 5 % of it).
     CURVE_LR = arg("--lr", CURVE_LR)
-    # --batch B / --patch P: fields per step and the VAEs' patch (the reference trains batch 32 on
+    # --batch B / --patch P: fields per step of every curve learner, the VAEs' patch (the reference trains batch 32 on
     # 64²-128² patches; the recipe's 8 x 32² is 16-64x less data per step).
     CURVE_BATCH = arg("--batch", CURVE_BATCH)
     CURVE_PATCH = arg("--patch", CURVE_PATCH)
